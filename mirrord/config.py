@@ -1,0 +1,243 @@
+"""Typed, frozen configuration records and loading them from TOML.
+
+No Twisted here: this module only turns a file and command-line overrides
+into a validated ``Config``, or one ``ConfigError`` that names the key and
+the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_CONFIG_PATH = Path("/etc/mirrord/mirrord.toml")
+DOCKER_HUB = "docker.io"
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the person who wrote the file."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait for each stage before giving up."""
+
+    connect: float = 10.0
+    response: float = 30.0
+    body_idle: float = 60.0
+    client_idle: float = 300.0
+
+
+@dataclass(frozen=True)
+class Registry:
+    """One registry the mirror serves and its ordered chain of upstreams."""
+
+    name: str
+    upstreams: tuple[str, ...]
+    official_prefix: str = ""
+
+
+PRESET_UPSTREAMS: Mapping[str, Registry] = {
+    DOCKER_HUB: Registry(DOCKER_HUB, ("https://registry-1.docker.io",), "library"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon needs to know, with the embedded defaults."""
+
+    listen: tuple[str, ...] = ("443",)
+    cert: str = ""
+    key: str = ""
+    state_dir: str = "/var/lib/mirrord"
+    tls_min_version: str = "1.2"
+    tls_ciphers: str = (
+        "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS"
+    )
+    upstream_ca: str = ""
+    max_redirects: int = 5
+    rate_limit_seconds: float = 60.0
+    pool_size: int = 16
+    default_registry: str = DOCKER_HUB
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    registries: Mapping[str, Registry] = field(
+        default_factory=lambda: dict(PRESET_UPSTREAMS)
+    )
+
+    @property
+    def default(self) -> Registry:
+        return self.registries[self.default_registry]
+
+
+_TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
+    "listen": list,
+    "cert": str,
+    "key": str,
+    "state_dir": str,
+    "tls_min_version": str,
+    "tls_ciphers": str,
+    "upstream_ca": str,
+    "max_redirects": int,
+    "rate_limit_seconds": (int, float),
+    "pool_size": int,
+    "default_registry": str,
+    "timeouts": dict,
+    "registries": dict,
+}
+_REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
+    "upstreams": list,
+    "official_prefix": str,
+}
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+def _check_type(where: str, key: str, value: Any, expected: Any) -> None:
+    # bool is an int in Python; a TOML ``true`` for a number is still wrong.
+    if isinstance(value, bool) or not isinstance(value, expected):
+        names = (
+            " or ".join(t.__name__ for t in expected)
+            if isinstance(expected, tuple)
+            else expected.__name__
+        )
+        kind = {"list": "array", "dict": "table", "str": "string"}.get(names, names)
+        raise ConfigError(f"{where}: key {key!r} must be a {kind}, not {value!r}")
+
+
+def _check_keys(where: str, table: Mapping[str, Any], allowed: Mapping) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} (known keys: {', '.join(allowed)})"
+            )
+        _check_type(where, key, value, allowed[key])
+
+
+def check_upstream_url(where: str, url: str) -> str:
+    """An upstream is an http(s) origin, optionally with a path prefix."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: upstream {url!r} must be an http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: upstream {url!r} must not have a query")
+    return url.rstrip("/")
+
+
+def _registry(where: str, name: str, table: Mapping[str, Any]) -> Registry:
+    where = f"{where} [registries.{name!r}]"
+    _check_keys(where, table, _REGISTRY_TYPES)
+    preset = PRESET_UPSTREAMS.get(name)
+    upstreams = table.get("upstreams", preset.upstreams if preset else None)
+    if not upstreams:
+        raise ConfigError(f"{where}: key 'upstreams' needs at least one URL")
+    for url in upstreams:
+        _check_type(where, "upstreams", url, str)
+    prefix = table.get("official_prefix", preset.official_prefix if preset else "")
+    return Registry(
+        name, tuple(check_upstream_url(where, u) for u in upstreams), prefix
+    )
+
+
+def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Config:
+    """Validate a parsed TOML document into a ``Config``."""
+    _check_keys(where, data, _TOP_LEVEL_TYPES)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "timeouts":
+            _check_keys(
+                f"{where} [timeouts]",
+                value,
+                {f.name: (int, float) for f in dataclasses.fields(Timeouts)},
+            )
+            for name, seconds in value.items():
+                if seconds <= 0:
+                    raise ConfigError(
+                        f"{where} [timeouts]: key {name!r} must be positive"
+                    )
+            values[key] = Timeouts(**{k: float(v) for k, v in value.items()})
+        elif key == "registries":
+            registries = dict(PRESET_UPSTREAMS)
+            for name, table in value.items():
+                _check_type(f"{where} [registries]", name, table, dict)
+                registries[name] = _registry(where, name, table)
+            values[key] = registries
+        elif key == "listen":
+            values[key] = tuple(_listen_entry(where, v) for v in value)
+        else:
+            values[key] = value
+    config = Config(**values)
+    return _check_config(where, config)
+
+
+def _listen_entry(where: str, value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    _check_type(where, "listen", value, str)
+    return value
+
+
+def _check_config(where: str, config: Config) -> Config:
+    if not config.listen:
+        raise ConfigError(f"{where}: key 'listen' needs at least one address")
+    if config.tls_min_version not in TLS_VERSIONS:
+        raise ConfigError(
+            f"{where}: key 'tls_min_version' must be one of {', '.join(TLS_VERSIONS)}"
+        )
+    if bool(config.cert) != bool(config.key):
+        raise ConfigError(f"{where}: keys 'cert' and 'key' must be given together")
+    if config.default_registry not in config.registries:
+        raise ConfigError(
+            f"{where}: key 'default_registry' names {config.default_registry!r}, "
+            "which is not a configured registry"
+        )
+    if config.max_redirects < 0 or config.pool_size < 0:
+        raise ConfigError(f"{where}: 'max_redirects' and 'pool_size' must be >= 0")
+    return config
+
+
+def load(path: Path | None) -> Config:
+    """Read a config file; with no path, the default file if it exists."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_mapping(data, str(path))
+
+
+def with_overrides(
+    config: Config,
+    *,
+    listen: list[str] | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    state_dir: str | None = None,
+    upstreams: list[str] | None = None,
+) -> Config:
+    """Apply the command line's options on top of the file's values."""
+    changes: dict[str, Any] = {}
+    if listen:
+        changes["listen"] = tuple(listen)
+    if cert is not None:
+        changes["cert"] = cert
+    if key is not None:
+        changes["key"] = key
+    if state_dir is not None:
+        changes["state_dir"] = state_dir
+    if upstreams:
+        default = config.default
+        chain = tuple(check_upstream_url("--upstream", u) for u in upstreams)
+        registries = dict(config.registries)
+        registries[default.name] = dataclasses.replace(default, upstreams=chain)
+        changes["registries"] = registries
+    return _check_config("command line", dataclasses.replace(config, **changes))

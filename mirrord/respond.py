@@ -1,0 +1,50 @@
+"""Writing answers to clients: registry errors, small bodies, host names."""
+
+from __future__ import annotations
+
+import re
+
+from twisted.web.server import Request
+
+from mirrord.errors import RegistryError
+
+API_VERSION = (b"Docker-Distribution-Api-Version", b"registry/2.0")
+_HOST_RE = re.compile(rb"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def write_error(request: Request, error: RegistryError) -> None:
+    """Answer with the registry's JSON error format, if the client is still there."""
+    if request.finished or request._disconnected or request.startedWriting:
+        return
+    body = error.to_json()
+    request.setResponseCode(error.status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.setHeader(*API_VERSION)
+    if error.retry_after is not None:
+        request.setHeader(b"Retry-After", b"%d" % error.retry_after)
+    if error.status == 405:
+        request.setHeader(b"Allow", b"GET, HEAD")
+    request.write(body)
+    request.finish()
+
+
+def client_host(request: Request) -> str:
+    """The host the client used, or our own address if its Host is not sane.
+
+    ``Host`` is attacker-controlled and ends up in headers and HTML, so only
+    a plain host[:port] is taken as given.
+    """
+    host = request.getHeader(b"host")
+    if host and _HOST_RE.fullmatch(host):
+        return host.decode("ascii")
+    address = request.getHost()
+    ip = getattr(address, "host", "localhost")
+    port = getattr(address, "port", 443)
+    ip = f"[{ip}]" if ":" in ip else ip
+    return ip if port == 443 else f"{ip}:{port}"
+
+
+def client_address(request: Request) -> str:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", "unknown")

@@ -1,0 +1,130 @@
+"""The resource tree, the HTTP channel and the access log.
+
+``/v2/`` is the registry proxy, ``/token`` the auth proxy, ``/healthz`` a
+liveness probe, ``/`` the usage page. Everything else is a registry-style
+404 so clients always get JSON they can parse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from mirrord import accesslog, errors
+from mirrord.errors import error_body
+from mirrord.respond import client_address, write_error
+
+
+class MirrordRequest(Request):
+    """A request that carries what the access event needs."""
+
+    def process(self) -> None:
+        clock: IReactorTime = self.channel.site.reactor
+        self.access = accesslog.AccessRecord(started=clock.seconds())
+        self.notifyFinish().addBoth(self._log_access, clock)
+        super().process()
+
+    def _log_access(self, result: object, clock: IReactorTime) -> None:
+        if result is not None:
+            self.access.outcome = "client disconnected"
+        accesslog.emit(
+            client=client_address(self),
+            method=self.method.decode("latin-1"),
+            path=self.uri.decode("latin-1"),
+            status=self.code,
+            sent=self.sentLength,
+            duration=clock.seconds() - self.access.started,
+            record=self.access,
+        )
+
+
+class MirrordChannel(http.HTTPChannel):
+    """An HTTP channel that answers oversized request lines and headers.
+
+    Twisted's ``LineReceiver`` answers a line over the limit by closing the
+    transport while this channel is still its producer; under TLS that close
+    waits forever. Answer 431 and close properly instead.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        body = error_body("UNSUPPORTED", "request line or header fields too large")
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.loseConnection()
+
+
+class MirrordSite(Site):
+    """A ``Site`` whose access log is the structured event of ``MirrordRequest``."""
+
+    requestFactory = MirrordRequest
+    protocol = MirrordChannel
+
+    def log(self, request: Request) -> None:
+        # MirrordRequest logs itself, including requests that never finish.
+        pass
+
+
+class _Healthz(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return b"ok\n"
+
+    render_HEAD = render_GET
+
+
+class _Root(Resource):
+    """``/`` is the usage page; other unknown paths answer a JSON 404."""
+
+    def __init__(self, usage: Callable[[Request], bytes]) -> None:
+        super().__init__()
+        self._usage = usage
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        return _NotFound()
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Content-Security-Policy", b"default-src 'none'; style-src 'unsafe-inline'")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        return self._usage(request)
+
+    render_HEAD = render_GET
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> int:
+        write_error(request, errors.not_found(request.path.decode("latin-1")))
+        return NOT_DONE_YET
+
+
+def build_site(
+    *,
+    registry_proxy: Resource,
+    token_proxy: Resource,
+    usage: Callable[[Request], bytes],
+    reactor: IReactorTime,
+    client_idle: float,
+) -> MirrordSite:
+    """The whole tree, wired: the one place that decides what lives where."""
+    root = _Root(usage)
+    root.putChild(b"v2", registry_proxy)
+    root.putChild(b"token", token_proxy)
+    root.putChild(b"healthz", _Healthz())
+    site = MirrordSite(root, reactor=reactor)
+    site.timeOut = client_idle
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,216 @@
+"""Body protocols: relay an upstream body to a client with backpressure,
+read small bodies with a bound, and discard bodies nobody needs.
+
+The relay registers the upstream transport as the client request's
+producer, so a slow client pauses the upstream socket and memory stays flat
+whatever the blob size. Every wait is bounded by the injected clock: an
+upstream that goes quiet, or a client that stops reading, ends the transfer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.server import Request
+from zope.interface import implementer
+
+log = Logger()
+
+
+class BodyTooLarge(Exception):
+    """A body that should have been small was not."""
+
+
+class TransferIncomplete(Exception):
+    """The upstream body ended early or stalled; the client was cut off."""
+
+
+def abort_client(request: Request) -> None:
+    """Cut the client connection so a partial body can never look complete."""
+    transport = request.channel.transport if request.channel else None
+    if transport is None:
+        return
+    abort = getattr(transport, "abortConnection", None)
+    (abort or transport.loseConnection)()
+
+
+@implementer(IPushProducer)
+class _RelayProducer:
+    """Passes the client's flow control to the upstream transport, and tells
+    the relay, so its idle timer measures the right side."""
+
+    def __init__(self, relay: BodyRelay) -> None:
+        self._relay = relay
+
+    def pauseProducing(self) -> None:
+        self._relay._client_paused()
+
+    def resumeProducing(self) -> None:
+        self._relay._client_resumed()
+
+    def stopProducing(self) -> None:
+        self._relay.stop()
+
+
+class BodyRelay(Protocol):
+    """Streams an upstream response body into a client ``Request``.
+
+    ``done`` fires with the number of bytes relayed once the client has the
+    whole body, or fails with ``TransferIncomplete`` if it could not.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        body_idle: float,
+        client_idle: float,
+    ) -> None:
+        self._request = request
+        self._clock = clock
+        self._body_idle = body_idle
+        self._client_idle = client_idle
+        self._timer: IDelayedCall | None = None
+        self._stopped = False
+        self._failure_reason = ""
+        self.relayed = 0
+        self.done: Deferred[int] = Deferred()
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(_RelayProducer(self), True)
+        self._arm(self._body_idle, "upstream sent nothing")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        self.relayed += len(data)
+        self._request.write(data)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._body_idle)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self._cancel_timer()
+        if self._stopped:
+            # The client left (or a timer fired): never touch the request again
+            # beyond cutting it, and report why.
+            self.done.errback(
+                Failure(TransferIncomplete(self._failure_reason or "client went away"))
+            )
+            return
+        self._stopped = True
+        self._request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._request.finish()
+            self.done.callback(self.relayed)
+        else:
+            abort_client(self._request)
+            self.done.errback(
+                Failure(TransferIncomplete(f"upstream body failed: {reason.value!r}"))
+            )
+
+    def stop(self, why: str = "") -> None:
+        """Stop the upstream transfer: the client is gone or a timer fired."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._failure_reason = why
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _client_paused(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+        self._arm(self._client_idle, "client stopped reading")
+
+    def _client_resumed(self) -> None:
+        self._arm(self._body_idle, "upstream sent nothing")
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def _arm(self, seconds: float, why: str) -> None:
+        self._cancel_timer()
+        self._timer = self._clock.callLater(seconds, self._timed_out, why)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, why: str) -> None:
+        self._timer = None
+        log.warn("transfer stopped: {why} for too long", why=why)
+        self.stop(why)
+        abort_client(self._request)
+
+
+class BoundedReader(Protocol):
+    """Collects a small body, failing with ``BodyTooLarge`` past a limit."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._chunks.clear()
+            self.done.errback(BodyTooLarge(self._limit))
+            self.transport.stopProducing()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.done.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
+def read_small_body(response: IResponse, limit: int = 64 * 1024) -> Deferred[bytes]:
+    """The body of a response that is known to be small (errors, tokens)."""
+    reader = BoundedReader(limit)
+    response.deliverBody(reader)
+    return reader.done
+
+
+def discard_body(response: IResponse, limit: int = 64 * 1024) -> None:
+    """Drain a body nobody needs (a redirect's, say) so its connection can
+    go back to the pool; a large one is cut instead."""
+    read_small_body(response, limit).addErrback(lambda _: None)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A small request body, written at once (no cooperator, no reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass

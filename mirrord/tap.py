@@ -1,0 +1,162 @@
+"""``twistd mirrord``: the command line, and the one place where the parts
+are wired together into a running service."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mirrord import config as configuration
+from mirrord.auth import RealmBook
+from mirrord.config import Config, ConfigError
+from mirrord.proxy import RegistryProxy
+from mirrord.service import MirrordService
+from mirrord.site import build_site
+from mirrord.tls import (
+    CertificateError,
+    ServerTLS,
+    ensure_self_signed,
+    fingerprint,
+    make_context,
+    upstream_policy,
+)
+from mirrord.token import TokenProxy
+from mirrord.upstream import RedirectFollower, UpstreamChain
+from mirrord.usage import CertificateNote, render_usage
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a TLS pull-through mirror of Docker Hub (or the registry given by "
+        "--upstream). Settings come from the TOML file given by --config, or "
+        f"{configuration.DEFAULT_CONFIG_PATH} when it exists; the options below "
+        "override it. With no certificate configured, a self-signed one is made "
+        "in the state directory."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file.", Path],
+        ["cert", None, None, "PEM certificate chain (e.g. certbot's fullchain.pem)."],
+        ["key", None, None, "PEM private key (e.g. certbot's privkey.pem)."],
+        ["state-dir", None, None, "Directory for state (default /var/lib/mirrord)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["upstream"] = []
+
+    def opt_listen(self, value: str) -> None:
+        """Port or Twisted endpoint string to serve TLS on (repeatable; default 443, all addresses)."""
+        self["listen"].append(value)
+
+    opt_l = opt_listen
+
+    def opt_upstream(self, value: str) -> None:
+        """Upstream URL of the default registry (repeatable: the ordered fallback chain)."""
+        self["upstream"].append(value)
+
+    opt_u = opt_upstream
+
+    def postOptions(self) -> None:
+        try:
+            loaded = configuration.load(self["config"])
+            self["mirrord"] = configuration.with_overrides(
+                loaded,
+                listen=self["listen"],
+                cert=self["cert"],
+                key=self["key"],
+                state_dir=self["state-dir"],
+                upstreams=self["upstream"],
+            )
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def listen_description(entry: str) -> str:
+    """A bare port listens on every IPv4 and IPv6 address."""
+    if entry.isdigit():
+        return f"tcp6:{entry}:interface=\\:\\:"
+    return entry
+
+
+def certificate(config: Config) -> tuple[Path, Path, CertificateNote]:
+    if config.cert:
+        cert, key = Path(config.cert), Path(config.key)
+        return cert, key, CertificateNote(str(cert), False, "")
+    cert, key, made = ensure_self_signed(Path(config.state_dir))
+    note = CertificateNote(str(cert), True, fingerprint(cert))
+    log.warn(
+        "no certificate configured: serving the self-signed certificate {path} "
+        "({state}; SHA-256 {fingerprint}); clients must trust it",
+        path=str(cert),
+        state="made now" if made else "made earlier",
+        fingerprint=note.fingerprint,
+    )
+    return cert, key, note
+
+
+def build_service(config: Config, reactor: Any) -> MirrordService:
+    """Wire configuration, TLS, upstreams and resources into one service."""
+    cert, key, note = certificate(config)
+    server_tls = ServerTLS(
+        make_context(cert, key, config.tls_min_version, config.tls_ciphers)
+    )
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = config.pool_size
+    agent = Agent(
+        reactor,
+        contextFactory=upstream_policy(config),
+        connectTimeout=config.timeouts.connect,
+        pool=pool,
+    )
+    clock: IReactorTime = reactor
+    follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
+    registry = config.default
+    chain = UpstreamChain(registry.upstreams, follower, config.rate_limit_seconds, clock)
+    realms = RealmBook()
+    site = build_site(
+        registry_proxy=RegistryProxy(registry, chain, realms, clock, config.timeouts),
+        token_proxy=TokenProxy(registry, chain, follower, realms, clock, config.timeouts),
+        usage=lambda request: render_usage(config, note, request),
+        reactor=reactor,
+        client_idle=config.timeouts.client_idle,
+    )
+    service = MirrordService(pool)
+    for entry in config.listen:
+        endpoint = serverFromString(reactor, listen_description(entry))
+        listener = StreamServerEndpointService(
+            endpoint, TLSMemoryBIOFactory(server_tls, False, site)
+        )
+        listener._raiseSynchronously = True
+        listener.setName(f"listen {entry}")
+        listener.setServiceParent(service)
+    log.info(
+        "mirrord serving {registry} from {upstreams} on {listen}",
+        registry=registry.name,
+        upstreams=", ".join(registry.upstreams),
+        listen=", ".join(config.listen),
+    )
+    return service
+
+
+def makeService(options: Options) -> MirrordService:
+    from twisted.internet import reactor
+
+    try:
+        return build_service(options["mirrord"], reactor)
+    except (CertificateError, ConfigError, OSError, ValueError) as e:
+        # A startup problem is the operator's to fix: say what, not where in
+        # our code.
+        sys.exit(f"mirrord: {e}")

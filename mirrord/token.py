@@ -1,0 +1,135 @@
+"""``/token``: the auth proxy for the realms the upstreams announced.
+
+Clients were told (by the rewritten challenge) to fetch tokens here. The
+request goes, query and credentials intact, to the real realm that a
+configured upstream announced for the requested ``service``; any other
+realm is refused, so the mirror cannot be used to reach arbitrary hosts.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode
+
+from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from mirrord import errors
+from mirrord.auth import RealmBook, official_scope, rewrite_challenges
+from mirrord.config import Registry, Timeouts
+from mirrord.respond import client_host, write_error
+from mirrord.streaming import BodyRelay, TransferIncomplete, discard_body
+from mirrord.upstream import RedirectFollower, UpstreamChain
+
+log = Logger()
+
+MAX_TOKEN_FORM = 64 * 1024
+_TOKEN_REQUEST_HEADERS = (b"authorization", b"user-agent", b"accept", b"content-type")
+_TOKEN_RESPONSE_HEADERS = (b"content-type", b"content-length", b"cache-control", b"www-authenticate")
+
+
+class TokenProxy(Resource):
+    """Relays token requests (GET and the OAuth2 POST form) to known realms."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        registry: Registry,
+        chain: UpstreamChain,
+        follower: RedirectFollower,
+        realms: RealmBook,
+        clock: IReactorTime,
+        timeouts: Timeouts,
+    ) -> None:
+        super().__init__()
+        self._registry = registry
+        self._chain = chain
+        self._follower = follower
+        self._realms = realms
+        self._clock = clock
+        self._timeouts = timeouts
+
+    def render(self, request: Request) -> bytes | int:
+        if request.method not in (b"GET", b"POST"):
+            write_error(
+                request,
+                errors.RegistryError(405, "UNSUPPORTED", "use GET or POST on /token"),
+            )
+            return NOT_DONE_YET
+        work = ensureDeferred(self._serve(request))
+        request.notifyFinish().addErrback(lambda _: work.cancel())
+        work.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    def _query(self, request: Request) -> tuple[str | None, str]:
+        query = request.uri.partition(b"?")[2].decode("latin-1")
+        pairs = parse_qsl(query, keep_blank_values=True)
+        service = next((v for k, v in pairs if k == "service"), None)
+        pairs = [
+            (k, official_scope(v, self._registry.official_prefix) if k == "scope" else v)
+            for k, v in pairs
+        ]
+        return service, urlencode(pairs)
+
+    async def _serve(self, request: Request) -> None:
+        service, query = self._query(request)
+        realm = self._realms.realm_for(service)
+        if realm is None:
+            await self._discover_realms(request)
+            realm = self._realms.realm_for(service)
+        if realm is None:
+            raise errors.denied(
+                f"no configured upstream announced a token service {service!r}"
+            )
+        url = realm + ("&" if "?" in realm else "?") + query if query else realm
+        headers = Headers()
+        for name in _TOKEN_REQUEST_HEADERS:
+            values = request.requestHeaders.getRawHeaders(name)
+            if values:
+                headers.setRawHeaders(name, values)
+        body = None
+        if request.method == b"POST":
+            form = request.content.read(MAX_TOKEN_FORM + 1)
+            if len(form) > MAX_TOKEN_FORM:
+                raise errors.RegistryError(413, "SIZE_INVALID", "token form too large")
+            body = form
+        response, _, _ = await self._follower.fetch(
+            request.method, url, headers, realm, body=body
+        )
+        request.setResponseCode(response.code)
+        for name in _TOKEN_RESPONSE_HEADERS:
+            values = response.headers.getRawHeaders(name)
+            if values:
+                request.responseHeaders.setRawHeaders(name, values)
+        relay = BodyRelay(
+            request, self._clock, self._timeouts.body_idle, self._timeouts.client_idle
+        )
+        response.deliverBody(relay)
+        try:
+            await relay.done
+        except TransferIncomplete:
+            pass
+
+    async def _discover_realms(self, request: Request) -> None:
+        """Learn the upstreams' token services by asking ``/v2/`` for a challenge
+        (a restarted daemon has not seen one yet)."""
+        answer = await self._chain.request(b"GET", "/v2/", Headers())
+        challenges = answer.headers.getRawHeaders(b"www-authenticate", [])
+        rewrite_challenges(challenges, self._realms, f"https://{client_host(request)}/token")
+        if answer.body is None:
+            discard_body(answer.response)
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(CancelledError):
+            return None
+        if failure.check(errors.RegistryError):
+            write_error(request, failure.value)
+            return None
+        log.failure("token request failed", failure)
+        write_error(request, errors.bad_gateway("token service unreachable"))
+        return None

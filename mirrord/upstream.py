@@ -1,0 +1,240 @@
+"""Talking to upstreams: one request, its redirects, and failing over along
+an ordered chain when an upstream is rate-limited, down or unreachable.
+
+Redirects are followed here for every request (Docker Hub's CDN, ghcr.io's
+blob storage, registry.k8s.io's regional backends), never by the client,
+and credentials never leave the upstream's origin. A 429 marks the upstream
+as limited until its ``Retry-After`` passes, so later requests go straight
+to the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from urllib.parse import urljoin, urlsplit
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+
+from mirrord import errors
+from mirrord.config import Timeouts
+from mirrord.headers import without_credentials
+from mirrord.streaming import BodyTooLarge, BytesProducer, discard_body, read_small_body
+
+log = Logger()
+
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+FAILOVER_CODES = frozenset({429, 502, 503, 504})
+
+
+class UpstreamTimeout(Exception):
+    """An upstream did not answer within the response timeout."""
+
+
+class TooManyRedirects(Exception):
+    """A redirect chain was longer than the configured limit."""
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return (parts.scheme, (parts.hostname or "").lower(), parts.port or default)
+
+
+def retry_after_seconds(headers: Headers, now: float) -> float | None:
+    """``Retry-After`` as seconds from now: either a number or an HTTP date."""
+    value = headers.getRawHeaders(b"retry-after", [None])[-1]
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        return max(0.0, parsedate_to_datetime(text).timestamp() - now)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Answer:
+    """An upstream's answer: a live response whose body is still to be read,
+    or (for a failed attempt kept for the client) the small body already read."""
+
+    response: IResponse
+    url: str
+    upstream: str
+    redirects: int = 0
+    fell_back: bool = False
+    body: bytes | None = None
+
+    @property
+    def code(self) -> int:
+        return self.response.code
+
+    @property
+    def headers(self) -> Headers:
+        return self.response.headers
+
+
+@dataclass
+class RedirectFollower:
+    """Makes one request with an ``IAgent`` and follows its redirects."""
+
+    agent: IAgent
+    clock: IReactorTime
+    response_timeout: float
+    max_redirects: int
+
+    async def fetch(
+        self,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        trusted_origin: str,
+        body: bytes | None = None,
+    ) -> tuple[IResponse, str, int]:
+        """The final response, its URL and how many redirects led there.
+
+        ``headers`` carry credentials only while the URL stays on
+        ``trusted_origin``'s origin.
+        """
+        safe_headers = without_credentials(headers)
+        trusted = origin(trusted_origin)
+        for hop in range(self.max_redirects + 1):
+            sent = headers if origin(url) == trusted else safe_headers
+            response = await self._request(method, url, sent, body)
+            location = response.headers.getRawHeaders(b"location", [None])[-1]
+            if response.code not in REDIRECT_CODES or location is None:
+                return response, url, hop
+            discard_body(response)
+            target = urljoin(url, location.decode("latin-1"))
+            if urlsplit(target).scheme not in ("http", "https"):
+                raise errors.bad_gateway(f"upstream redirected to a non-HTTP URL: {target}")
+            if response.code == 303 and method != b"HEAD":
+                method, body = b"GET", None
+            log.debug("{code} redirect {url} -> {target}", code=response.code, url=url, target=target)
+            url = target
+        raise TooManyRedirects(f"more than {self.max_redirects} redirects from {url}")
+
+    def _request(
+        self, method: bytes, url: str, headers: Headers, body: bytes | None
+    ) -> Deferred[IResponse]:
+        producer = None if body is None else BytesProducer(body)
+        d = self.agent.request(method, url.encode("ascii"), headers.copy(), producer)
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self.clock.callLater(self.response_timeout, expire)
+
+        def done(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            if timed_out:
+                raise UpstreamTimeout(f"no response from {url} within {self.response_timeout:g}s")
+            return result
+
+        return d.addBoth(done)
+
+
+@dataclass
+class Upstream:
+    """One upstream in a chain and whether it is resting after a 429."""
+
+    url: str
+    limited_until: float = 0.0
+
+    def limited(self, now: float) -> bool:
+        return now < self.limited_until
+
+
+@dataclass
+class UpstreamChain:
+    """An ordered list of upstreams tried in turn for each request."""
+
+    urls: Sequence[str]
+    follower: RedirectFollower
+    rate_limit_seconds: float
+    wall_clock: IReactorTime
+    upstreams: list[Upstream] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.upstreams = [Upstream(url) for url in self.urls]
+
+    async def request(self, method: bytes, path: str, headers: Headers) -> Answer:
+        """The first good answer along the chain, or the last failed one."""
+        now = self.wall_clock.seconds()
+        candidates = [u for u in self.upstreams if not u.limited(now)]
+        if not candidates:
+            soonest = min(u.limited_until for u in self.upstreams)
+            raise errors.rate_limited(max(1, round(soonest - now)))
+        last: Answer | None = None
+        failure: errors.RegistryError | None = None
+        for index, upstream in enumerate(candidates):
+            fell_back = upstream is not self.upstreams[0]
+            try:
+                response, url, hops = await self.follower.fetch(
+                    method, upstream.url + path, headers, upstream.url
+                )
+            except CancelledError:
+                raise
+            except errors.RegistryError as e:
+                failure = e
+                continue
+            except (UpstreamTimeout, ConnectTimeout) as e:
+                failure = errors.gateway_timeout(f"upstream {upstream.url}: {e}")
+                log.warn("upstream {upstream} timed out: {error}", upstream=upstream.url, error=e)
+                continue
+            except TooManyRedirects as e:
+                failure = errors.bad_gateway(str(e))
+                continue
+            except ConnectingCancelledError as e:  # pragma: no cover - cancellation
+                raise CancelledError() from e
+            except Exception as e:
+                failure = errors.bad_gateway(f"upstream {upstream.url} unreachable")
+                log.warn("upstream {upstream} failed: {error!r}", upstream=upstream.url, error=e)
+                continue
+            answer = Answer(response, url, upstream.url, hops, fell_back)
+            if response.code not in FAILOVER_CODES:
+                return answer
+            if response.code == 429:
+                self._rest(upstream, response.headers)
+            log.info(
+                "upstream {upstream} answered {code}; {next}",
+                upstream=upstream.url,
+                code=response.code,
+                next="trying the next" if index + 1 < len(candidates) else "no more upstreams",
+            )
+            try:
+                answer.body = await read_small_body(response)
+            except BodyTooLarge:
+                answer.body = errors.error_body("UNAVAILABLE", f"upstream answered {response.code}")
+            except CancelledError:
+                raise
+            except Exception:
+                answer.body = b""
+            last = answer
+        if last is not None:
+            return last
+        assert failure is not None
+        raise failure
+
+    def _rest(self, upstream: Upstream, headers: Headers) -> None:
+        now = self.wall_clock.seconds()
+        seconds = retry_after_seconds(headers, time.time())
+        upstream.limited_until = now + (seconds if seconds is not None else self.rate_limit_seconds)
+        log.warn(
+            "upstream {upstream} is rate-limited for {seconds:.0f}s",
+            upstream=upstream.url,
+            seconds=upstream.limited_until - now,
+        )
