@@ -26,7 +26,7 @@ from mirrord.config import Registry, Timeouts
 from mirrord.headers import client_response_headers, upstream_request_headers
 from mirrord.reference import Kind, Reference
 from mirrord.respond import API_VERSION, client_address, client_host, write_error
-from mirrord.streaming import BodyRelay, TransferIncomplete, discard_body
+from mirrord.streaming import TransferIncomplete, discard_body, relay_body
 from mirrord.upstream import Answer
 
 log = Logger()
@@ -151,12 +151,8 @@ class RegistryProxy(Resource):
             request.write(answer.body)
             request.finish()
             return
-        relay = BodyRelay(
-            request, self._clock, self._timeouts.body_idle, self._timeouts.client_idle
-        )
-        answer.response.deliverBody(relay)
         try:
-            await relay.done
+            await relay_body(request, answer.response, self._clock, self._timeouts)
         except TransferIncomplete as e:
             record = getattr(request, "access", None)
             if record is not None:

@@ -17,10 +17,13 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from mirrord.config import Timeouts
 
 log = Logger()
 
@@ -150,6 +153,22 @@ class BodyRelay(Protocol):
         log.warn("transfer stopped: {why} for too long", why=why)
         self.stop(why)
         abort_client(self._request)
+
+
+def relay_body(
+    request: Request, response: IResponse, clock: IReactorTime, timeouts: Timeouts
+) -> Deferred[int]:
+    """Stream ``response``'s body to ``request`` and finish it.
+
+    Twisted's client strips ``Content-Length`` from a GET response's headers
+    and reports it as ``length``: put it back so clients see the true size
+    (a HEAD answer keeps the header and has no body).
+    """
+    if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+        request.setHeader(b"Content-Length", b"%d" % response.length)
+    relay = BodyRelay(request, clock, timeouts.body_idle, timeouts.client_idle)
+    response.deliverBody(relay)
+    return relay.done
 
 
 class BoundedReader(Protocol):

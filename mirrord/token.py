@@ -22,14 +22,14 @@ from mirrord import errors
 from mirrord.auth import RealmBook, official_scope, rewrite_challenges
 from mirrord.config import Registry, Timeouts
 from mirrord.respond import client_host, write_error
-from mirrord.streaming import BodyRelay, TransferIncomplete, discard_body
+from mirrord.streaming import TransferIncomplete, discard_body, relay_body
 from mirrord.upstream import RedirectFollower, UpstreamChain
 
 log = Logger()
 
 MAX_TOKEN_FORM = 64 * 1024
 _TOKEN_REQUEST_HEADERS = (b"authorization", b"user-agent", b"accept", b"content-type")
-_TOKEN_RESPONSE_HEADERS = (b"content-type", b"content-length", b"cache-control", b"www-authenticate")
+_TOKEN_RESPONSE_HEADERS = (b"content-type", b"cache-control", b"www-authenticate")
 
 
 class TokenProxy(Resource):
@@ -106,12 +106,8 @@ class TokenProxy(Resource):
             values = response.headers.getRawHeaders(name)
             if values:
                 request.responseHeaders.setRawHeaders(name, values)
-        relay = BodyRelay(
-            request, self._clock, self._timeouts.body_idle, self._timeouts.client_idle
-        )
-        response.deliverBody(relay)
         try:
-            await relay.done
+            await relay_body(request, response, self._clock, self._timeouts)
         except TransferIncomplete:
             pass
 
