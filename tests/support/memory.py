@@ -1,0 +1,121 @@
+"""A whole mirror in memory: the real resource tree and upstream chain,
+with fake upstreams behind ``RequestTraversalAgent`` and a ``task.Clock``
+driving every timeout."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import treq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from treq.testing import RequestTraversalAgent, StubTreq
+
+from mirrord.auth import RealmBook
+from mirrord.config import Config, Registry, Timeouts
+from mirrord.proxy import RegistryProxy
+from mirrord.site import build_site
+from mirrord.token import TokenProxy
+from mirrord.upstream import RedirectFollower, UpstreamChain
+from mirrord.usage import CertificateNote, render_usage
+from tests.support import images
+from tests.support.fakehub import ByHost, Cdn, HubState, hub_resource
+
+MIRROR = "https://mirror.test"
+
+
+@dataclass
+class Reply:
+    code: int
+    headers: Any
+    body: bytes
+    length: Any  # Twisted's client moves Content-Length here
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name.encode())
+        return values[-1].decode() if values else None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class MemoryMirror:
+    """The mirror for ``Docker Hub`` served by fake hubs at ``hub.test`` and
+    ``second.test`` (an anonymous one, as mirror.gcr.io would be)."""
+
+    def __init__(
+        self,
+        test: SynchronousTestCase,
+        tmp: Path,
+        upstreams: tuple[str, ...] = ("http://hub.test",),
+        timeouts: Timeouts = Timeouts(),
+        max_redirects: int = 5,
+    ) -> None:
+        self.test = test
+        self.clock = Clock()
+        self.hub = HubState(cdn_base="http://cdn.test", users={"alice": "secret"})
+        self.second = HubState(cdn_base="http://cdn2.test", auth=False)
+        self.alpine = images.single_arch(tmp / "alpine")
+        self.private = images.single_arch(tmp / "private")
+        for state in (self.hub, self.second):
+            state.add("library/alpine", self.alpine)
+        self.hub.add("alice/private", self.private)
+        self.hub.private.add("alice/private")
+        self.hosts = ByHost(
+            {
+                b"hub.test": hub_resource(self.hub),
+                b"cdn.test": Cdn(self.hub),
+                b"second.test": hub_resource(self.second),
+                b"cdn2.test": Cdn(self.second),
+            }
+        )
+        self.upstream = RequestTraversalAgent(self.hosts)
+        registry = Registry("docker.io", upstreams, "library")
+        follower = RedirectFollower(self.upstream, self.clock, timeouts.response, max_redirects)
+        self.chain = UpstreamChain(upstreams, follower, 60.0, self.clock)
+        self.realms = RealmBook()
+        config = Config(registries={"docker.io": registry})
+        site = build_site(
+            registry_proxy=RegistryProxy(registry, self.chain, self.realms, self.clock, timeouts),
+            token_proxy=TokenProxy(registry, self.chain, follower, self.realms, self.clock, timeouts),
+            usage=lambda request: render_usage(config, CertificateNote("/x.crt", False, ""), request),
+            reactor=self.clock,
+            client_idle=timeouts.client_idle,
+        )
+        self.client = StubTreq(site.resource)
+
+    def add_host(self, host: bytes, resource: Resource) -> None:
+        self.hosts.hosts[host] = resource
+
+    def settle(self) -> None:
+        for _ in range(20):
+            self.upstream.flush()
+            self.client.flush()
+
+    def request(
+        self, method: str, path: str, headers: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Reply:
+        d = self.client.request(method, MIRROR + path, headers=headers, **kwargs)
+        self.settle()
+        response = self.test.successResultOf(d)
+        body = treq.content(response)
+        self.settle()
+        return Reply(response.code, response.headers, self.test.successResultOf(body), response.length)
+
+    def get(self, path: str, headers: dict[str, Any] | None = None, **kwargs: Any) -> Reply:
+        return self.request("GET", path, headers, **kwargs)
+
+    def token(self, scope: str, auth: tuple[str, str] | None = None) -> str:
+        reply = self.get(f"/token?service=fakehub&scope={scope}", auth=auth)
+        self.test.assertEqual(reply.code, 200, reply.body)
+        return reply.json()["token"]
+
+    def pull_headers(self, name: str, auth: tuple[str, str] | None = None) -> dict[str, str]:
+        """Do what a client does: probe, take the challenge's token, return its headers."""
+        self.get("/v2/")
+        token = self.token(f"repository:{name}:pull", auth)
+        return {"Authorization": f"Bearer {token}"}
