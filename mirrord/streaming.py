@@ -85,10 +85,11 @@ class BodyRelay(Protocol):
         self._stopped = False
         self._failure_reason = ""
         self.relayed = 0
-        self.done: Deferred[int] = Deferred()
+        self.done: Deferred[int] = Deferred(lambda _: self.stop("cancelled"))
 
     def connectionMade(self) -> None:
         self._request.registerProducer(_RelayProducer(self), True)
+        self._request.notifyFinish().addErrback(lambda _: self.stop("client went away"))
         self._arm(self._body_idle, "upstream sent nothing")
 
     def dataReceived(self, data: bytes) -> None:
@@ -102,11 +103,10 @@ class BodyRelay(Protocol):
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         self._cancel_timer()
         if self._stopped:
-            # The client left (or a timer fired): never touch the request again
-            # beyond cutting it, and report why.
-            self.done.errback(
-                Failure(TransferIncomplete(self._failure_reason or "client went away"))
-            )
+            # The client left (or a timer fired): never touch the request
+            # again beyond cutting it, and report why.
+            if not self.done.called:
+                self.done.errback(Failure(TransferIncomplete(self._failure_reason)))
             return
         self._stopped = True
         self._request.unregisterProducer()
