@@ -87,9 +87,7 @@ class RealmBook:
         return service in self._realms
 
 
-def rewrite_challenges(
-    values: list[bytes], book: RealmBook, token_url: str
-) -> list[bytes]:
+def rewrite_challenges(values: list[bytes], book: RealmBook, token_url: str) -> list[bytes]:
     """Point Bearer realms at the mirror's ``/token`` and remember the real ones."""
     out = []
     for value in values:

@@ -56,18 +56,14 @@ class Config:
     key: str = ""
     state_dir: str = "/var/lib/mirrord"
     tls_min_version: str = "1.2"
-    tls_ciphers: str = (
-        "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS"
-    )
+    tls_ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS"
     upstream_ca: str = ""
     max_redirects: int = 5
     rate_limit_seconds: float = 60.0
     pool_size: int = 16
     default_registry: str = DOCKER_HUB
     timeouts: Timeouts = field(default_factory=Timeouts)
-    registries: Mapping[str, Registry] = field(
-        default_factory=lambda: dict(PRESET_UPSTREAMS)
-    )
+    registries: Mapping[str, Registry] = field(default_factory=lambda: dict(PRESET_UPSTREAMS))
 
     @property
     def default(self) -> Registry:
@@ -111,9 +107,7 @@ def _check_type(where: str, key: str, value: Any, expected: Any) -> None:
 def _check_keys(where: str, table: Mapping[str, Any], allowed: Mapping) -> None:
     for key, value in table.items():
         if key not in allowed:
-            raise ConfigError(
-                f"{where}: unknown key {key!r} (known keys: {', '.join(allowed)})"
-            )
+            raise ConfigError(f"{where}: unknown key {key!r} (known keys: {', '.join(allowed)})")
         _check_type(where, key, value, allowed[key])
 
 
@@ -137,9 +131,7 @@ def _registry(where: str, name: str, table: Mapping[str, Any]) -> Registry:
     for url in upstreams:
         _check_type(where, "upstreams", url, str)
     prefix = table.get("official_prefix", preset.official_prefix if preset else "")
-    return Registry(
-        name, tuple(check_upstream_url(where, u) for u in upstreams), prefix
-    )
+    return Registry(name, tuple(check_upstream_url(where, u) for u in upstreams), prefix)
 
 
 def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Config:
@@ -155,9 +147,7 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
             )
             for name, seconds in value.items():
                 if seconds <= 0:
-                    raise ConfigError(
-                        f"{where} [timeouts]: key {name!r} must be positive"
-                    )
+                    raise ConfigError(f"{where} [timeouts]: key {name!r} must be positive")
             values[key] = Timeouts(**{k: float(v) for k, v in value.items()})
         elif key == "registries":
             registries = dict(PRESET_UPSTREAMS)

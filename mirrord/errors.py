@@ -37,9 +37,7 @@ def tag_invalid(tag: str) -> RegistryError:
 
 
 def unsupported_method(method: str) -> RegistryError:
-    return RegistryError(
-        405, "UNSUPPORTED", f"{method} is not supported: this mirror is read-only"
-    )
+    return RegistryError(405, "UNSUPPORTED", f"{method} is not supported: this mirror is read-only")
 
 
 def not_found(path: str) -> RegistryError:

@@ -43,9 +43,7 @@ PASSED_RESPONSE_HEADERS = (
 )
 
 
-def upstream_request_headers(
-    client: Headers, client_address: str, secure: bool
-) -> Headers:
+def upstream_request_headers(client: Headers, client_address: str, secure: bool) -> Headers:
     """Headers for the upstream request made on behalf of a client."""
     out = Headers()
     for name in FORWARDED_REQUEST_HEADERS:

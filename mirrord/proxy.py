@@ -9,8 +9,8 @@ When the client disconnects, the pending work is cancelled.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlencode
 from typing import Protocol as TypingProtocol
+from urllib.parse import urlencode
 
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime

@@ -96,7 +96,9 @@ class _Root(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        request.setHeader(b"Content-Security-Policy", b"default-src 'none'; style-src 'unsafe-inline'")
+        request.setHeader(
+            b"Content-Security-Policy", b"default-src 'none'; style-src 'unsafe-inline'"
+        )
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         return self._usage(request)
 

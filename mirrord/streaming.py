@@ -17,9 +17,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -100,7 +99,7 @@ class BodyRelay(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.reset(self._body_idle)
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_timer()
         if self._stopped:
             # The client left (or a timer fired): never touch the request

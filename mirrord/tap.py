@@ -58,7 +58,7 @@ class Options(usage.Options):
         self["upstream"] = []
 
     def opt_listen(self, value: str) -> None:
-        """Port or Twisted endpoint string to serve TLS on (repeatable; default 443, all addresses)."""
+        """Port or Twisted endpoint string to serve TLS on (repeatable; default 443)."""
         self["listen"].append(value)
 
     opt_l = opt_listen
@@ -110,9 +110,7 @@ def certificate(config: Config) -> tuple[Path, Path, CertificateNote]:
 def build_service(config: Config, reactor: Any) -> MirrordService:
     """Wire configuration, TLS, upstreams and resources into one service."""
     cert, key, note = certificate(config)
-    server_tls = ServerTLS(
-        make_context(cert, key, config.tls_min_version, config.tls_ciphers)
-    )
+    server_tls = ServerTLS(make_context(cert, key, config.tls_min_version, config.tls_ciphers))
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = config.pool_size
     agent = Agent(

@@ -97,7 +97,7 @@ def ensure_self_signed(state_dir: Path) -> tuple[Path, Path, bool]:
         x509.IPAddress(ipaddress.ip_address("::1")),
     ]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -83,9 +83,7 @@ class TokenProxy(Resource):
             await self._discover_realms(request)
             realm = self._realms.realm_for(service)
         if realm is None:
-            raise errors.denied(
-                f"no configured upstream announced a token service {service!r}"
-            )
+            raise errors.denied(f"no configured upstream announced a token service {service!r}")
         url = realm + ("&" if "?" in realm else "?") + query if query else realm
         headers = Headers()
         for name in _TOKEN_REQUEST_HEADERS:
@@ -98,9 +96,7 @@ class TokenProxy(Resource):
             if len(form) > MAX_TOKEN_FORM:
                 raise errors.RegistryError(413, "SIZE_INVALID", "token form too large")
             body = form
-        response, _, _ = await self._follower.fetch(
-            request.method, url, headers, realm, body=body
-        )
+        response, _, _ = await self._follower.fetch(request.method, url, headers, realm, body=body)
         request.setResponseCode(response.code)
         for name in _TOKEN_RESPONSE_HEADERS:
             values = response.headers.getRawHeaders(name)

@@ -25,7 +25,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from mirrord import errors
-from mirrord.config import Timeouts
 from mirrord.headers import without_credentials
 from mirrord.streaming import BodyTooLarge, BytesProducer, discard_body, read_small_body
 
@@ -120,7 +119,9 @@ class RedirectFollower:
                 raise errors.bad_gateway(f"upstream redirected to a non-HTTP URL: {target}")
             if response.code == 303 and method != b"HEAD":
                 method, body = b"GET", None
-            log.debug("{code} redirect {url} -> {target}", code=response.code, url=url, target=target)
+            log.debug(
+                "{code} redirect {url} -> {target}", code=response.code, url=url, target=target
+            )
             url = target
         raise TooManyRedirects(f"more than {self.max_redirects} redirects from {url}")
 

@@ -62,7 +62,9 @@ class ConfigTests(SynchronousTestCase):
 
     def test_bad_upstream_url(self) -> None:
         error = self.assertRaises(
-            ConfigError, config.load, self.write('[registries."docker.io"]\nupstreams = ["ftp://x"]\n')
+            ConfigError,
+            config.load,
+            self.write('[registries."docker.io"]\nupstreams = ["ftp://x"]\n'),
         )
         self.assertIn("ftp://x", str(error))
 
@@ -90,11 +92,25 @@ class OptionsTests(SynchronousTestCase):
     def test_command_line_overrides(self) -> None:
         """--listen, --upstream (repeatable), --cert, --key and --state-dir override the file."""
         parsed = self.parse(
-            "--listen", "8443", "--listen", "tcp:9443", "--upstream", "http://127.0.0.1:5000",
-            "--upstream", "https://mirror.gcr.io", "--cert", "/c", "--key", "/k", "--state-dir", "/s",
+            "--listen",
+            "8443",
+            "--listen",
+            "tcp:9443",
+            "--upstream",
+            "http://127.0.0.1:5000",
+            "--upstream",
+            "https://mirror.gcr.io",
+            "--cert",
+            "/c",
+            "--key",
+            "/k",
+            "--state-dir",
+            "/s",
         )
         self.assertEqual(parsed.listen, ("8443", "tcp:9443"))
-        self.assertEqual(parsed.default.upstreams, ("http://127.0.0.1:5000", "https://mirror.gcr.io"))
+        self.assertEqual(
+            parsed.default.upstreams, ("http://127.0.0.1:5000", "https://mirror.gcr.io")
+        )
         self.assertEqual((parsed.cert, parsed.key, parsed.state_dir), ("/c", "/k", "/s"))
 
     def test_bad_file_is_a_usage_error(self) -> None:
@@ -108,4 +124,6 @@ class OptionsTests(SynchronousTestCase):
 
     def test_bare_port_listens_everywhere(self) -> None:
         self.assertEqual(listen_description("443"), "tcp6:443:interface=\\:\\:")
-        self.assertEqual(listen_description("tcp:1:interface=127.0.0.1"), "tcp:1:interface=127.0.0.1")
+        self.assertEqual(
+            listen_description("tcp:1:interface=127.0.0.1"), "tcp:1:interface=127.0.0.1"
+        )

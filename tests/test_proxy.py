@@ -43,7 +43,7 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(reply.header("content-type"), OCI_MANIFEST)
         self.assertEqual(reply.length, len(reply.body))
         self.assertEqual(reply.header("ratelimit-remaining"), "99;w=21600")
-        method, path, headers = self.mirror.hub.seen[-1]
+        _, path, headers = self.mirror.hub.seen[-1]
         self.assertEqual(path, "/v2/library/alpine/manifests/latest")
         self.assertEqual(headers["accept"], ACCEPT["Accept"])
         self.assertEqual(headers["x-forwarded-proto"], ["https"])
@@ -90,7 +90,9 @@ class ProxyTests(SynchronousTestCase):
 
     def test_private_repository_needs_credentials(self) -> None:
         """A private repository is served with the user's token and refused without one."""
-        anonymous = self.mirror.get("/v2/alice/private/manifests/latest", self.auth("alice/private"))
+        anonymous = self.mirror.get(
+            "/v2/alice/private/manifests/latest", self.auth("alice/private")
+        )
         self.assertEqual(anonymous.code, 401)
         headers = self.auth("alice/private", auth=("alice", "secret"))
         reply = self.mirror.get("/v2/alice/private/manifests/latest", headers)
@@ -120,8 +122,13 @@ class ProxyTests(SynchronousTestCase):
         reply = self.mirror.request(
             "POST",
             "/token",
-            data={"grant_type": "password", "username": "alice", "password": "secret",
-                  "service": "fakehub", "scope": "repository:alice/private:pull"},
+            data={
+                "grant_type": "password",
+                "username": "alice",
+                "password": "secret",
+                "service": "fakehub",
+                "scope": "repository:alice/private:pull",
+            },
         )
         self.assertEqual(reply.code, 200, reply.body)
         self.assertIn("access_token", reply.json())
@@ -208,7 +215,9 @@ class FailoverTests(SynchronousTestCase):
         )
 
     def manifest(self) -> object:
-        return self.mirror.get("/v2/alpine/manifests/latest", {**ACCEPT, **self.mirror.pull_headers("library/alpine")})
+        return self.mirror.get(
+            "/v2/alpine/manifests/latest", {**ACCEPT, **self.mirror.pull_headers("library/alpine")}
+        )
 
     def test_429_falls_back_and_remembers(self) -> None:
         """After a 429 the next upstream answers, and the limited one rests until Retry-After."""

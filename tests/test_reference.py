@@ -15,9 +15,13 @@ class ReferenceTests(SynchronousTestCase):
         digest = "sha256:" + "a" * 64
         self.assertEqual(reference.parse(""), reference.Reference(Kind.BASE))
         parsed = reference.parse("library/alpine/manifests/3.20")
-        self.assertEqual((parsed.kind, parsed.name, parsed.reference), (Kind.MANIFEST, "library/alpine", "3.20"))
+        self.assertEqual(
+            (parsed.kind, parsed.name, parsed.reference), (Kind.MANIFEST, "library/alpine", "3.20")
+        )
         parsed = reference.parse(f"a/b.c/d_e/blobs/{digest}")
-        self.assertEqual((parsed.kind, parsed.name, parsed.by_digest), (Kind.BLOB, "a/b.c/d_e", True))
+        self.assertEqual(
+            (parsed.kind, parsed.name, parsed.by_digest), (Kind.BLOB, "a/b.c/d_e", True)
+        )
         self.assertEqual(reference.parse("alpine/tags/list").kind, Kind.TAGS)
         self.assertEqual(parsed.path("x/y"), f"/v2/x/y/blobs/{digest}")
 
@@ -66,7 +70,9 @@ class ChallengeTests(SynchronousTestCase):
         self.assertIsNone(book.realm_for(None))
 
     def test_official_scope(self) -> None:
-        self.assertEqual(official_scope("repository:alpine:pull", "library"), "repository:library/alpine:pull")
+        self.assertEqual(
+            official_scope("repository:alpine:pull", "library"), "repository:library/alpine:pull"
+        )
         self.assertEqual(official_scope("repository:a/b:pull", "library"), "repository:a/b:pull")
         self.assertEqual(official_scope("repository:alpine:pull", ""), "repository:alpine:pull")
         self.assertEqual(official_scope("registry:catalog:*", "library"), "registry:catalog:*")

@@ -23,9 +23,9 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from tests.support.images import Layout
 
@@ -130,11 +130,15 @@ class HubToken(Resource):
         token = self.state.token_for(user or None, repos)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(
-            {"token": token, "access_token": token, "expires_in": 300,
-             "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            {
+                "token": token,
+                "access_token": token,
+                "expires_in": 300,
+                "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
         ).encode()
 
-    def _user(self, request: Request, params: dict[str, list[str]]) -> str | None | bool:
+    def _user(self, request: Request, params: dict[str, list[str]]) -> str | bool | None:
         user = password = None
         header = request.getHeader(b"authorization") or b""
         if header.startswith(b"Basic "):
@@ -249,7 +253,10 @@ class Cdn(Resource):
         if request.getHeader(b"authorization") is not None:
             self.state.counts["cdn rejected auth"] += 1
             request.setResponseCode(400)
-            return b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed</Message></Error>"
+            return (
+                b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism"
+                b" allowed</Message></Error>"
+            )
         if not request.args.get(b"verify"):
             request.setResponseCode(403)
             return b"<Error><Code>AccessDenied</Code></Error>"

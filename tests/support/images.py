@@ -93,7 +93,9 @@ def _write_index(layout: Layout, descriptor: dict) -> Layout:
     return layout
 
 
-def single_arch(path: Path, tag: str = "latest", layer_sizes: tuple[int, ...] = (40_000, 90_000)) -> Layout:
+def single_arch(
+    path: Path, tag: str = "latest", layer_sizes: tuple[int, ...] = (40_000, 90_000)
+) -> Layout:
     layout = Layout(path, tag)
     return _write_index(layout, _image(layout, "amd64", layer_sizes))
 

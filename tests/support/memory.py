@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import treq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from treq.testing import RequestTraversalAgent, StubTreq
 
 from mirrord.auth import RealmBook
 from mirrord.config import Config, Registry, Timeouts
@@ -52,10 +52,11 @@ class MemoryMirror:
         test: SynchronousTestCase,
         tmp: Path,
         upstreams: tuple[str, ...] = ("http://hub.test",),
-        timeouts: Timeouts = Timeouts(),
+        timeouts: Timeouts | None = None,
         max_redirects: int = 5,
     ) -> None:
         self.test = test
+        timeouts = timeouts or Timeouts()
         self.clock = Clock()
         self.hub = HubState(cdn_base="http://cdn.test", users={"alice": "secret"})
         self.second = HubState(cdn_base="http://cdn2.test", auth=False)
@@ -81,8 +82,12 @@ class MemoryMirror:
         config = Config(registries={"docker.io": registry})
         site = build_site(
             registry_proxy=RegistryProxy(registry, self.chain, self.realms, self.clock, timeouts),
-            token_proxy=TokenProxy(registry, self.chain, follower, self.realms, self.clock, timeouts),
-            usage=lambda request: render_usage(config, CertificateNote("/x.crt", False, ""), request),
+            token_proxy=TokenProxy(
+                registry, self.chain, follower, self.realms, self.clock, timeouts
+            ),
+            usage=lambda request: render_usage(
+                config, CertificateNote("/x.crt", False, ""), request
+            ),
             reactor=self.clock,
             client_idle=timeouts.client_idle,
         )
@@ -104,7 +109,9 @@ class MemoryMirror:
         response = self.test.successResultOf(d)
         body = treq.content(response)
         self.settle()
-        return Reply(response.code, response.headers, self.test.successResultOf(body), response.length)
+        return Reply(
+            response.code, response.headers, self.test.successResultOf(body), response.length
+        )
 
     def get(self, path: str, headers: dict[str, Any] | None = None, **kwargs: Any) -> Reply:
         return self.request("GET", path, headers, **kwargs)
