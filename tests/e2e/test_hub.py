@@ -1,0 +1,115 @@
+"""Docker Hub's own behaviours end to end: tokens, private repositories,
+CDN redirects, 429 fallback, and a slow client on a big blob."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from pathlib import Path
+
+from tests.e2e.conftest import Images, Mirror, Skopeo, verify_dir_copy
+from tests.support.pki import Pki
+
+
+def test_pull_through_token_service_and_cdn(
+    skopeo: Skopeo, hub_mirror: Mirror, hubs, test_images: Images, workdir: Path
+) -> None:
+    """An anonymous pull gets its token via /token and its blobs via the CDN redirect."""
+    hub, _ = hubs
+    before = hub.control()["counts"]
+    dest = workdir / "hub-copy"
+    skopeo.copy(f"{hub_mirror.address}/library/alpine:latest", dest)
+    assert verify_dir_copy(dest) == len(test_images.alpine.blobs) - 1
+    after = hub.control()["counts"]
+    assert after["token"] > before.get("token", 0)
+    assert after["cdn GET"] - before.get("cdn GET", 0) == len(test_images.alpine.blobs) - 1
+    assert after.get("cdn rejected auth", 0) == 0
+
+
+def test_private_repository_with_creds(
+    skopeo: Skopeo, hub_mirror: Mirror, test_images: Images, workdir: Path
+) -> None:
+    """--creds reaches the token service through the mirror; without them access is denied."""
+    ref = f"{hub_mirror.address}/alice/private:latest"
+    denied = skopeo.inspect(ref, check=False)
+    assert denied.returncode != 0
+    assert (
+        "unauthorized" in denied.stderr.lower()
+        or "authentication required" in denied.stderr.lower()
+    )
+    result = skopeo.inspect(ref, "--creds", "alice:secret")
+    assert json.loads(result.stdout)["Digest"] == test_images.private.manifest_digest
+    dest = workdir / "private-copy"
+    skopeo.copy(ref, dest, "--src-creds", "alice:secret")
+    assert verify_dir_copy(dest) == len(test_images.private.blobs) - 1
+
+
+def test_rate_limited_primary_falls_back(
+    skopeo: Skopeo, hub_mirror: Mirror, hubs, test_images: Images, workdir: Path
+) -> None:
+    """A 429 from Hub sends the pull to the second upstream, and the access log says so."""
+    hub, second = hubs
+    hub.control(ratelimit=True, retry_after=2)
+    try:
+        dest = workdir / "fallback-copy"
+        skopeo.copy(f"{hub_mirror.address}/library/alpine:latest", dest)
+        assert verify_dir_copy(dest) == len(test_images.alpine.blobs) - 1
+        assert hub.control()["counts"]["429"] >= 1
+        assert second.control()["counts"]["GET manifests"] >= 1
+    finally:
+        hub.control(ratelimit=False, retry_after=None)
+    log = hub_mirror.output()
+    assert f"upstream={second.url} redirects=0 fallback=True" in log
+    assert "GET /v2/library/alpine/manifests/latest -> 200" in log
+    time.sleep(2.1)  # let the primary's rest end for the tests that follow
+
+
+def _get_token(mirror: Mirror, pki: Pki, scope: str) -> str:
+    import http.client
+
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", mirror.port, context=mirror.tls_context(pki), timeout=10
+    )
+    conn.request("GET", "/v2/")
+    conn.getresponse().read()
+    conn.request("GET", f"/token?service=fakehub&scope={scope}")
+    response = conn.getresponse()
+    assert response.status == 200
+    return json.loads(response.read())["token"]
+
+
+def test_slow_client_big_blob_memory_stays_flat(hub_mirror: Mirror, hubs, pki: Pki) -> None:
+    """A slow client reading a 256 MiB blob gets every byte; daemon RSS stays under 100 MiB."""
+    hub, _ = hubs
+    token = _get_token(hub_mirror, pki, "repository:library/alpine:pull")
+    context = hub_mirror.tls_context(pki)
+    digest = hashlib.sha256()
+    received = 0
+    deadline = time.monotonic() + 120
+    with socket.create_connection(("127.0.0.1", hub_mirror.port), timeout=30) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(
+                f"GET /v2/library/alpine/blobs/{hub.big_digest} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(4096)
+            head, _, body = head.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert f"content-length: {hub.big_size}".encode() in head.lower()
+            digest.update(body)
+            received += len(body)
+            while received < hub.big_size and time.monotonic() < deadline:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                digest.update(data)
+                received += len(data)
+                time.sleep(0.0015)  # about 40 MB/s: far slower than the CDN can send
+    assert received == hub.big_size
+    assert "sha256:" + digest.hexdigest() == hub.big_digest
+    assert hub_mirror.peak_rss_kib() < 100 * 1024
