@@ -11,7 +11,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -30,6 +29,7 @@ from mirrord.tls import (
     upstream_policy,
 )
 from mirrord.token import TokenProxy
+from mirrord.tuning import LargeWriteTLSFactory, UpstreamEndpoints, raise_mmap_threshold
 from mirrord.upstream import RedirectFollower, UpstreamChain
 from mirrord.usage import CertificateNote, render_usage
 
@@ -113,12 +113,9 @@ def build_service(config: Config, reactor: Any) -> MirrordService:
     server_tls = ServerTLS(make_context(cert, key, config.tls_min_version, config.tls_ciphers))
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = config.pool_size
-    agent = Agent(
-        reactor,
-        contextFactory=upstream_policy(config),
-        connectTimeout=config.timeouts.connect,
-        pool=pool,
-    )
+    raise_mmap_threshold()
+    endpoints = UpstreamEndpoints(reactor, upstream_policy(config), config.timeouts.connect)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     clock: IReactorTime = reactor
     follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
     registry = config.default
@@ -135,7 +132,7 @@ def build_service(config: Config, reactor: Any) -> MirrordService:
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))
         listener = StreamServerEndpointService(
-            endpoint, TLSMemoryBIOFactory(server_tls, False, site)
+            endpoint, LargeWriteTLSFactory(server_tls, False, site)
         )
         listener._raiseSynchronously = True
         listener.setName(f"listen {entry}")

@@ -1,0 +1,323 @@
+"""Benchmark: mirrord against the client fetching upstream directly and
+against nginx as the seed configures it and tuned.
+
+Everything listens on 127.0.0.1; every load is bounded in count and time;
+every process started here is stopped by PID. Run: ``sudo bench/run``.
+Prints a Markdown table and writes it to ``bench/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.pki import make_pki  # noqa: E402
+from tests.support.processes import Process, free_port, twistd  # noqa: E402
+
+GIB = 1 << 30
+
+
+def make_blob(path: Path, size: int) -> str:
+    """A random blob (made once, kept in bench/.data) and its digest."""
+    digest_file = path.with_suffix(".sha256")
+    if path.exists() and path.stat().st_size == size and digest_file.exists():
+        return digest_file.read_text()
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        for _ in range(size >> 20):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            f.write(chunk)
+    value = "sha256:" + digest.hexdigest()
+    digest_file.write_text(value)
+    return value
+
+
+NGINX_CONF = """
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  keepalive_requests 100000;
+  types {{ }}
+  default_type application/octet-stream;
+  server {{
+    listen 127.0.0.1:{upstream};
+    {registry_locations}
+  }}
+  server {{
+    listen 127.0.0.1:{direct} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    {registry_locations}
+  }}
+  server {{
+    listen 127.0.0.1:{seed} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1;
+                 proxy_set_header Connection ""; proxy_buffering off; }}
+  }}
+  server {{
+    listen 127.0.0.1:{tuned} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1;
+                 proxy_set_header Connection ""; proxy_buffering off;
+                 proxy_buffer_size 256k; proxy_buffers 4 256k;
+                 proxy_busy_buffers_size 256k; }}
+  }}
+}}
+"""
+
+REGISTRY_LOCATIONS = """
+    location = /v2/ {{ default_type application/json; return 200 '{{}}'; }}
+    location ~ ^/v2/library/bench/blobs/(sha256:[a-f0-9]+)$ {{ alias {data}/$1; }}
+    location = /v2/library/bench/manifests/latest {{
+      default_type application/vnd.oci.image.manifest.v1+json;
+      add_header Docker-Content-Digest {manifest_digest};
+      alias {data}/manifest.json;
+    }}
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def curl(url: str, ca: Path, timeout: float = 120) -> tuple[float, int]:
+    """Bytes per second and bytes for one download, body discarded."""
+    result = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--cacert",
+            str(ca),
+            "-o",
+            "/dev/null",
+            "--max-time",
+            str(timeout),
+            "-w",
+            "%{speed_download} %{size_download} %{http_code}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    speed, size, code = result.stdout.split()
+    if code != "200":
+        raise RuntimeError(f"{url} answered {code}")
+    return float(speed), int(size)
+
+
+def wrk_get(url: str, seconds: int) -> float:
+    """GET requests per second: wrk, 2 threads, 32 keep-alive connections."""
+    result = subprocess.run(
+        ["wrk", "-t2", "-c32", f"-d{seconds}s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 30,
+    )
+    if "Non-2xx" in result.stdout or "Socket errors" in result.stdout:
+        raise RuntimeError(result.stdout)
+    for line in result.stdout.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise RuntimeError(result.stdout)
+
+
+def ab_head(url: str, seconds: int) -> float:
+    """HEAD requests per second. wrk cannot measure HEAD: its parser waits
+    for the body a HEAD answer's Content-Length announces (0 requests/s seen
+    here against nginx), so ApacheBench's -i does it: 32 keep-alive
+    connections, bounded by time and count."""
+    result = subprocess.run(
+        ["ab", "-i", "-k", "-q", "-c", "32", "-t", str(seconds), "-n", "500000", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 30,
+    )
+    if "Non-2xx" in result.stdout or "Failed requests:        0" not in result.stdout:
+        raise RuntimeError(result.stdout)
+    for line in result.stdout.splitlines():
+        if line.startswith("Requests per second:"):
+            return float(line.split()[3])
+    raise RuntimeError(result.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3, help="single-stream runs per row (median)")
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--concurrent", type=int, default=16)
+    parser.add_argument("--concurrent-size-mib", type=int, default=256)
+    parser.add_argument("--wrk-seconds", type=int, default=8)
+    parser.add_argument("--rows", default="direct,seed,tuned,mirrord")
+    parser.add_argument("--only-single", action="store_true")
+    args = parser.parse_args()
+    for tool in ("nginx", "curl", "wrk"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            sys.exit(f"bench needs {tool}: apt-get install nginx-light curl wrk")
+
+    data = HERE / ".data"
+    data.mkdir(exist_ok=True)
+    big = make_blob(data / "big.bin", args.size_mib << 20)
+    mid = make_blob(data / "mid.bin", args.concurrent_size_mib << 20)
+    for name, digest in (("big.bin", big), ("mid.bin", mid)):
+        link = data / digest
+        if not link.exists():
+            link.symlink_to(data / name)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {},
+            "layers": [],
+        }
+    ).encode()
+    (data / "manifest.json").write_bytes(manifest)
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+    work = Path(tempfile.mkdtemp(prefix="mirrord-bench-"))
+    pki = make_pki(work / "pki")
+    ports = {k: free_port() for k in ("upstream", "direct", "seed", "tuned", "mirrord")}
+    locations = REGISTRY_LOCATIONS.format(data=data, manifest_digest=manifest_digest)
+    conf = work / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            work=work, cert=pki.fullchain, key=pki.privkey, registry_locations=locations, **ports
+        )
+    )
+    nginx = Process(
+        "nginx",
+        ["nginx", "-c", str(conf), "-g", "daemon off;"],
+        ports["upstream"],
+        work / "nginx.log",
+    ).start()
+    mirror = Process(
+        "mirrord",
+        [
+            twistd(),
+            "--nodaemon",
+            "--pidfile=",
+            "mirrord",
+            "--config",
+            "/dev/null",
+            "--listen",
+            f"tcp:{ports['mirrord']}:interface=127.0.0.1",
+            "--cert",
+            str(pki.fullchain),
+            "--key",
+            str(pki.privkey),
+            "--state-dir",
+            str(work / "state"),
+            "--upstream",
+            f"http://127.0.0.1:{ports['upstream']}",
+        ],
+        ports["mirrord"],
+        work / "mirrord.log",
+    ).start()
+    rows = []
+    try:
+        path = f"/v2/library/bench/blobs/{big}"
+        results = {}
+        for name in args.rows.split(","):
+            url = f"https://127.0.0.1:{ports[name]}{path}"
+            curl(url, pki.ca)  # warm the page cache and connections
+            speeds, cpu = [], 0.0
+            for _ in range(args.runs):
+                before = cpu_seconds(mirror.pid)
+                speed, size = curl(url, pki.ca)
+                cpu += cpu_seconds(mirror.pid) - before
+                assert size == args.size_mib << 20
+                speeds.append(speed)
+            results[name] = (statistics.median(speeds), cpu / args.runs / (size / GIB))
+        mirror_single_rss = mirror.peak_rss_kib()
+        if args.only_single:
+            print({k: (round(v[0] / 1e6), round(v[1], 2)) for k, v in results.items()})
+            return
+
+        def concurrent(port: int) -> float:
+            url = f"https://127.0.0.1:{port}/v2/library/bench/blobs/{mid}"
+            started = time.monotonic()
+            with ThreadPoolExecutor(args.concurrent) as pool:
+                sizes = list(pool.map(lambda _: curl(url, pki.ca)[1], range(args.concurrent)))
+            assert all(s == args.concurrent_size_mib << 20 for s in sizes)
+            return time.monotonic() - started
+
+        conc = {name: concurrent(ports[name]) for name in ("seed", "tuned", "mirrord")}
+        mirror_rss = mirror.peak_rss_kib()
+        manifest_path = "/v2/library/bench/manifests/latest"
+        rps = {
+            name: (
+                ab_head(f"https://127.0.0.1:{ports[name]}{manifest_path}", args.wrk_seconds),
+                wrk_get(f"https://127.0.0.1:{ports[name]}{manifest_path}", args.wrk_seconds),
+            )
+            for name in ("direct", "seed", "tuned", "mirrord")
+        }
+    finally:
+        mirror.stop()
+        os.kill(nginx.pid, signal.SIGQUIT)
+        nginx.proc.wait(10)
+
+    tuned = results["tuned"][0]
+    labels = {
+        "direct": "client straight to upstream over TLS (nginx)",
+        "seed": "nginx as the seed configures it (`proxy_buffering off`)",
+        "tuned": "nginx tuned (`proxy_buffer_size 256k`)",
+        "mirrord": "mirrord",
+    }
+    rows.append(
+        f"| path | {args.size_mib} MiB single stream MB/s | vs tuned nginx | mirrord CPU s/GiB |"
+    )
+    rows.append("|---|---|---|---|")
+    for name, (speed, cpu) in results.items():
+        cpu_text = f"{cpu:.2f}" if name == "mirrord" else "-"
+        rows.append(f"| {labels[name]} | {speed / 1e6:.0f} | {speed / tuned:.2f}x | {cpu_text} |")
+    rows.append("")
+    rows.append(
+        f"| {args.concurrent} concurrent clients x {args.concurrent_size_mib} MiB"
+        " | wall s | aggregate MB/s |"
+    )
+    rows.append("|---|---|---|")
+    total = args.concurrent * (args.concurrent_size_mib << 20)
+    for name, seconds in conc.items():
+        rows.append(f"| {labels[name]} | {seconds:.1f} | {total / seconds / 1e6:.0f} |")
+    rows.append("")
+    rows.append(
+        f"mirrord peak RSS: {mirror_single_rss / 1024:.0f} MiB after the single streams, "
+        f"{mirror_rss / 1024:.0f} MiB after the {args.concurrent} concurrent clients."
+    )
+    rows.append("")
+    rows.append("| manifest over TLS, 32 keep-alive connections | HEAD/s (ab -i) | GET/s (wrk) |")
+    rows.append("|---|---|---|")
+    for name, (head, get) in rps.items():
+        rows.append(f"| {labels[name]} | {head:.0f} | {get:.0f} |")
+    table = "\n".join(rows)
+    print(table)
+    (HERE / "results.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Guards for the throughput tweaks in mirrord.tuning: they lean on Twisted
+internals, so these tests fail loudly if Twisted changes underneath."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import tempfile
+from pathlib import Path
+
+from twisted.internet import abstract, tcp
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from mirrord import tuning
+from mirrord.tls import ServerTLS, ensure_self_signed, make_context
+
+
+class TwistedInternalsTests(SynchronousTestCase):
+    def test_tls_protocol_internals_exist(self) -> None:
+        """The TLS methods and attributes LargeWriteTLSProtocol overrides or calls are there."""
+        for name in ("_write", "_flushSendBIO", "_bufferedWrite", "_tlsShutdownFinished"):
+            self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name, None)), name)
+        source = inspect.getsource(TLSMemoryBIOProtocol)
+        for name in ("self._lostTLSConnection", "self._tlsConnection", "self._flushSendBIO()"):
+            self.assertIn(name, source)
+
+    def test_socket_knobs_are_read_per_instance(self) -> None:
+        """tcp reads bufferSize and sends SEND_LIMIT from the instance, so setting them works."""
+        self.assertIn("self.bufferSize", inspect.getsource(tcp.Connection.doRead))
+        self.assertIn("self.SEND_LIMIT", inspect.getsource(tcp.Connection.writeSomeData))
+        self.assertIn("self.SEND_LIMIT", inspect.getsource(abstract.FileDescriptor.doWrite))
+
+
+class _Sender(Protocol):
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def connectionMade(self) -> None:
+        for offset in range(0, len(self.payload), 3 << 20):
+            self.transport.write(self.payload[offset : offset + (3 << 20)])
+        self.transport.loseConnection()
+
+
+class _Collector(Protocol):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+
+class LargeWriteTLSTests(SynchronousTestCase):
+    def test_large_writes_arrive_intact(self) -> None:
+        """7 MiB written in 3 MiB pieces through LargeWriteTLSProtocol decrypt to the same bytes."""
+        cert, key, _ = ensure_self_signed(Path(tempfile.mkdtemp()))
+        payload = os.urandom(7 << 20)
+        server_factory = tuning.LargeWriteTLSFactory(
+            ServerTLS(make_context(cert, key, "1.2", "ECDHE+AESGCM")),
+            False,
+            Factory.forProtocol(lambda: _Sender(payload)),
+        )
+        collector = _Collector()
+        client_factory = TLSMemoryBIOFactory(
+            optionsForClientTLS("localhost", Certificate.loadPEM(cert.read_bytes())),
+            True,
+            Factory.forProtocol(lambda: collector),
+        )
+        server = server_factory.buildProtocol(None)
+        client = client_factory.buildProtocol(None)
+        self.assertIsInstance(server, tuning.LargeWriteTLSProtocol)
+        server_transport = iosim.FakeTransport(server, isServer=True)
+        client_transport = iosim.FakeTransport(client, isServer=False)
+        pump = iosim.connect(server, server_transport, client, client_transport)
+        pump.flush()
+        received = b"".join(collector.chunks)
+        self.assertEqual(len(received), len(payload))
+        self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
+
+    def test_read_size_reaches_the_socket(self) -> None:
+        """set_read_size finds the FileDescriptor under a TLS layer."""
+        descriptor = abstract.FileDescriptor()
+        tls = Protocol()
+        tls.transport = descriptor
+        application = Protocol()
+        application.transport = tls
+        tuning.set_read_size(application)
+        self.assertEqual(descriptor.bufferSize, tuning.READ_SIZE)
