@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
@@ -17,6 +18,16 @@ class MirrordService(MultiService):
     def __init__(self, pool: HTTPConnectionPool) -> None:
         super().__init__()
         self.pool = pool
+
+    def privilegedStartService(self) -> None:
+        # Listeners bind here, before the reactor runs (and before privileges
+        # are dropped): a port in use is the operator's problem, one line.
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(
+                f"mirrord: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
+            ) from None
 
     def stopService(self) -> Deferred[None]:
         d = super().stopService()

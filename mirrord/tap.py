@@ -81,7 +81,9 @@ class Options(usage.Options):
                 upstreams=self["upstream"],
             )
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # A configuration problem is one line naming the key and file;
+            # twistd's usage text (which UsageError prints) would bury it.
+            raise SystemExit(f"mirrord: {e}") from None
 
 
 def listen_description(entry: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config
@@ -115,11 +114,12 @@ class OptionsTests(SynchronousTestCase):
 
     def test_bad_file_is_a_usage_error(self) -> None:
         self.empty.write_text("bogus = 1\n")
-        error = self.assertRaises(UsageError, self.parse)
+        error = self.assertRaises(SystemExit, self.parse)
         self.assertIn("unknown key 'bogus'", str(error))
+        self.assertIn(str(self.empty), str(error))
 
     def test_bad_upstream_option(self) -> None:
-        error = self.assertRaises(UsageError, self.parse, "--upstream", "registry-1.docker.io")
+        error = self.assertRaises(SystemExit, self.parse, "--upstream", "registry-1.docker.io")
         self.assertIn("--upstream", str(error))
 
     def test_bare_port_listens_everywhere(self) -> None:

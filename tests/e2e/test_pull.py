@@ -35,6 +35,38 @@ def test_bad_config_stops_with_one_message(workdir: Path) -> None:
     assert "unknown key 'upstrems'" in result.stderr + result.stdout
     assert str(bad) in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().count("\n") == 0, result.stderr  # one line
+    assert "Usage:" not in result.stdout + result.stderr
+
+
+def test_startup_problems_are_one_line(workdir: Path, registry_mirror: Mirror) -> None:
+    """A missing certificate or a port in use stops startup with one line, no traceback."""
+    base = [
+        twistd(),
+        "--nodaemon",
+        "--pidfile=",
+        "mirrord",
+        "--config",
+        str(workdir / "empty.toml"),
+    ]
+    missing = run([*base, "--cert", "/nonexistent.pem", "--key", "/nonexistent.key"], check=False)
+    assert missing.returncode != 0
+    assert "mirrord: /nonexistent.pem: no such file" in missing.stderr
+    busy = run(
+        [
+            *base,
+            "--state-dir",
+            str(workdir / "state-busy"),
+            "--listen",
+            f"tcp:{registry_mirror.port}:interface=127.0.0.1",
+        ],
+        check=False,
+        timeout=30,
+    )
+    assert busy.returncode != 0
+    output = busy.stdout + busy.stderr
+    assert f"mirrord: cannot listen on 127.0.0.1:{registry_mirror.port}" in output
+    assert "Traceback" not in output
 
 
 def test_inspect_short_name(skopeo: Skopeo, registry_mirror: Mirror, test_images: Images) -> None:
@@ -126,6 +158,19 @@ def test_traversal_never_reaches_upstream(registry_mirror: Mirror, pki: Pki) -> 
         )
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
         assert b"NAME_INVALID" in answer
+
+
+def test_unreachable_primary_fails_over(
+    workdir: Path, pki: Pki, registry: str, skopeo: Skopeo, test_images: Images
+) -> None:
+    """A primary that refuses connections is skipped: the pull comes from the next upstream."""
+    mirror = start_mirror(workdir, pki, [f"http://127.0.0.1:{DEAD_PORT}", registry], "failover")
+    try:
+        result = skopeo.inspect(f"{mirror.address}/library/alpine:latest")
+    finally:
+        mirror.stop()
+    assert json.loads(result.stdout)["Digest"] == test_images.alpine.manifest_digest
+    assert f"upstream={registry} redirects=0 fallback=True" in mirror.output()
 
 
 def test_unreachable_upstream_is_502(workdir: Path, pki: Pki) -> None:
