@@ -18,6 +18,7 @@ class AccessRecord:
     redirects: int = 0
     fell_back: bool = False
     outcome: str = "ok"
+    cache: str = "-"
 
 
 def emit(
@@ -32,7 +33,8 @@ def emit(
 ) -> None:
     log.info(
         "{client} {method} {path} -> {status} bytes={bytes} {duration_ms:.1f}ms"
-        " upstream={upstream} redirects={redirects} fallback={fallback} {outcome}",
+        " upstream={upstream} redirects={redirects} fallback={fallback} cache={cache}"
+        " {outcome}",
         client=client,
         method=method,
         path=path,
@@ -42,5 +44,6 @@ def emit(
         upstream=record.upstream or "-",
         redirects=record.redirects,
         fallback=record.fell_back,
+        cache=record.cache,
         outcome=record.outcome,
     )

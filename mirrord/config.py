@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirrord.cache import parse_size
+
 DEFAULT_CONFIG_PATH = Path("/etc/mirrord/mirrord.toml")
 DOCKER_HUB = "docker.io"
 
@@ -31,6 +33,20 @@ class Timeouts:
     response: float = 30.0
     body_idle: float = 60.0
     client_idle: float = 300.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The blob and manifest cache under ``state_dir/cache``."""
+
+    enabled: bool = True
+    max_size: int = 50 << 30
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    stale_max_age: float = 7 * 24 * 3600.0
+    fill_timeout: float = 600.0
+    auth_ttl: float = 300.0
+    pinned: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,7 @@ class Config:
     pool_size: int = 16
     default_registry: str = DOCKER_HUB
     timeouts: Timeouts = field(default_factory=Timeouts)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     registries: Mapping[str, Registry] = field(default_factory=lambda: dict(PRESET_UPSTREAMS))
 
     @property
@@ -83,7 +100,18 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "pool_size": int,
     "default_registry": str,
     "timeouts": dict,
+    "cache": dict,
     "registries": dict,
+}
+_CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "enabled": bool,
+    "max_size": (str, int),
+    "high_watermark": (int, float),
+    "low_watermark": (int, float),
+    "stale_max_age": (int, float),
+    "fill_timeout": (int, float),
+    "auth_ttl": (int, float),
+    "pinned": list,
 }
 _REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
     "upstreams": list,
@@ -94,7 +122,8 @@ TLS_VERSIONS = ("1.2", "1.3")
 
 def _check_type(where: str, key: str, value: Any, expected: Any) -> None:
     # bool is an int in Python; a TOML ``true`` for a number is still wrong.
-    if isinstance(value, bool) or not isinstance(value, expected):
+    wants_bool = expected is bool
+    if isinstance(value, bool) != wants_bool or not isinstance(value, expected):
         names = (
             " or ".join(t.__name__ for t in expected)
             if isinstance(expected, tuple)
@@ -149,6 +178,8 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
                 if seconds <= 0:
                     raise ConfigError(f"{where} [timeouts]: key {name!r} must be positive")
             values[key] = Timeouts(**{k: float(v) for k, v in value.items()})
+        elif key == "cache":
+            values[key] = _cache(f"{where} [cache]", value)
         elif key == "registries":
             registries = dict(PRESET_UPSTREAMS)
             for name, table in value.items():
@@ -161,6 +192,29 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
             values[key] = value
     config = Config(**values)
     return _check_config(where, config)
+
+
+def _cache(where: str, table: Mapping[str, Any]) -> CacheConfig:
+    _check_keys(where, table, _CACHE_TYPES)
+    values = dict(table)
+    if "max_size" in values:
+        try:
+            values["max_size"] = parse_size(values["max_size"])
+        except ValueError:
+            raise ConfigError(
+                f"{where}: key 'max_size' must be a size like \"50GiB\", not {table['max_size']!r}"
+            ) from None
+    if "pinned" in values:
+        for pattern in values["pinned"]:
+            _check_type(where, "pinned", pattern, str)
+        values["pinned"] = tuple(values["pinned"])
+    cache = CacheConfig(**values)
+    if not 0 < cache.low_watermark <= cache.high_watermark <= 1:
+        raise ConfigError(f"{where}: need 0 < low_watermark <= high_watermark <= 1")
+    for key in ("stale_max_age", "fill_timeout", "auth_ttl"):
+        if getattr(cache, key) <= 0:
+            raise ConfigError(f"{where}: key {key!r} must be positive")
+    return cache
 
 
 def _listen_entry(where: str, value: Any) -> str:

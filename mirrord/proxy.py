@@ -1,14 +1,14 @@
 """The ``/v2/`` resource: parse, decide, ask upstream, stream the answer back.
 
-The resource never touches the network itself: it asks a ``Fetcher`` (the
-upstream chain today; a cache in front of it later) for an ``Answer`` and
-writes that answer to the client, relaying the body with backpressure.
-When the client disconnects, the pending work is cancelled.
+The resource never touches the network itself: once a request is valid it
+hands it to a ``Backend``: the upstream chain alone, or the pull-through
+cache in front of it. When the client disconnects, that work is cancelled.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 from urllib.parse import urlencode
 
@@ -21,13 +21,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord import errors, reference
-from mirrord.auth import RealmBook, rewrite_challenges
+from mirrord.answer import write_answer
+from mirrord.auth import RealmBook
 from mirrord.config import Registry, Timeouts
-from mirrord.headers import client_response_headers, upstream_request_headers
+from mirrord.headers import upstream_request_headers
 from mirrord.reference import Kind, Reference
-from mirrord.respond import API_VERSION, client_address, client_host, write_error
-from mirrord.streaming import TransferIncomplete, discard_body, relay_body
-from mirrord.upstream import Answer
+from mirrord.respond import client_address, write_error
+from mirrord.upstream import UpstreamChain
 
 log = Logger()
 
@@ -35,10 +35,29 @@ _RANGE_RE = re.compile(rb"bytes=(\d+-\d*|-\d+)")
 ALLOWED_METHODS = (b"GET", b"HEAD")
 
 
-class Fetcher(TypingProtocol):
-    """Where answers come from: an upstream chain, or a cache in front of one."""
+class Backend(TypingProtocol):
+    """What answers a validated request: the upstream chain alone
+    (``PassThrough``) or the cache in front of it (``PullThrough``)."""
 
-    async def request(self, method: bytes, path: str, headers: Headers) -> Answer: ...
+    async def serve(
+        self, request: Request, ref: Reference, name: str, path: str, headers: Headers
+    ) -> None: ...
+
+
+@dataclass
+class PassThrough:
+    """Every request goes to the upstream chain; the answer streams back."""
+
+    chain: UpstreamChain
+    realms: RealmBook
+    clock: IReactorTime
+    timeouts: Timeouts
+
+    async def serve(
+        self, request: Request, ref: Reference, name: str, path: str, headers: Headers
+    ) -> None:
+        answer = await self.chain.request(request.method, path, headers)
+        await write_answer(request, answer, self.realms, self.clock, self.timeouts)
 
 
 def upstream_name(ref: Reference, registry: Registry) -> str:
@@ -60,24 +79,14 @@ def check_range(value: bytes | None) -> None:
 
 
 class RegistryProxy(Resource):
-    """Serves ``/v2/`` for one registry through its ``Fetcher``."""
+    """Serves ``/v2/`` for one registry through its ``Backend``."""
 
     isLeaf = True
 
-    def __init__(
-        self,
-        registry: Registry,
-        fetcher: Fetcher,
-        realms: RealmBook,
-        clock: IReactorTime,
-        timeouts: Timeouts,
-    ) -> None:
+    def __init__(self, registry: Registry, backend: Backend) -> None:
         super().__init__()
         self._registry = registry
-        self._fetcher = fetcher
-        self._realms = realms
-        self._clock = clock
-        self._timeouts = timeouts
+        self._backend = backend
 
     def render(self, request: Request) -> bytes | int:
         try:
@@ -106,17 +115,12 @@ class RegistryProxy(Resource):
         return ref
 
     async def _serve(self, request: Request, ref: Reference) -> None:
-        path = ref.path(upstream_name(ref, self._registry)) + self._query(request, ref)
+        name = upstream_name(ref, self._registry)
+        path = ref.path(name) + self._query(request, ref)
         headers = upstream_request_headers(
             request.requestHeaders, client_address(request), request.isSecure()
         )
-        answer = await self._fetcher.request(request.method, path, headers)
-        record = getattr(request, "access", None)
-        if record is not None:
-            record.upstream = answer.upstream
-            record.redirects = answer.redirects
-            record.fell_back = answer.fell_back
-        await self._respond(request, answer)
+        await self._backend.serve(request, ref, name, path, headers)
 
     def _query(self, request: Request, ref: Reference) -> str:
         """Only the tag list takes parameters (pagination)."""
@@ -128,35 +132,6 @@ class RegistryProxy(Resource):
             for value in request.args.get(key, [])
         ]
         return "?" + urlencode(params) if params else ""
-
-    async def _respond(self, request: Request, answer: Answer) -> None:
-        if answer.code == 416 and answer.body is None:
-            # distribution 2.8 sends a short body with a whole-blob
-            # Content-Length here: answer for it rather than relay it.
-            discard_body(answer.response)
-            write_error(request, errors.range_invalid(request.getHeader(b"range") or ""))
-            return
-        request.setResponseCode(answer.code)
-        for name, values in client_response_headers(answer.headers):
-            request.responseHeaders.setRawHeaders(name, values)
-        request.setHeader(*API_VERSION)
-        challenges = answer.headers.getRawHeaders(b"www-authenticate")
-        if challenges:
-            token_url = f"https://{client_host(request)}/token"
-            request.responseHeaders.setRawHeaders(
-                b"www-authenticate", rewrite_challenges(challenges, self._realms, token_url)
-            )
-        if answer.body is not None:
-            request.setHeader(b"Content-Length", b"%d" % len(answer.body))
-            request.write(answer.body)
-            request.finish()
-            return
-        try:
-            await relay_body(request, answer.response, self._clock, self._timeouts)
-        except TransferIncomplete as e:
-            record = getattr(request, "access", None)
-            if record is not None:
-                record.outcome = f"incomplete: {e}"
 
     def _failed(self, failure: Failure, request: Request) -> None:
         if failure.check(CancelledError):

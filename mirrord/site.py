@@ -1,8 +1,8 @@
 """The resource tree, the HTTP channel and the access log.
 
 ``/v2/`` is the registry proxy, ``/token`` the auth proxy, ``/healthz`` a
-liveness probe, ``/`` the usage page. Everything else is a registry-style
-404 so clients always get JSON they can parse.
+liveness probe, ``/metrics`` Prometheus metrics, ``/`` the usage page.
+Everything else is a registry-style 404 so clients always get JSON.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def build_site(
     registry_proxy: Resource,
     token_proxy: Resource,
     usage: Callable[[Request], bytes],
+    metrics: Resource,
     reactor: IReactorTime,
     client_idle: float,
 ) -> MirrordSite:
@@ -126,6 +127,7 @@ def build_site(
     root.putChild(b"v2", registry_proxy)
     root.putChild(b"token", token_proxy)
     root.putChild(b"healthz", _Healthz())
+    root.putChild(b"metrics", metrics)
     site = MirrordSite(root, reactor=reactor)
     site.timeOut = client_idle
     site.displayTracebacks = False

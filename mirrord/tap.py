@@ -15,9 +15,13 @@ from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mirrord import config as configuration
+from mirrord.access import AccessChecks
 from mirrord.auth import RealmBook
-from mirrord.config import Config, ConfigError
-from mirrord.proxy import RegistryProxy
+from mirrord.cache import BlobStore, TagStore
+from mirrord.config import Config, ConfigError, Registry
+from mirrord.metrics import Metrics, MetricsResource
+from mirrord.proxy import Backend, PassThrough, RegistryProxy
+from mirrord.pullthrough import PullThrough
 from mirrord.service import MirrordService
 from mirrord.site import build_site
 from mirrord.tls import (
@@ -109,6 +113,49 @@ def certificate(config: Config) -> tuple[Path, Path, CertificateNote]:
     return cert, key, note
 
 
+def build_backend(
+    config: Config,
+    registry: Registry,
+    chain: UpstreamChain,
+    follower: RedirectFollower,
+    realms: RealmBook,
+    clock: IReactorTime,
+    metrics: Metrics,
+) -> Backend:
+    """The cache in front of the chain, or the chain alone when disabled."""
+    if not config.cache.enabled:
+        return PassThrough(chain, realms, clock, config.timeouts)
+    root = Path(config.state_dir) / "cache"
+    store = BlobStore(
+        root,
+        config.cache.max_size,
+        config.cache.high_watermark,
+        config.cache.low_watermark,
+        config.cache.pinned,
+    )
+    entries, removed = store.rebuild()
+    log.info(
+        "cache {root}: {entries} blobs, {size} bytes; removed {removed} leftovers",
+        root=str(root),
+        entries=entries,
+        size=store.size,
+        removed=removed,
+    )
+    access = AccessChecks(chain, follower, clock, config.cache.auth_ttl)
+    return PullThrough(
+        registry,
+        chain,
+        store,
+        TagStore(root),
+        access,
+        realms,
+        clock,
+        config.timeouts,
+        config.cache,
+        metrics,
+    )
+
+
 def build_service(config: Config, reactor: Any) -> MirrordService:
     """Wire configuration, TLS, upstreams and resources into one service."""
     cert, key, note = certificate(config)
@@ -119,14 +166,23 @@ def build_service(config: Config, reactor: Any) -> MirrordService:
     endpoints = UpstreamEndpoints(reactor, upstream_policy(config), config.timeouts.connect)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     clock: IReactorTime = reactor
+    metrics = Metrics()
     follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
     registry = config.default
-    chain = UpstreamChain(registry.upstreams, follower, config.rate_limit_seconds, clock)
+    chain = UpstreamChain(
+        registry.upstreams,
+        follower,
+        config.rate_limit_seconds,
+        clock,
+        on_rate_limited=lambda upstream: metrics.upstream_429.labels(upstream).inc(),
+    )
     realms = RealmBook()
+    backend = build_backend(config, registry, chain, follower, realms, clock, metrics)
     site = build_site(
-        registry_proxy=RegistryProxy(registry, chain, realms, clock, config.timeouts),
+        registry_proxy=RegistryProxy(registry, backend),
         token_proxy=TokenProxy(registry, chain, follower, realms, clock, config.timeouts),
-        usage=lambda request: render_usage(config, note, request),
+        usage=lambda request: render_usage(config, note, request, metrics),
+        metrics=MetricsResource(metrics),
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
     )

@@ -11,7 +11,7 @@ to the next one.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
@@ -167,6 +167,7 @@ class UpstreamChain:
     follower: RedirectFollower
     rate_limit_seconds: float
     wall_clock: IReactorTime
+    on_rate_limited: Callable[[str], None] = lambda upstream: None
     upstreams: list[Upstream] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -209,6 +210,7 @@ class UpstreamChain:
             if response.code not in FAILOVER_CODES:
                 return answer
             if response.code == 429:
+                self.on_rate_limited(upstream.url)
                 self._rest(upstream, response.headers)
             log.info(
                 "upstream {upstream} answered {code}; {next}",

@@ -11,6 +11,7 @@ from twisted.web.server import Request
 
 from mirrord import __version__
 from mirrord.config import Config
+from mirrord.metrics import Metrics
 from mirrord.respond import client_host
 
 
@@ -28,7 +29,9 @@ def _block(title: str, path: str, text: str) -> str:
     return f"<h2>{escape(title)}{where}</h2>\n<pre>{escape(text)}</pre>\n"
 
 
-def render_usage(config: Config, note: CertificateNote, request: Request) -> bytes:
+def render_usage(
+    config: Config, note: CertificateNote, request: Request, metrics: Metrics | None = None
+) -> bytes:
     host = client_host(request)
     registry = config.default
     example = "library/alpine" if registry.official_prefix else "owner/image"
@@ -77,5 +80,14 @@ def render_usage(config: Config, note: CertificateNote, request: Request) -> byt
     )
     upstreams = "".join(f"<li><code>{escape(u)}</code></li>" for u in registry.upstreams)
     parts.append(f"<h2>Upstreams, in order</h2><ol>{upstreams}</ol>")
+    if metrics is not None:
+        rows = "".join(
+            f"<tr><td><code>{escape(name)}</code></td><td>{value:g}</td></tr>"
+            for name, value in metrics.summary().items()
+        )
+        parts.append(
+            "<h2>Figures</h2><p>Also at <code>/metrics</code> for Prometheus.</p>"
+            f"<table>{rows}</table>"
+        )
     parts.append(f"<p><small>mirrord {escape(__version__)}</small></p></body></html>\n")
     return "\n".join(parts).encode()

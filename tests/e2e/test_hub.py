@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import Images, Mirror, Skopeo, verify_dir_copy
+from tests.e2e.conftest import Images, Mirror, Skopeo, start_mirror, verify_dir_copy
 from tests.support.pki import Pki
 
 
@@ -47,10 +47,12 @@ def test_private_repository_with_creds(
 
 
 def test_rate_limited_primary_falls_back(
-    skopeo: Skopeo, hub_mirror: Mirror, hubs, test_images: Images, workdir: Path
+    skopeo: Skopeo, hubs, test_images: Images, workdir: Path, pki: Pki
 ) -> None:
     """A 429 from Hub sends the pull to the second upstream, and the access log says so."""
     hub, second = hubs
+    # A mirror with an empty cache, so the pull really asks upstream.
+    hub_mirror = start_mirror(workdir, pki, [hub.url, second.url], "fallback")
     hub.control(ratelimit=True, retry_after=2)
     try:
         dest = workdir / "fallback-copy"
@@ -60,6 +62,7 @@ def test_rate_limited_primary_falls_back(
         assert second.control()["counts"]["GET manifests"] >= 1
     finally:
         hub.control(ratelimit=False, retry_after=None)
+        hub_mirror.stop()
     log = hub_mirror.output()
     assert f"upstream={second.url} redirects=0 fallback=True" in log
     assert "GET /v2/library/alpine/manifests/latest -> 200" in log

@@ -15,9 +15,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
+from mirrord.access import AccessChecks
 from mirrord.auth import RealmBook
-from mirrord.config import Config, Registry, Timeouts
-from mirrord.proxy import RegistryProxy
+from mirrord.cache import BlobStore, TagStore
+from mirrord.config import CacheConfig, Config, Registry, Timeouts
+from mirrord.metrics import Metrics, MetricsResource
+from mirrord.proxy import Backend, PassThrough, RegistryProxy
+from mirrord.pullthrough import PullThrough
 from mirrord.site import build_site
 from mirrord.token import TokenProxy
 from mirrord.upstream import RedirectFollower, UpstreamChain
@@ -26,6 +30,7 @@ from tests.support import images
 from tests.support.fakehub import ByHost, Cdn, HubState, hub_resource
 
 MIRROR = "https://mirror.test"
+DEFAULT_CACHE = CacheConfig()
 
 
 @dataclass
@@ -54,6 +59,7 @@ class MemoryMirror:
         upstreams: tuple[str, ...] = ("http://hub.test",),
         timeouts: Timeouts | None = None,
         max_redirects: int = 5,
+        cache: CacheConfig | None = DEFAULT_CACHE,
     ) -> None:
         self.test = test
         timeouts = timeouts or Timeouts()
@@ -77,17 +83,51 @@ class MemoryMirror:
         self.upstream = RequestTraversalAgent(self.hosts)
         registry = Registry("docker.io", upstreams, "library")
         follower = RedirectFollower(self.upstream, self.clock, timeouts.response, max_redirects)
-        self.chain = UpstreamChain(upstreams, follower, 60.0, self.clock)
+        self.metrics = Metrics()
+        self.chain = UpstreamChain(
+            upstreams,
+            follower,
+            60.0,
+            self.clock,
+            on_rate_limited=lambda u: self.metrics.upstream_429.labels(u).inc(),
+        )
         self.realms = RealmBook()
         config = Config(registries={"docker.io": registry})
+        self.store: BlobStore | None = None
+        backend: Backend
+        if cache is None:
+            backend = PassThrough(self.chain, self.realms, self.clock, timeouts)
+        else:
+            self.store = BlobStore(
+                tmp / "cache",
+                cache.max_size,
+                cache.high_watermark,
+                cache.low_watermark,
+                cache.pinned,
+                now=self.clock.seconds,
+            )
+            self.access = AccessChecks(self.chain, follower, self.clock, cache.auth_ttl)
+            backend = PullThrough(
+                registry,
+                self.chain,
+                self.store,
+                TagStore(tmp / "cache"),
+                self.access,
+                self.realms,
+                self.clock,
+                timeouts,
+                cache,
+                self.metrics,
+            )
         site = build_site(
-            registry_proxy=RegistryProxy(registry, self.chain, self.realms, self.clock, timeouts),
+            registry_proxy=RegistryProxy(registry, backend),
             token_proxy=TokenProxy(
                 registry, self.chain, follower, self.realms, self.clock, timeouts
             ),
             usage=lambda request: render_usage(
-                config, CertificateNote("/x.crt", False, ""), request
+                config, CertificateNote("/x.crt", False, ""), request, self.metrics
             ),
+            metrics=MetricsResource(self.metrics),
             reactor=self.clock,
             client_idle=timeouts.client_idle,
         )

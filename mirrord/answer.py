@@ -1,0 +1,76 @@
+"""Writing an upstream's answer to the client: status, the headers that
+cross, challenges pointed at our ``/token``, and the body relayed."""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
+
+from mirrord import errors
+from mirrord.auth import RealmBook, rewrite_challenges
+from mirrord.config import Timeouts
+from mirrord.headers import client_response_headers
+from mirrord.respond import API_VERSION, client_host, write_error
+from mirrord.streaming import TransferIncomplete, discard_body, relay_body
+from mirrord.upstream import Answer
+
+CACHE_HEADER = b"X-Mirrord-Cache"
+
+
+def note_upstream(request: Request, answer: Answer) -> None:
+    """Tell the access log which upstream answered and how."""
+    record = getattr(request, "access", None)
+    if record is not None:
+        record.upstream = answer.upstream
+        record.redirects = answer.redirects
+        record.fell_back = answer.fell_back
+
+
+def note_cache(request: Request, status: str) -> None:
+    request.setHeader(CACHE_HEADER, status.encode())
+    record = getattr(request, "access", None)
+    if record is not None:
+        record.cache = status
+
+
+def copy_headers(request: Request, answer: Answer, realms: RealmBook) -> None:
+    """Status and the headers a registry client gets to see."""
+    request.setResponseCode(answer.code)
+    for name, values in client_response_headers(answer.headers):
+        request.responseHeaders.setRawHeaders(name, values)
+    request.setHeader(*API_VERSION)
+    challenges = answer.headers.getRawHeaders(b"www-authenticate")
+    if challenges:
+        token_url = f"https://{client_host(request)}/token"
+        request.responseHeaders.setRawHeaders(
+            b"www-authenticate", rewrite_challenges(challenges, realms, token_url)
+        )
+
+
+async def write_answer(
+    request: Request,
+    answer: Answer,
+    realms: RealmBook,
+    clock: IReactorTime,
+    timeouts: Timeouts,
+) -> None:
+    """Pass an upstream answer through to the client, body streamed."""
+    note_upstream(request, answer)
+    if answer.code == 416 and answer.body is None:
+        # distribution 2.8 sends a short body with a whole-blob
+        # Content-Length here: answer for it rather than relay it.
+        discard_body(answer.response)
+        write_error(request, errors.range_invalid(request.getHeader(b"range") or ""))
+        return
+    copy_headers(request, answer, realms)
+    if answer.body is not None:
+        request.setHeader(b"Content-Length", b"%d" % len(answer.body))
+        request.write(answer.body)
+        request.finish()
+        return
+    try:
+        await relay_body(request, answer.response, clock, timeouts)
+    except TransferIncomplete as e:
+        record = getattr(request, "access", None)
+        if record is not None:
+            record.outcome = f"incomplete: {e}"

@@ -1,0 +1,279 @@
+"""The content-addressed store on disk: write while hashing, verify,
+publish; an index of what is there, least recently used first; eviction.
+
+No Twisted here. Layout under the cache root (as distribution lays it out)::
+
+    blobs/sha256/ab/<hex>/data       the bytes, verified against <hex>
+    blobs/sha256/ab/<hex>/meta.json  media type, repository, whether public
+    tags/<registry>/<repository>/<tag>.json   the digest a tag last had
+    tmp/                             fills in progress; emptied at startup
+
+A blob becomes visible only after its length and digest match (temporary
+file, fsync, rename), so unverified bytes never become a hit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_size(text: str | int) -> int:
+    """``"50GiB"``, ``"500MB"``, ``1024`` → bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.fullmatch(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    base = unit[:1]
+    factor = 1024 ** "bkmgt".index(base) if "i" in unit and base else _UNITS[base]
+    return int(number * factor)
+
+
+class DigestMismatch(Exception):
+    """The bytes did not hash to the digest they were fetched for."""
+
+
+@dataclass
+class Meta:
+    """What a blob's answer needs besides its bytes, and who may see it."""
+
+    media_type: str = "application/octet-stream"
+    repository: str = ""
+    public: bool = False
+
+
+@dataclass
+class Entry:
+    digest: str
+    size: int
+    meta: Meta
+    last_access: float
+    readers: int = 0
+
+
+class TempBlob:
+    """A blob being written: bytes go to a temporary file and a hash."""
+
+    def __init__(self, path: Path, algorithm: str) -> None:
+        self.path = path
+        self._file = path.open("wb")
+        self._hash = hashlib.new(algorithm)
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def flush(self) -> None:
+        """Make written bytes visible to readers of the same file."""
+        self._file.flush()
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self.closed = True
+
+    def discard(self) -> None:
+        if not self.closed:
+            self._file.close()
+            self.closed = True
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class BlobStore:
+    """Verified blobs by digest, with a size limit and LRU eviction."""
+
+    root: Path
+    max_size: int
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    pinned: tuple[str, ...] = ()
+    now: Callable[[], float] = time.time
+    entries: dict[str, Entry] = field(default_factory=dict)
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        (self.root / "blobs").mkdir(exist_ok=True)
+
+    def blob_dir(self, digest: str) -> Path:
+        algorithm, hexdigest = digest.split(":", 1)
+        return self.root / "blobs" / algorithm / hexdigest[:2] / hexdigest
+
+    def data_path(self, digest: str) -> Path:
+        return self.blob_dir(digest) / "data"
+
+    def rebuild(self) -> tuple[int, int]:
+        """Index what is on disk; remove interrupted fills. Returns (entries, removed)."""
+        removed = 0
+        for temp in (self.root / "tmp").iterdir():
+            temp.unlink(missing_ok=True)
+            removed += 1
+        self.entries.clear()
+        self.size = 0
+        for data in (self.root / "blobs").glob("*/*/*/data"):
+            hexdigest, algorithm = data.parent.name, data.parent.parent.parent.name
+            digest = f"{algorithm}:{hexdigest}"
+            try:
+                stat = data.stat()
+                meta = Meta(**json.loads((data.parent / "meta.json").read_text()))
+            except (OSError, ValueError, TypeError):
+                # A blob without readable metadata is unusable: drop it.
+                self._remove_files(digest)
+                removed += 1
+                continue
+            self.entries[digest] = Entry(digest, stat.st_size, meta, stat.st_mtime)
+            self.size += stat.st_size
+        return len(self.entries), removed
+
+    def new_temp(self, digest: str) -> TempBlob:
+        algorithm = digest.split(":", 1)[0]
+        return TempBlob(self.root / "tmp" / uuid.uuid4().hex, algorithm)
+
+    def publish(self, temp: TempBlob, digest: str, meta: Meta, size: int | None = None) -> Entry:
+        """Verify ``temp`` against ``digest`` (and ``size``) and move it into place."""
+        expected = digest.split(":", 1)[1]
+        if temp.hexdigest() != expected or (size is not None and temp.size != size):
+            temp.discard()
+            raise DigestMismatch(
+                f"{digest}: received {temp.size} bytes hashing to {temp.hexdigest()[:16]}..."
+            )
+        temp.finish()
+        directory = self.blob_dir(digest)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(directory / "meta.json", json.dumps(asdict(meta)).encode())
+        os.replace(temp.path, directory / "data")
+        previous = self.entries.get(digest)
+        if previous is not None:
+            self.size -= previous.size
+        entry = Entry(digest, temp.size, meta, self.now())
+        if previous is not None:
+            entry.readers = previous.readers
+        self.entries[digest] = entry
+        self.size += entry.size
+        return entry
+
+    def update_meta(self, digest: str, meta: Meta) -> None:
+        entry = self.entries.get(digest)
+        if entry is None:
+            return
+        entry.meta = meta
+        _write_atomically(self.blob_dir(digest) / "meta.json", json.dumps(asdict(meta)).encode())
+
+    def put_bytes(self, digest: str, data: bytes, meta: Meta) -> Entry:
+        temp = self.new_temp(digest)
+        temp.write(data)
+        return self.publish(temp, digest, meta, len(data))
+
+    def get(self, digest: str) -> Entry | None:
+        """The entry for a digest, marked as just used; ``None`` if absent."""
+        entry = self.entries.get(digest)
+        if entry is None:
+            return None
+        if not self.data_path(digest).exists():
+            self._forget(entry)
+            return None
+        entry.last_access = self.now()
+        return entry
+
+    def read(self, digest: str) -> bytes | None:
+        """A small blob's bytes (manifests)."""
+        entry = self.get(digest)
+        if entry is None:
+            return None
+        try:
+            return self.data_path(digest).read_bytes()
+        except OSError:
+            return None
+
+    def is_pinned(self, entry: Entry) -> bool:
+        return any(fnmatch.fnmatchcase(entry.meta.repository, p) for p in self.pinned)
+
+    def evict(self) -> list[str]:
+        """Above the high watermark, remove least recently used blobs until
+        under the low one. Blobs being read and pinned blobs stay."""
+        if self.size <= self.max_size * self.high_watermark:
+            return []
+        target = self.max_size * self.low_watermark
+        removed = []
+        for entry in sorted(self.entries.values(), key=lambda e: e.last_access):
+            if self.size <= target:
+                break
+            if entry.readers or self.is_pinned(entry):
+                continue
+            self._forget(entry)
+            self._remove_files(entry.digest)
+            removed.append(entry.digest)
+        return removed
+
+    def _forget(self, entry: Entry) -> None:
+        if self.entries.pop(entry.digest, None) is not None:
+            self.size -= entry.size
+
+    def _remove_files(self, digest: str) -> None:
+        directory = self.blob_dir(digest)
+        for name in ("data", "meta.json"):
+            (directory / name).unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
+
+
+@dataclass
+class TagRecord:
+    digest: str
+    media_type: str
+    size: int
+    fetched: float
+    public: bool
+
+
+@dataclass
+class TagStore:
+    """The digest each tag last resolved to, for serving stale tags."""
+
+    root: Path
+
+    def _path(self, registry: str, name: str, tag: str) -> Path:
+        return self.root / "tags" / registry / name / f"{tag}.json"
+
+    def get(self, registry: str, name: str, tag: str) -> TagRecord | None:
+        try:
+            return TagRecord(**json.loads(self._path(registry, name, tag).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def put(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
+        path = self._path(registry, name, tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, json.dumps(asdict(record)).encode())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    with temp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
