@@ -177,11 +177,15 @@ def test_unreachable_upstream_is_502(workdir: Path, pki: Pki) -> None:
     """With the only upstream refusing connections, the client gets 502 JSON promptly."""
     mirror = start_mirror(workdir, pki, [f"http://127.0.0.1:{DEAD_PORT}"], "dead")
     try:
-        answer, elapsed = _raw_tls(
+        request = b"GET /v2/library/alpine/manifests/latest HTTP/1.1\r\nHost: x\r\n"
+        answer, elapsed = _raw_tls(mirror, pki, request + b"Connection: close\r\n\r\n")
+        probe, _ = _raw_tls(
             mirror, pki, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
     finally:
         mirror.stop()
+    # The /v2/ probe is answered locally so cached content stays reachable.
+    assert probe.startswith(b"HTTP/1.1 200 "), probe[:200]
     assert answer.startswith(b"HTTP/1.1 502 "), answer[:200]
     assert b'"UNAVAILABLE"' in answer
     assert elapsed < 5
