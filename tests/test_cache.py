@@ -1,0 +1,351 @@
+"""The pull-through cache in memory: one fill per blob, followers, corrupt
+upstreams, restarts, stale tags, revalidation, eviction, privacy, metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from mirrord.cache import BlobStore, Meta, parse_size
+from mirrord.config import CacheConfig
+from tests.support.images import OCI_MANIFEST
+from tests.support.memory import MemoryMirror
+
+ACCEPT = {"Accept": [OCI_MANIFEST]}
+
+
+class PacedBlobs(Resource):
+    """Serves blobs by digest; can stop after ``hold_at`` bytes until released,
+    or send corrupt bytes. Counts GETs."""
+
+    isLeaf = True
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        super().__init__()
+        self.blobs = blobs
+        self.gets = 0
+        self.hold_at: int | None = None
+        self.corrupt = False
+        self.held: list[tuple[Request, bytes]] = []
+
+    def render_GET(self, request: Request) -> bytes | int:
+        self.gets += 1
+        digest = request.path.decode().rsplit("/", 1)[-1]
+        data = self.blobs[digest]
+        if self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        request.setHeader(b"content-length", b"%d" % len(data))
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if self.hold_at is None:
+            return data
+        request.write(data[: self.hold_at])
+        self.held.append((request, data[self.hold_at :]))
+        return NOT_DONE_YET
+
+    def release(self) -> None:
+        for request, rest in self.held:
+            if not request._disconnected:
+                request.write(rest)
+                request.finish()
+        self.held.clear()
+
+
+class Collector(Protocol):
+    """Reads a response body; can hang up after the first chunk."""
+
+    def __init__(self, hang_up: bool = False) -> None:
+        self.data = b""
+        self.hang_up = hang_up
+        self.reason = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.hang_up:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class BlobFillTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp())
+        self.data = os.urandom(600_000)
+        self.digest = _digest(self.data)
+        self.mirror = MemoryMirror(self, self.tmp, upstreams=("http://paced.test",))
+        self.upstream = PacedBlobs({self.digest: self.data})
+        self.mirror.add_host(b"paced.test", self.upstream)
+        self.path = f"/v2/library/x/blobs/{self.digest}"
+
+    def start(self, hang_up: bool = False) -> tuple[object, Collector]:
+        d = self.mirror.client.get("https://mirror.test" + self.path)
+        collector = Collector(hang_up)
+        d.addCallback(lambda response: (response.deliverBody(collector), response)[1])
+        return d, collector
+
+    def test_concurrent_clients_make_one_upstream_fetch(self) -> None:
+        """16 concurrent clients of one uncached blob: one upstream GET, all get the bytes."""
+        self.upstream.hold_at = 50_000  # keep the fill running while they arrive
+        clients = [self.start() for _ in range(16)]
+        self.mirror.settle()
+        self.upstream.release()
+        self.mirror.settle()
+        self.assertEqual(self.upstream.gets, 1)
+        statuses = []
+        for d, collector in clients:
+            response = self.successResultOf(d)
+            statuses.append(response.headers.getRawHeaders(b"x-mirrord-cache")[0])
+            self.assertEqual(collector.data, self.data)
+        self.assertEqual(statuses.count(b"MISS"), 1)
+        self.assertEqual(statuses.count(b"COALESCED"), 15)
+        self.assertEqual(
+            self.mirror.metrics.value("mirrord_cache_results_total", result="COALESCED"), 15
+        )
+
+    def test_late_client_gets_whole_blob(self) -> None:
+        """A client arriving mid-fill gets the bytes already on disk, then the rest."""
+        self.upstream.hold_at = 200_000
+        _, first_body = self.start()
+        self.mirror.settle()
+        self.assertEqual(len(first_body.data), 200_000)
+        _, late_body = self.start()
+        self.mirror.settle()
+        self.assertEqual(len(late_body.data), 200_000, "the late client was not served from disk")
+        self.upstream.release()
+        self.mirror.settle()
+        self.assertEqual(first_body.data, self.data)
+        self.assertEqual(late_body.data, self.data)
+        self.assertEqual(self.upstream.gets, 1)
+
+    def test_last_byte_waits_for_verification(self) -> None:
+        """While a fill is unverified, a follower never has the whole blob."""
+        self.upstream.hold_at = len(self.data) - 1
+        _, body = self.start()
+        self.mirror.settle()
+        self.assertEqual(len(body.data), len(self.data) - 1)
+        self.upstream.release()
+        self.mirror.settle()
+        self.assertEqual(body.data, self.data)
+
+    def test_first_client_leaving_does_not_hurt_others(self) -> None:
+        """The client that started the fill hangs up; the others and the cache still get it all."""
+        self.upstream.hold_at = 100_000
+        _, quitter = self.start(hang_up=True)
+        self.mirror.settle()
+        _, stayer = self.start()
+        self.mirror.settle()
+        self.assertIsNotNone(quitter.reason)
+        self.upstream.release()
+        self.mirror.settle()
+        self.assertEqual(stayer.data, self.data)
+        reply = self.mirror.get(self.path)
+        self.assertEqual(reply.header("x-mirrord-cache"), "HIT")
+        self.assertEqual(self.upstream.gets, 1)
+
+    def test_fill_completes_when_every_reader_leaves(self) -> None:
+        """With nobody reading, the fill still completes so the retry is a hit."""
+        self.upstream.hold_at = 100_000
+        self.start(hang_up=True)
+        self.mirror.settle()
+        self.upstream.release()
+        self.mirror.settle()
+        reply = self.mirror.get(self.path)
+        self.assertEqual((reply.code, reply.header("x-mirrord-cache")), (200, "HIT"))
+        self.assertEqual(reply.body, self.data)
+
+    def test_corrupt_upstream_is_never_cached_or_served_whole(self) -> None:
+        """Wrong bytes abort the client before its last byte, are not cached, and are refetched."""
+        self.upstream.corrupt = True
+        self.upstream.hold_at = 100_000
+        _, body = self.start()
+        self.mirror.settle()
+        self.assertEqual(len(body.data), 100_000)
+        self.upstream.release()
+        self.mirror.settle()
+        self.assertLess(len(body.data), len(self.data))
+        self.assertIsNotNone(body.reason)
+        self.assertIsNone(self.mirror.store.get(self.digest))
+        self.assertEqual(self.mirror.metrics.value("mirrord_digest_mismatches_total"), 1)
+        self.upstream.corrupt, self.upstream.hold_at = False, None
+        reply = self.mirror.get(self.path)
+        self.assertEqual(reply.body, self.data)
+        self.assertEqual(self.upstream.gets, 2)
+
+    def test_hit_serves_ranges_and_head(self) -> None:
+        """A cached blob answers HEAD, a Range with 206, and an unsatisfiable Range with 416."""
+        self.mirror.get(self.path)
+        head = self.mirror.request("HEAD", self.path)
+        self.assertEqual(head.code, 200)
+        self.assertEqual(head.header("content-length"), str(len(self.data)))
+        self.assertEqual(head.header("docker-content-digest"), self.digest)
+        part = self.mirror.get(self.path, {"Range": "bytes=100-199"})
+        self.assertEqual(part.code, 206)
+        self.assertEqual(part.body, self.data[100:200])
+        self.assertEqual(part.header("content-range"), f"bytes 100-199/{len(self.data)}")
+        tail = self.mirror.get(self.path, {"Range": "bytes=-10"})
+        self.assertEqual(tail.body, self.data[-10:])
+        beyond = self.mirror.get(self.path, {"Range": f"bytes={len(self.data)}-"})
+        self.assertEqual(beyond.code, 416)
+        self.assertEqual(self.upstream.gets, 1)
+
+    def test_restart_removes_temporaries_and_keeps_hits(self) -> None:
+        """After a restart, interrupted fills are gone and cached blobs are still hits."""
+        self.mirror.get(self.path)
+        (self.tmp / "cache" / "tmp" / "interrupted").write_bytes(b"half a blob")
+        store = BlobStore(self.tmp / "cache", parse_size("1GiB"))
+        entries, removed = store.rebuild()
+        self.assertEqual((entries, removed), (1, 1))
+        self.assertFalse((self.tmp / "cache" / "tmp" / "interrupted").exists())
+        restarted = MemoryMirror(self, self.tmp, upstreams=("http://paced.test",))
+        restarted.add_host(b"paced.test", self.upstream)
+        restarted.store.rebuild()
+        reply = restarted.get(self.path)
+        self.assertEqual((reply.header("x-mirrord-cache"), reply.body), ("HIT", self.data))
+        self.assertEqual(self.upstream.gets, 1)
+
+
+class EvictionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.now = [1000.0]
+        self.store = BlobStore(
+            Path(tempfile.mkdtemp()), 1000, 0.9, 0.5, ("pinned/*",), now=lambda: self.now[0]
+        )
+
+    def put(self, size: int, repository: str = "r") -> str:
+        data = os.urandom(size)
+        digest = _digest(data)
+        self.store.put_bytes(digest, data, Meta(repository=repository))
+        self.now[0] += 1
+        return digest
+
+    def test_lru_eviction_under_the_limit(self) -> None:
+        """Past the high watermark the least recently used go until under the low one."""
+        old, middle, recent = self.put(300), self.put(300), self.put(300)
+        self.store.get(old)  # used again: now the most recent
+        newest = self.put(200)
+        removed = self.store.evict()
+        self.assertEqual(removed, [middle, recent])
+        self.assertLessEqual(self.store.size, 500)
+        self.assertIsNotNone(self.store.get(old))
+        self.assertIsNotNone(self.store.get(newest))
+        self.assertFalse(self.store.data_path(middle).exists())
+
+    def test_blob_being_read_and_pinned_blobs_stay(self) -> None:
+        reading, pinned = self.put(400), self.put(400, "pinned/app")
+        self.store.entries[reading].readers = 1
+        self.put(300)
+        self.store.evict()
+        self.assertIsNotNone(self.store.get(reading))
+        self.assertIsNotNone(self.store.get(pinned))
+
+    def test_sizes(self) -> None:
+        self.assertEqual(parse_size("50GiB"), 50 << 30)
+        self.assertEqual(parse_size("2MB"), 2_000_000)
+        self.assertRaises(ValueError, parse_size, "lots")
+
+
+class ManifestCacheTests(SynchronousTestCase):
+    """Manifests against the fake Hub (tokens, rate limits) with a fallback."""
+
+    def setUp(self) -> None:
+        self.mirror = MemoryMirror(
+            self,
+            Path(tempfile.mkdtemp()),
+            cache=CacheConfig(stale_max_age=3600),
+        )
+        self.hub = self.mirror.hub
+        self.path = "/v2/library/alpine/manifests/latest"
+
+    def pull(self, name: str = "library/alpine", auth=None, path: str | None = None):
+        headers = {**ACCEPT, **self.mirror.pull_headers(name, auth=auth)}
+        return self.mirror.get(path or self.path, headers), headers
+
+    def test_revalidation_by_head_saves_gets(self) -> None:
+        """The second pull of a tag costs a HEAD, not a GET, and is a hit."""
+        first, _ = self.pull()
+        self.assertEqual(first.header("x-mirrord-cache"), "MISS")
+        heads = self.hub.counts["HEAD manifests"]
+        second, _ = self.pull()
+        self.assertEqual(second.header("x-mirrord-cache"), "HIT")
+        self.assertEqual(second.body, first.body)
+        self.assertEqual(self.hub.counts["GET manifests"], 1)
+        self.assertEqual(self.hub.counts["HEAD manifests"], heads + 1)
+
+    def test_head_on_cached_manifest(self) -> None:
+        """HEAD on a cached manifest by digest gives its true length, type and digest."""
+        first, headers = self.pull()
+        digest = first.header("docker-content-digest")
+        head = self.mirror.request("HEAD", f"/v2/library/alpine/manifests/{digest}", headers)
+        self.assertEqual(head.header("x-mirrord-cache"), "HIT")
+        self.assertEqual(head.header("content-length"), str(len(first.body)))
+        self.assertEqual(head.header("content-type"), OCI_MANIFEST)
+        self.assertEqual(head.header("docker-content-digest"), digest)
+
+    def test_stale_during_rate_limit_and_outage(self) -> None:
+        """When the chain answers 429 or 503 the cached tag is served, marked STALE."""
+        first, headers = self.pull()
+        self.hub.ratelimit = True
+        self.hub.outage = True
+        stale = self.mirror.get(self.path, headers)
+        self.assertEqual((stale.code, stale.header("x-mirrord-cache")), (200, "STALE"))
+        self.assertEqual(stale.body, first.body)
+        self.assertEqual(self.mirror.get("/v2/").code, 200)
+
+    def test_stale_has_an_age_limit(self) -> None:
+        _, headers = self.pull()
+        self.hub.outage = True
+        self.mirror.clock.advance(3601)
+        self.assertEqual(self.mirror.get(self.path, headers).code, 503)
+
+    def test_private_content_needs_accepted_credentials(self) -> None:
+        """An anonymous client gets 401 for a cached private manifest and blob; alice gets hits."""
+        path = "/v2/alice/private/manifests/latest"
+        first, alice = self.pull("alice/private", auth=("alice", "secret"), path=path)
+        self.assertEqual(first.code, 200)
+        blob = next(
+            d for d in self.mirror.private.blobs if d != self.mirror.private.manifest_digest
+        )
+        blob_path = f"/v2/alice/private/blobs/{blob}"
+        self.assertEqual(self.mirror.get(blob_path, alice).code, 200)
+        digest_path = f"/v2/alice/private/manifests/{first.header('docker-content-digest')}"
+        anonymous = {**ACCEPT, **self.mirror.pull_headers("alice/private")}
+        for p in (path, digest_path, blob_path):
+            with self.subTest(path=p):
+                self.assertEqual(self.mirror.get(p, anonymous).code, 401)
+                self.assertEqual(self.mirror.get(p).code, 401)
+        self.assertEqual(self.mirror.get(digest_path, alice).header("x-mirrord-cache"), "HIT")
+        self.assertEqual(self.mirror.get(blob_path, alice).header("x-mirrord-cache"), "HIT")
+
+    def test_public_content_served_without_credentials(self) -> None:
+        """A public repository's cached blob is a hit even for a client with no token."""
+        self.pull()
+        blob = next(d for d in self.mirror.alpine.blobs if d != self.mirror.alpine.manifest_digest)
+        path = f"/v2/library/alpine/blobs/{blob}"
+        _, headers = self.pull()
+        self.assertEqual(self.mirror.get(path, headers).header("x-mirrord-cache"), "MISS")
+        self.hub.outage = True
+        reply = self.mirror.get(path)
+        self.assertEqual((reply.code, reply.header("x-mirrord-cache")), (200, "HIT"))
+
+    def test_metrics(self) -> None:
+        """/metrics exports hits, misses, bytes, 429s and Hub's remaining quota."""
+        self.pull()
+        self.pull()
+        text = self.mirror.get("/metrics").body.decode()
+        self.assertIn('mirrord_cache_results_total{result="HIT"} 1.0', text)
+        self.assertIn('mirrord_cache_results_total{result="MISS"} 1.0', text)
+        self.assertIn('mirrord_upstream_ratelimit_remaining{upstream="http://hub.test"} 99.0', text)
+        self.assertIn("mirrord_cache_entries 1.0", text)
+        page = self.mirror.get("/").body.decode()
+        self.assertIn("mirrord_cache_results_total{result=HIT}", page)
