@@ -61,6 +61,7 @@ http {{
   default_type application/octet-stream;
   server {{
     listen 127.0.0.1:{upstream};
+    access_log {work}/upstream-access.log;
     {registry_locations}
   }}
   server {{
@@ -172,13 +173,11 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--concurrent-size-mib", type=int, default=256)
-    parser.add_argument("--wrk-seconds", type=int, default=8)
-    parser.add_argument("--rows", default="direct,seed,tuned,mirrord")
-    parser.add_argument("--only-single", action="store_true")
+    parser.add_argument("--load-seconds", type=int, default=8)
     args = parser.parse_args()
-    for tool in ("nginx", "curl", "wrk"):
+    for tool in ("nginx", "curl", "wrk", "ab"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            sys.exit(f"bench needs {tool}: apt-get install nginx-light curl wrk")
+            sys.exit(f"bench needs {tool}: apt-get install nginx-light curl wrk apache2-utils")
 
     data = HERE / ".data"
     data.mkdir(exist_ok=True)
@@ -215,6 +214,7 @@ def main() -> None:
         ports["upstream"],
         work / "nginx.log",
     ).start()
+    state = work / "state"
     mirror = Process(
         "mirrord",
         [
@@ -231,88 +231,113 @@ def main() -> None:
             "--key",
             str(pki.privkey),
             "--state-dir",
-            str(work / "state"),
+            str(state),
             "--upstream",
             f"http://127.0.0.1:{ports['upstream']}",
         ],
         ports["mirrord"],
         work / "mirrord.log",
     ).start()
-    rows = []
+    cache_blobs = state / "cache" / "blobs"
+
+    def url(name: str, path: str) -> str:
+        port = ports["mirrord" if name.startswith("mirrord") else name]
+        return f"https://127.0.0.1:{port}{path}"
+
+    def upstream_fetches(digest: str) -> int:
+        log = work / "upstream-access.log"
+        return sum(f"GET /v2/library/bench/blobs/{digest}" in line for line in log.open())
+
     try:
-        path = f"/v2/library/bench/blobs/{big}"
-        results = {}
-        for name in args.rows.split(","):
-            url = f"https://127.0.0.1:{ports[name]}{path}"
-            curl(url, pki.ca)  # warm the page cache and connections
+        blob_path = f"/v2/library/bench/blobs/{big}"
+        single: dict[str, tuple[float, float | None]] = {}
+        for name in ("direct", "seed", "tuned", "mirrord cold", "mirrord warm"):
+            cold = name == "mirrord cold"
+            if not cold:
+                curl(url(name, blob_path), pki.ca)  # warm page cache, connections, the cache
             speeds, cpu = [], 0.0
             for _ in range(args.runs):
+                if cold:
+                    shutil.rmtree(cache_blobs, ignore_errors=True)
                 before = cpu_seconds(mirror.pid)
-                speed, size = curl(url, pki.ca)
+                speed, size = curl(url(name, blob_path), pki.ca)
                 cpu += cpu_seconds(mirror.pid) - before
                 assert size == args.size_mib << 20
                 speeds.append(speed)
-            results[name] = (statistics.median(speeds), cpu / args.runs / (size / GIB))
-        mirror_single_rss = mirror.peak_rss_kib()
-        if args.only_single:
-            print({k: (round(v[0] / 1e6), round(v[1], 2)) for k, v in results.items()})
-            return
+            is_mirror = name.startswith("mirrord")
+            single[name] = (
+                statistics.median(speeds),
+                cpu / args.runs / (size / GIB) if is_mirror else None,
+            )
+        rss_single = mirror.peak_rss_kib()
 
-        def concurrent(port: int) -> float:
-            url = f"https://127.0.0.1:{port}/v2/library/bench/blobs/{mid}"
+        def concurrent(name: str) -> tuple[float, int]:
+            target = url(name, f"/v2/library/bench/blobs/{mid}")
+            if name == "mirrord cold":
+                shutil.rmtree(cache_blobs, ignore_errors=True)
+            fetched = upstream_fetches(mid)
             started = time.monotonic()
             with ThreadPoolExecutor(args.concurrent) as pool:
-                sizes = list(pool.map(lambda _: curl(url, pki.ca)[1], range(args.concurrent)))
+                sizes = list(pool.map(lambda _: curl(target, pki.ca)[1], range(args.concurrent)))
             assert all(s == args.concurrent_size_mib << 20 for s in sizes)
-            return time.monotonic() - started
+            return time.monotonic() - started, upstream_fetches(mid) - fetched
 
-        conc = {name: concurrent(ports[name]) for name in ("seed", "tuned", "mirrord")}
-        mirror_rss = mirror.peak_rss_kib()
-        manifest_path = "/v2/library/bench/manifests/latest"
-        rps = {
+        conc = {name: concurrent(name) for name in ("seed", "tuned", "mirrord cold")}
+        rss_concurrent = mirror.peak_rss_kib()
+        tag_path = "/v2/library/bench/manifests/latest"
+        digest_path = f"/v2/library/bench/manifests/{manifest_digest}"
+        curl(url("mirrord", tag_path), pki.ca)  # cache the manifest
+        rates = {
             name: (
-                ab_head(f"https://127.0.0.1:{ports[name]}{manifest_path}", args.wrk_seconds),
-                wrk_get(f"https://127.0.0.1:{ports[name]}{manifest_path}", args.wrk_seconds),
+                ab_head(url(name, tag_path), args.load_seconds),
+                wrk_get(url(name, tag_path), args.load_seconds),
             )
             for name in ("direct", "seed", "tuned", "mirrord")
         }
+        rates["mirrord, by digest"] = (
+            ab_head(url("mirrord", digest_path), args.load_seconds),
+            wrk_get(url("mirrord", digest_path), args.load_seconds),
+        )
     finally:
         mirror.stop()
         os.kill(nginx.pid, signal.SIGQUIT)
         nginx.proc.wait(10)
 
-    tuned = results["tuned"][0]
     labels = {
         "direct": "client straight to upstream over TLS (nginx)",
         "seed": "nginx as the seed configures it (`proxy_buffering off`)",
         "tuned": "nginx tuned (`proxy_buffer_size 256k`)",
-        "mirrord": "mirrord",
+        "mirrord cold": "mirrord, cold (miss: fetch, verify, store while streaming)",
+        "mirrord warm": "mirrord, warm (hit: from its cache)",
+        "mirrord": "mirrord (HEAD revalidates the tag upstream)",
+        "mirrord, by digest": "mirrord, by digest (from its cache)",
     }
-    rows.append(
-        f"| path | {args.size_mib} MiB single stream MB/s | vs tuned nginx | mirrord CPU s/GiB |"
-    )
-    rows.append("|---|---|---|---|")
-    for name, (speed, cpu) in results.items():
-        cpu_text = f"{cpu:.2f}" if name == "mirrord" else "-"
+    tuned = single["tuned"][0]
+    rows = [
+        f"| {args.size_mib} MiB blob, one client | MB/s | vs tuned nginx | mirrord CPU s/GiB |",
+        "|---|---|---|---|",
+    ]
+    for name, (speed, cpu) in single.items():
+        cpu_text = "-" if cpu is None else f"{cpu:.2f}"
         rows.append(f"| {labels[name]} | {speed / 1e6:.0f} | {speed / tuned:.2f}x | {cpu_text} |")
-    rows.append("")
-    rows.append(
-        f"| {args.concurrent} concurrent clients x {args.concurrent_size_mib} MiB"
-        " | wall s | aggregate MB/s |"
-    )
-    rows.append("|---|---|---|")
     total = args.concurrent * (args.concurrent_size_mib << 20)
-    for name, seconds in conc.items():
-        rows.append(f"| {labels[name]} | {seconds:.1f} | {total / seconds / 1e6:.0f} |")
-    rows.append("")
-    rows.append(
-        f"mirrord peak RSS: {mirror_single_rss / 1024:.0f} MiB after the single streams, "
-        f"{mirror_rss / 1024:.0f} MiB after the {args.concurrent} concurrent clients."
-    )
-    rows.append("")
-    rows.append("| manifest over TLS, 32 keep-alive connections | HEAD/s (ab -i) | GET/s (wrk) |")
-    rows.append("|---|---|---|")
-    for name, (head, get) in rps.items():
+    rows += [
+        "",
+        f"| {args.concurrent} concurrent clients x {args.concurrent_size_mib} MiB (one blob)"
+        " | wall s | aggregate MB/s | upstream fetches |",
+        "|---|---|---|---|",
+    ]
+    for name, (seconds, fetches) in conc.items():
+        rows.append(f"| {labels[name]} | {seconds:.1f} | {total / seconds / 1e6:.0f} | {fetches} |")
+    rows += [
+        "",
+        f"mirrord peak RSS: {rss_single / 1024:.0f} MiB after the single streams, "
+        f"{rss_concurrent / 1024:.0f} MiB after the {args.concurrent} concurrent clients.",
+        "",
+        "| manifest over TLS, 32 keep-alive connections | HEAD/s (ab -i) | GET/s (wrk) |",
+        "|---|---|---|",
+    ]
+    for name, (head, get) in rates.items():
         rows.append(f"| {labels[name]} | {head:.0f} | {get:.0f} |")
     table = "\n".join(rows)
     print(table)

@@ -60,6 +60,7 @@ class Fill(Protocol):
         self.temp = store.new_temp(digest)
         self.written = 0
         self.entry: Entry | None = None
+        self.verified = False
         self.error: str | None = None
         self.readers = 0
         self.done: Deferred[Entry] = Deferred()
@@ -82,7 +83,6 @@ class Fill(Protocol):
         if self.finished:
             return
         self.temp.write(data)
-        self.temp.flush()
         self.written += len(data)
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._body_idle)
@@ -95,6 +95,11 @@ class Fill(Protocol):
         if not reason.check(ResponseDone, PotentialDataLoss):
             self._fail(f"upstream body failed: {reason.value!r}")
             return
+        if self.temp.matches(self.digest, self.expected_size):
+            # Readers may send their last byte now; publishing (fsync,
+            # rename) follows and does not change a byte.
+            self.verified = True
+            self._wake()
         try:
             self.entry = self.store.publish(self.temp, self.digest, self.meta, self.expected_size)
         except DigestMismatch as e:
@@ -187,13 +192,13 @@ class FileStreamer:
         return self.done
 
     def _known_end(self) -> int | None:
-        if self._end is None and self._fill is not None and self._fill.entry is not None:
-            return self._fill.entry.size
+        if self._end is None and self._fill is not None and self._fill.verified:
+            return self._fill.written
         return self._end
 
     def _readable_end(self) -> int:
         fill, end = self._fill, self._known_end()
-        if fill is None or fill.entry is not None:
+        if fill is None or fill.verified:
             assert end is not None
             return end
         if end is None:

@@ -349,3 +349,22 @@ class ManifestCacheTests(SynchronousTestCase):
         self.assertIn("mirrord_cache_entries 1.0", text)
         page = self.mirror.get("/").body.decode()
         self.assertIn("mirrord_cache_results_total{result=HIT}", page)
+
+
+class RestartOrderTests(SynchronousTestCase):
+    def test_access_order_survives_restart(self) -> None:
+        """A blob used again outlives an untouched one in eviction, across a restart."""
+        now = [1_000_000.0]
+        root = Path(tempfile.mkdtemp())
+        store = BlobStore(root, 1000, 0.9, 0.8, now=lambda: now[0])
+        first, second = os.urandom(400), os.urandom(400)
+        store.put_bytes(_digest(first), first, Meta())
+        now[0] += 10
+        store.put_bytes(_digest(second), second, Meta())
+        now[0] += 7200
+        store.get(_digest(first))
+        now[0] += 10
+        restarted = BlobStore(root, 1000, 0.9, 0.8, now=lambda: now[0])
+        restarted.rebuild()
+        restarted.put_bytes(_digest(b"x" * 300), b"x" * 300, Meta())
+        self.assertEqual(restarted.evict(), [_digest(second)])
