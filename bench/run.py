@@ -174,6 +174,9 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--concurrent-size-mib", type=int, default=256)
     parser.add_argument("--load-seconds", type=int, default=8)
+    parser.add_argument(
+        "--single-only", action="store_true", help="only the single-stream rows (quick)"
+    )
     args = parser.parse_args()
     for tool in ("nginx", "curl", "wrk", "ab"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -270,6 +273,10 @@ def main() -> None:
                 cpu / args.runs / (size / GIB) if is_mirror else None,
             )
         rss_single = mirror.peak_rss_kib()
+        if args.single_only:
+            for name, (speed, cpu) in single.items():
+                print(f"{name}: {speed / 1e6:.0f} MB/s cpu={cpu}")
+            return
 
         def concurrent(name: str) -> tuple[float, int]:
             target = url(name, f"/v2/library/bench/blobs/{mid}")

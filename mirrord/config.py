@@ -77,6 +77,7 @@ class Config:
     max_redirects: int = 5
     rate_limit_seconds: float = 60.0
     pool_size: int = 16
+    grace_period: float = 30.0
     default_registry: str = DOCKER_HUB
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -98,6 +99,7 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "max_redirects": int,
     "rate_limit_seconds": (int, float),
     "pool_size": int,
+    "grace_period": (int, float),
     "default_registry": str,
     "timeouts": dict,
     "cache": dict,

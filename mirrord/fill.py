@@ -32,7 +32,9 @@ from mirrord.streaming import abort_client
 
 log = Logger()
 
-READ_CHUNK = 1 << 20
+# Measured (bench/): 2 MiB reads from the page cache per write to the
+# client beat 1 MiB by about 10 % and 4 MiB by nothing.
+READ_CHUNK = 2 << 20
 
 
 class FillFailed(Exception):

@@ -1,13 +1,21 @@
-"""The daemon's lifecycle: listeners up on start; on stop, listeners down
-and the upstream connection pool closed."""
+"""The daemon's lifecycle: listen, tell systemd, reload on SIGHUP, and on
+SIGTERM stop accepting, let transfers finish within a grace period, exit 0.
+"""
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
+from typing import Any
+
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
+
+from mirrord.site import MirrordSite
+from mirrord.systemd import notify
 
 log = Logger()
 
@@ -15,9 +23,20 @@ log = Logger()
 class MirrordService(MultiService):
     """Owns the connection pool; the listeners are its child services."""
 
-    def __init__(self, pool: HTTPConnectionPool) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        pool: HTTPConnectionPool,
+        site: MirrordSite,
+        grace_period: float,
+        reload: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__()
+        self.reactor = reactor
         self.pool = pool
+        self.site = site
+        self.grace_period = grace_period
+        self.reload = reload
 
     def privilegedStartService(self) -> None:
         # Listeners bind here, before the reactor runs (and before privileges
@@ -29,7 +48,68 @@ class MirrordService(MultiService):
                 f"mirrord: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
             ) from None
 
+    def startService(self) -> None:
+        super().startService()
+        self._install_signal_handlers()
+        notify("READY=1")
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop gracefully (twistd's own handler would make
+        the process die by the signal); SIGHUP reloads."""
+        if not hasattr(self.reactor, "callFromThread"):
+            return
+
+        def stop(signum: int, frame: object) -> None:
+            log.info("received signal {signal}: stopping gracefully", signal=signum)
+            self.reactor.callFromThread(self.reactor.stop)
+
+        def reload(signum: int, frame: object) -> None:
+            self.reactor.callFromThread(self._reload)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _reload(self) -> None:
+        notify("RELOADING=1")
+        try:
+            self.reload()
+        finally:
+            notify("READY=1")
+
     def stopService(self) -> Deferred[None]:
-        d = super().stopService()
+        notify("STOPPING=1")
+        listeners = super().stopService()  # stop accepting connections
+        d = DeferredList([listeners, self._drained()], consumeErrors=True)
         d.addBoth(lambda _: self.pool.closeCachedConnections())
         return d
+
+    def _drained(self) -> Deferred[None]:
+        """Fires when no request is in flight, or when the grace period ends."""
+        done: Deferred[None] = Deferred()
+        active = len(self.site.active)
+        if active:
+            log.info(
+                "waiting up to {grace}s for {active} requests in flight",
+                grace=self.grace_period,
+                active=active,
+            )
+        timer = self.reactor.callLater(self.grace_period, self._give_up, done)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        self.site.when_idle().addCallback(finished)
+        return done
+
+    def _give_up(self, done: Deferred[None]) -> None:
+        log.warn("grace period over: cutting {active} transfers", active=len(self.site.active))
+        for request in list(self.site.active):
+            transport = request.channel.transport if request.channel else None
+            if transport is not None:
+                transport.abortConnection()
+        if not done.called:
+            done.callback(None)

@@ -8,7 +8,9 @@ Everything else is a registry-style 404 so clients always get JSON.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -23,12 +25,16 @@ class MirrordRequest(Request):
     """A request that carries what the access event needs."""
 
     def process(self) -> None:
-        clock: IReactorTime = self.channel.site.reactor
+        site = self.channel.site
+        clock: IReactorTime = site.reactor
         self.access = accesslog.AccessRecord(started=clock.seconds())
+        self._site = site
+        site.began(self)
         self.notifyFinish().addBoth(self._log_access, clock)
         super().process()
 
     def _log_access(self, result: object, clock: IReactorTime) -> None:
+        self._site.ended(self)
         if result is not None:
             self.access.outcome = "client disconnected"
         accesslog.emit(
@@ -65,6 +71,29 @@ class MirrordSite(Site):
 
     requestFactory = MirrordRequest
     protocol = MirrordChannel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.active: set[Request] = set()
+        self._idle_waiters: list[Deferred[None]] = []
+
+    def began(self, request: Request) -> None:
+        self.active.add(request)
+
+    def ended(self, request: Request) -> None:
+        self.active.discard(request)
+        if not self.active:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no request is in flight (for a graceful stop)."""
+        if not self.active:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
 
     def log(self, request: Request) -> None:
         # MirrordRequest logs itself, including requests that never finish.

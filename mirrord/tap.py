@@ -4,6 +4,7 @@ are wired together into a running service."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +74,20 @@ class Options(usage.Options):
 
     opt_u = opt_upstream
 
+    def load(self) -> Config:
+        """The configuration file with this command line's overrides on top."""
+        return configuration.with_overrides(
+            configuration.load(self["config"]),
+            listen=self["listen"],
+            cert=self["cert"],
+            key=self["key"],
+            state_dir=self["state-dir"],
+            upstreams=self["upstream"],
+        )
+
     def postOptions(self) -> None:
         try:
-            loaded = configuration.load(self["config"])
-            self["mirrord"] = configuration.with_overrides(
-                loaded,
-                listen=self["listen"],
-                cert=self["cert"],
-                key=self["key"],
-                state_dir=self["state-dir"],
-                upstreams=self["upstream"],
-            )
+            self["mirrord"] = self.load()
         except ConfigError as e:
             # A configuration problem is one line naming the key and file;
             # twistd's usage text (which UsageError prints) would bury it.
@@ -156,7 +160,47 @@ def build_backend(
     )
 
 
-def build_service(config: Config, reactor: Any) -> MirrordService:
+RESTART_ONLY = ("listen", "state_dir", "cache", "pool_size", "default_registry", "registries")
+
+
+def reloader(
+    load: Callable[[], Config], running: Config, server_tls: ServerTLS, chain: UpstreamChain
+) -> Callable[[], None]:
+    """SIGHUP: re-read the configuration and the certificate files. New
+    connections get the new certificate; transfers in progress are not
+    touched. Anything broken keeps the running setup and says what."""
+    current = [running]
+
+    def reload() -> None:
+        try:
+            config = load()
+            cert, key, _ = certificate(config)
+            context = make_context(cert, key, config.tls_min_version, config.tls_ciphers)
+        except (ConfigError, CertificateError, OSError, ValueError) as e:
+            log.error("reload failed, still running the previous setup: {error}", error=str(e))
+            return
+        server_tls.context = context
+        chain.set_urls(config.default.upstreams)
+        for key_name in RESTART_ONLY:
+            if key_name == "registries":
+                changed = config.registries.keys() != current[0].registries.keys()
+            else:
+                changed = getattr(config, key_name) != getattr(current[0], key_name)
+            if changed:
+                log.warn("{key} changed: takes effect on restart", key=key_name)
+        current[0] = config
+        log.info(
+            "reloaded: certificate {cert}, upstreams {upstreams}",
+            cert=str(cert),
+            upstreams=", ".join(config.default.upstreams),
+        )
+
+    return reload
+
+
+def build_service(
+    config: Config, reactor: Any, load: Callable[[], Config] | None = None
+) -> MirrordService:
     """Wire configuration, TLS, upstreams and resources into one service."""
     cert, key, note = certificate(config)
     server_tls = ServerTLS(make_context(cert, key, config.tls_min_version, config.tls_ciphers))
@@ -186,7 +230,8 @@ def build_service(config: Config, reactor: Any) -> MirrordService:
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
     )
-    service = MirrordService(pool)
+    reload = reloader(load or (lambda: config), config, server_tls, chain)
+    service = MirrordService(reactor, pool, site, config.grace_period, reload)
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))
         listener = StreamServerEndpointService(
@@ -208,7 +253,7 @@ def makeService(options: Options) -> MirrordService:
     from twisted.internet import reactor
 
     try:
-        return build_service(options["mirrord"], reactor)
+        return build_service(options["mirrord"], reactor, options.load)
     except (CertificateError, ConfigError, OSError, ValueError) as e:
         # A startup problem is the operator's to fix: say what, not where in
         # our code.

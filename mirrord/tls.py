@@ -46,7 +46,9 @@ def make_context(cert: Path, key: Path, min_version: str, ciphers: str) -> SSL.C
         ctx.set_cipher_list(ciphers.encode("ascii"))
     except (SSL.Error, UnicodeEncodeError) as e:
         raise CertificateError(f"tls_ciphers {ciphers!r} selects no usable cipher: {e}") from None
-    ctx.set_alpn_select_callback(_select_http11)
+    # No ALPN callback: HTTP/1.1 is what a client gets when the server names
+    # no protocol, and an OpenSSL callback would need writable+executable
+    # memory, which the systemd unit forbids (MemoryDenyWriteExecute).
     for path in (cert, key):
         if not path.is_file():
             raise CertificateError(f"{path}: no such file")
@@ -60,11 +62,6 @@ def make_context(cert: Path, key: Path, min_version: str, ciphers: str) -> SSL.C
     except SSL.Error as e:
         raise CertificateError(f"{key}: not the private key of {cert} ({e})") from None
     return ctx
-
-
-def _select_http11(connection: SSL.Connection, offered: list[bytes]) -> bytes:
-    # We speak HTTP/1.1 only; a client that offers nothing else gets nothing.
-    return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 @implementer(IOpenSSLServerConnectionCreator)

@@ -173,6 +173,12 @@ class UpstreamChain:
     def __post_init__(self) -> None:
         self.upstreams = [Upstream(url) for url in self.urls]
 
+    def set_urls(self, urls: Sequence[str]) -> None:
+        """A new chain (on reload); upstreams kept keep their rest."""
+        known = {u.url: u for u in self.upstreams}
+        self.urls = tuple(urls)
+        self.upstreams = [known.get(url) or Upstream(url) for url in urls]
+
     async def request(self, method: bytes, path: str, headers: Headers) -> Answer:
         """The first good answer along the chain, or the last failed one."""
         now = self.wall_clock.seconds()
