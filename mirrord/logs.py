@@ -36,7 +36,7 @@ def json_lines_observer(stream: IO[str]) -> FileLogObserver:
 
 def observer(stream: IO[str] | None = None) -> FileLogObserver:
     """Text when writing to a terminal, JSON lines when not."""
-    stream = stream or sys.stdout
+    stream = stream or sys.__stdout__
     if stream.isatty():
         return textFileLogObserver(stream)
     return json_lines_observer(stream)

@@ -50,7 +50,9 @@ class MirrordService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self._install_signal_handlers()
+        # twistd starts services before the reactor installs its own signal
+        # handlers; ours must come after to replace them.
+        self.reactor.callWhenRunning(self._install_signal_handlers)
         notify("READY=1")
 
     def _install_signal_handlers(self) -> None:

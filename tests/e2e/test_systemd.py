@@ -1,0 +1,203 @@
+"""Running as Debian admins do: the install script into a throwaway root,
+the unit checked by systemd-analyze, and the daemon started with the unit's
+own command line: sd_notify, SIGHUP certificate reload during a transfer,
+a broken certificate on reload, SIGTERM draining a transfer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Mirror
+from tests.support.pki import Pki, make_pki
+from tests.support.processes import REPO, Process, free_port, run, twistd
+
+UNIT = REPO / "systemd" / "mirrord.service"
+
+
+def _unit_value(key: str) -> str:
+    match = re.search(rf"^{key}=(.*)$", UNIT.read_text(), re.MULTILINE)
+    assert match, key
+    return match.group(1)
+
+
+def test_install_into_throwaway_root(tmp_path: Path) -> None:
+    """The installer lays down venv, unit, config, ufw profile; a rerun keeps an edited config."""
+    root = tmp_path / "root"
+    run(["bash", str(REPO / "systemd" / "install"), "--root", str(root)], timeout=300)
+    unit = root / "etc/systemd/system/mirrord.service"
+    config = root / "etc/mirrord/mirrord.toml"
+    profile = root / "etc/ufw/applications.d/mirrord"
+    expected = {
+        unit: 0o644,
+        config: 0o640,
+        root / "etc/mirrord": 0o750,
+        profile: 0o644,
+        root / "opt/mirrord/share/README.md": 0o644,
+    }
+    for path, mode in expected.items():
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+        if os.geteuid() == 0:
+            assert path.stat().st_uid == 0, path
+    assert unit.read_text() == UNIT.read_text()
+    assert "ports=443/tcp" in profile.read_text()
+    assert "mirrord" in run([str(root / "opt/mirrord/bin/twistd"), "--help"]).stdout
+
+    config.write_text("listen = [8443, 9443]\n")
+    run(["bash", str(REPO / "systemd" / "install"), "--root", str(root)], timeout=300)
+    assert config.read_text() == "listen = [8443, 9443]\n"
+    assert (root / "etc/mirrord/mirrord.toml.example").exists()
+    assert "ports=8443/tcp|9443/tcp" in profile.read_text()
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
+def test_unit_verifies_and_scores_ok(tmp_path: Path) -> None:
+    """systemd-analyze verify passes and the security exposure is 2.0 or lower."""
+    copy = tmp_path / "mirrord.service"
+    copy.write_text(UNIT.read_text().replace("/opt/mirrord/bin/twistd", twistd()))
+    run(["systemd-analyze", "verify", str(copy)])
+    report = run(["systemd-analyze", "security", "--offline=true", str(copy)], check=False)
+    score = re.search(r"Overall exposure level for mirrord.service: ([0-9.]+)", report.stdout)
+    assert score, report.stdout[-500:]
+    assert float(score.group(1)) <= 2.0
+
+
+class Notifications:
+    """A $NOTIFY_SOCKET that collects what the daemon tells systemd."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(15)
+
+    def expect(self, state: str) -> None:
+        deadline = time.monotonic() + 15
+        seen = []
+        while time.monotonic() < deadline:
+            message = self.sock.recv(4096).decode()
+            seen.append(message)
+            if state in message.split("\n"):
+                return
+        raise AssertionError(f"never got {state}; got {seen}")
+
+
+def _serving_certificate(port: int, ca: Path) -> None:
+    """A fresh TLS connection verifies against ``ca`` (or raises)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1"):
+            pass
+
+
+class SlowDownload:
+    """A download of the big blob, read a little at a time by the test."""
+
+    def __init__(self, port: int, pki: Pki, digest: str, token: str) -> None:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self.tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.tls.sendall(
+            f"GET /v2/library/alpine/blobs/{digest} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.tls.recv(65536)
+        head, _, body = head.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        self.length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        self.hash = hashlib.sha256(body)
+        self.received = len(body)
+
+    def read(self, amount: int | None = None) -> None:
+        target = self.length if amount is None else min(self.length, self.received + amount)
+        deadline = time.monotonic() + 120
+        while self.received < target and time.monotonic() < deadline:
+            data = self.tls.recv(1 << 20)
+            if not data:
+                break
+            self.hash.update(data)
+            self.received += len(data)
+
+    def digest(self) -> str:
+        self.tls.close()
+        return "sha256:" + self.hash.hexdigest()
+
+
+def test_unit_command_line_reload_and_graceful_stop(workdir: Path, pki: Pki, hubs) -> None:
+    """The unit's command line runs; SIGHUP swaps the certificate under a running download;
+    a broken certificate is refused; SIGTERM lets a transfer finish and exits 0."""
+    from tests.e2e.test_hub import _get_token
+
+    hub, _ = hubs
+    tls_dir = workdir / "reload-tls"
+    tls_dir.mkdir()
+    cert, key = tls_dir / "fullchain.pem", tls_dir / "privkey.pem"
+    shutil.copy(pki.fullchain, cert)
+    shutil.copy(pki.privkey, key)
+    port = free_port()
+    config = workdir / "unit.toml"
+    config.write_text(
+        f'listen = ["tcp:{port}:interface=127.0.0.1"]\ncert = "{cert}"\nkey = "{key}"\n'
+        f'state_dir = "{workdir / "state-unit"}"\ngrace_period = 60\n'
+        f'[registries."docker.io"]\nupstreams = ["{hub.url}"]\n'
+    )
+    argv = shlex.split(_unit_value("ExecStart"))
+    assert argv[0] == "/opt/mirrord/bin/twistd" and argv[-1] == "/etc/mirrord/mirrord.toml"
+    argv = [twistd(), *argv[1:-1], str(config)]
+    notifications = Notifications(workdir / "notify.sock")
+    daemon = Process(
+        "unit", argv, port, workdir / "unit.log", env={"NOTIFY_SOCKET": str(notifications.path)}
+    ).start()
+    try:
+        notifications.expect("READY=1")
+        token = _get_token(
+            Mirror("unit", [], port, daemon.log), pki, "repository:library/alpine:pull"
+        )
+        download = SlowDownload(port, pki, hub.big_digest, token)
+        download.read(8 << 20)
+
+        other = make_pki(workdir / "pki-renewed", "renewed")
+        shutil.copy(other.fullchain, cert)
+        shutil.copy(other.privkey, key)
+        os.kill(daemon.pid, signal.SIGHUP)
+        notifications.expect("RELOADING=1")
+        notifications.expect("READY=1")
+        _serving_certificate(port, other.ca)
+        with pytest.raises(ssl.SSLError):
+            _serving_certificate(port, pki.ca)
+
+        cert.write_text("not a certificate\n")
+        os.kill(daemon.pid, signal.SIGHUP)
+        notifications.expect("READY=1")
+        _serving_certificate(port, other.ca)
+        assert "reload failed, still running the previous setup" in daemon.output()
+        assert str(cert) in daemon.output()
+
+        download.read()
+        assert download.received == hub.big_size
+        assert download.digest() == hub.big_digest
+
+        shutil.copy(other.fullchain, cert)
+        draining = SlowDownload(port, other, hub.big_digest, token)
+        draining.read(8 << 20)
+        os.kill(daemon.pid, signal.SIGTERM)
+        notifications.expect("STOPPING=1")
+        draining.read()
+        assert draining.digest() == hub.big_digest
+        assert daemon.proc.wait(30) == 0
+    finally:
+        daemon.stop()

@@ -1,0 +1,69 @@
+"""Small operational pieces: sd_notify, log lines, the ufw profile."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import tempfile
+from pathlib import Path
+
+from twisted.logger import Logger, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from mirrord import config, logs, ufw
+from mirrord.systemd import notify
+
+
+class NotifyTests(SynchronousTestCase):
+    def test_notify_sends_one_datagram(self) -> None:
+        """READY=1 reaches the socket named by NOTIFY_SOCKET."""
+        path = Path(tempfile.mkdtemp()) / "notify"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+            server.bind(str(path))
+            self.assertTrue(notify("READY=1", {"NOTIFY_SOCKET": str(path)}))
+            self.assertEqual(server.recv(100), b"READY=1")
+
+    def test_without_systemd_nothing_happens(self) -> None:
+        self.assertFalse(notify("READY=1", {}))
+        self.assertFalse(notify("READY=1", {"NOTIFY_SOCKET": "relative"}))
+
+
+class _NotATerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class LogTests(SynchronousTestCase):
+    def emit(self, stream: io.StringIO) -> str:
+        publisher = LogPublisher(logs.observer(stream))
+        Logger(namespace="mirrord.access", observer=publisher).info(
+            "{client} GET {path} -> {status}", client="10.0.0.1", path="/v2/", status=200
+        )
+        return stream.getvalue()
+
+    def test_json_lines_off_a_terminal(self) -> None:
+        """Off a terminal each event is one JSON object with its fields."""
+        record = json.loads(self.emit(_NotATerminal()))
+        self.assertEqual(record["message"], "10.0.0.1 GET /v2/ -> 200")
+        self.assertEqual((record["client"], record["status"]), ("10.0.0.1", 200))
+        self.assertEqual((record["level"], record["namespace"]), ("info", "mirrord.access"))
+
+    def test_text_on_a_terminal(self) -> None:
+        line = self.emit(_Terminal())
+        self.assertIn("[mirrord.access#info] 10.0.0.1 GET /v2/ -> 200", line)
+
+
+class UfwTests(SynchronousTestCase):
+    def test_profile_lists_listen_ports(self) -> None:
+        """Bare ports and tcp endpoints become the profile's ports; unix sockets do not."""
+        parsed = config.from_mapping(
+            {"listen": [443, "tcp6:8443:interface=\\:\\:", "unix:/run/m.sock", "ssl:9443"]}
+        )
+        self.assertEqual(ufw.listen_ports(parsed), [443, 8443, 9443])
+        self.assertIn("ports=443/tcp|8443/tcp|9443/tcp\n", ufw.profile(parsed))
