@@ -32,10 +32,16 @@ def _unit_value(key: str) -> str:
     return match.group(1)
 
 
+def _install(root: Path) -> None:
+    wheels = REPO / ".wheels"  # made by tests/run, outside the network namespace
+    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)} if wheels.is_dir() else {}
+    run(["bash", str(REPO / "systemd" / "install"), "--root", str(root)], timeout=300, env=env)
+
+
 def test_install_into_throwaway_root(tmp_path: Path) -> None:
     """The installer lays down venv, unit, config, ufw profile; a rerun keeps an edited config."""
     root = tmp_path / "root"
-    run(["bash", str(REPO / "systemd" / "install"), "--root", str(root)], timeout=300)
+    _install(root)
     unit = root / "etc/systemd/system/mirrord.service"
     config = root / "etc/mirrord/mirrord.toml"
     profile = root / "etc/ufw/applications.d/mirrord"
@@ -55,7 +61,7 @@ def test_install_into_throwaway_root(tmp_path: Path) -> None:
     assert "mirrord" in run([str(root / "opt/mirrord/bin/twistd"), "--help"]).stdout
 
     config.write_text("listen = [8443, 9443]\n")
-    run(["bash", str(REPO / "systemd" / "install"), "--root", str(root)], timeout=300)
+    _install(root)
     assert config.read_text() == "listen = [8443, 9443]\n"
     assert (root / "etc/mirrord/mirrord.toml.example").exists()
     assert "ports=8443/tcp|9443/tcp" in profile.read_text()
