@@ -56,10 +56,17 @@ class Registry:
     name: str
     upstreams: tuple[str, ...]
     official_prefix: str = ""
+    hosts: tuple[str, ...] = ()
 
 
 PRESET_UPSTREAMS: Mapping[str, Registry] = {
     DOCKER_HUB: Registry(DOCKER_HUB, ("https://registry-1.docker.io",), "library"),
+    "ghcr.io": Registry("ghcr.io", ("https://ghcr.io",)),
+    "quay.io": Registry("quay.io", ("https://quay.io",)),
+    "registry.k8s.io": Registry("registry.k8s.io", ("https://registry.k8s.io",)),
+    "gcr.io": Registry("gcr.io", ("https://gcr.io",)),
+    "mcr.microsoft.com": Registry("mcr.microsoft.com", ("https://mcr.microsoft.com",)),
+    "nvcr.io": Registry("nvcr.io", ("https://nvcr.io",)),
 }
 
 
@@ -81,7 +88,11 @@ class Config:
     default_registry: str = DOCKER_HUB
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    registries: Mapping[str, Registry] = field(default_factory=lambda: dict(PRESET_UPSTREAMS))
+    # Served registries: Docker Hub unless configured otherwise; a preset
+    # (ghcr.io, quay.io, ...) is served once its table exists, even empty.
+    registries: Mapping[str, Registry] = field(
+        default_factory=lambda: {DOCKER_HUB: PRESET_UPSTREAMS[DOCKER_HUB]}
+    )
 
     @property
     def default(self) -> Registry:
@@ -118,6 +129,7 @@ _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
 _REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
     "upstreams": list,
     "official_prefix": str,
+    "hosts": list,
 }
 TLS_VERSIONS = ("1.2", "1.3")
 
@@ -162,7 +174,11 @@ def _registry(where: str, name: str, table: Mapping[str, Any]) -> Registry:
     for url in upstreams:
         _check_type(where, "upstreams", url, str)
     prefix = table.get("official_prefix", preset.official_prefix if preset else "")
-    return Registry(name, tuple(check_upstream_url(where, u) for u in upstreams), prefix)
+    hosts = table.get("hosts", [])
+    for host in hosts:
+        _check_type(where, "hosts", host, str)
+    chain = tuple(check_upstream_url(where, u) for u in upstreams)
+    return Registry(name, chain, prefix, tuple(h.lower() for h in hosts))
 
 
 def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Config:
@@ -183,7 +199,7 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
         elif key == "cache":
             values[key] = _cache(f"{where} [cache]", value)
         elif key == "registries":
-            registries = dict(PRESET_UPSTREAMS)
+            registries = {DOCKER_HUB: PRESET_UPSTREAMS[DOCKER_HUB]}
             for name, table in value.items():
                 _check_type(f"{where} [registries]", name, table, dict)
                 registries[name] = _registry(where, name, table)

@@ -27,6 +27,7 @@ from mirrord.config import Registry, Timeouts
 from mirrord.headers import upstream_request_headers
 from mirrord.reference import Kind, Reference
 from mirrord.respond import client_address, write_error
+from mirrord.routing import Route, Router
 from mirrord.upstream import UpstreamChain
 
 log = Logger()
@@ -79,48 +80,51 @@ def check_range(value: bytes | None) -> None:
 
 
 class RegistryProxy(Resource):
-    """Serves ``/v2/`` for one registry through its ``Backend``."""
+    """Serves ``/v2/``: routes each request to a registry and its ``Backend``."""
 
     isLeaf = True
 
-    def __init__(self, registry: Registry, backend: Backend) -> None:
+    def __init__(self, router: Router[Backend]) -> None:
         super().__init__()
-        self._registry = registry
-        self._backend = backend
+        self._router = router
 
     def render(self, request: Request) -> bytes | int:
         try:
-            ref = self._parse(request)
+            route, ref = self._parse(request)
         except errors.RegistryError as e:
             write_error(request, e)
             return NOT_DONE_YET
-        work = ensureDeferred(self._serve(request, ref))
+        work = ensureDeferred(self._serve(request, route, ref))
         request.notifyFinish().addErrback(lambda _: work.cancel())
         work.addErrback(self._failed, request)
         return NOT_DONE_YET
 
-    def _parse(self, request: Request) -> Reference:
+    def _parse(self, request: Request) -> tuple[Route[Backend], Reference]:
         if request.method not in ALLOWED_METHODS:
             raise errors.unsupported_method(request.method.decode("latin-1"))
-        path = request.path
-        if path in (b"/v2", b"/v2/"):
-            return reference.Reference(Kind.BASE)
         try:
-            rest = path[len(b"/v2/") :].decode("ascii")
+            rest = request.path[len(b"/v2/") :].decode("ascii")
         except UnicodeDecodeError:
-            raise errors.name_invalid(path.decode("latin-1")) from None
-        ref = reference.parse(rest)
+            raise errors.name_invalid(request.path.decode("latin-1")) from None
+        ns = request.args.get(b"ns", [None])[-1]
+        host = request.getHeader(b"host")
+        route = self._router.route(
+            rest,
+            host.decode("latin-1") if host else None,
+            ns.decode("latin-1") if ns is not None else None,
+        )
+        ref = reference.parse(route.path)
         if ref.kind is Kind.BLOB:
             check_range(request.getHeader(b"range"))
-        return ref
+        return route, ref
 
-    async def _serve(self, request: Request, ref: Reference) -> None:
-        name = upstream_name(ref, self._registry)
+    async def _serve(self, request: Request, route: Route[Backend], ref: Reference) -> None:
+        name = upstream_name(ref, route.registry)
         path = ref.path(name) + self._query(request, ref)
         headers = upstream_request_headers(
             request.requestHeaders, client_address(request), request.isSecure()
         )
-        await self._backend.serve(request, ref, name, path, headers)
+        await route.target.serve(request, ref, name, path, headers)
 
     def _query(self, request: Request, ref: Reference) -> str:
         """Only the tag list takes parameters (pagination)."""

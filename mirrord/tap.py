@@ -4,7 +4,8 @@ are wired together into a running service."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
 
 from mirrord import config as configuration
 from mirrord.access import AccessChecks
@@ -23,8 +25,9 @@ from mirrord.config import Config, ConfigError, Registry
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.proxy import Backend, PassThrough, RegistryProxy
 from mirrord.pullthrough import PullThrough
+from mirrord.routing import Router
 from mirrord.service import MirrordService
-from mirrord.site import build_site
+from mirrord.site import MirrordSite, build_site
 from mirrord.tls import (
     CertificateError,
     ServerTLS,
@@ -33,7 +36,7 @@ from mirrord.tls import (
     make_context,
     upstream_policy,
 )
-from mirrord.token import TokenProxy
+from mirrord.token import TokenProxy, TokenTarget
 from mirrord.tuning import LargeWriteTLSFactory, UpstreamEndpoints, raise_mmap_threshold
 from mirrord.upstream import RedirectFollower, UpstreamChain
 from mirrord.usage import CertificateNote, render_usage
@@ -117,18 +120,10 @@ def certificate(config: Config) -> tuple[Path, Path, CertificateNote]:
     return cert, key, note
 
 
-def build_backend(
-    config: Config,
-    registry: Registry,
-    chain: UpstreamChain,
-    follower: RedirectFollower,
-    realms: RealmBook,
-    clock: IReactorTime,
-    metrics: Metrics,
-) -> Backend:
-    """The cache in front of the chain, or the chain alone when disabled."""
+def open_store(config: Config, clock: IReactorTime) -> BlobStore | None:
+    """The cache shared by every registry (it is content-addressed)."""
     if not config.cache.enabled:
-        return PassThrough(chain, realms, clock, config.timeouts)
+        return None
     root = Path(config.state_dir) / "cache"
     store = BlobStore(
         root,
@@ -136,6 +131,7 @@ def build_backend(
         config.cache.high_watermark,
         config.cache.low_watermark,
         config.cache.pinned,
+        now=clock.seconds,
     )
     entries, removed = store.rebuild()
     log.info(
@@ -145,14 +141,28 @@ def build_backend(
         size=store.size,
         removed=removed,
     )
-    access = AccessChecks(chain, follower, clock, config.cache.auth_ttl)
+    return store
+
+
+def build_backend(
+    config: Config,
+    target: TokenTarget,
+    store: BlobStore | None,
+    follower: RedirectFollower,
+    clock: IReactorTime,
+    metrics: Metrics,
+) -> Backend:
+    """The cache in front of a registry's chain, or the chain alone."""
+    if store is None:
+        return PassThrough(target.chain, target.realms, clock, config.timeouts)
+    access = AccessChecks(target.chain, follower, clock, config.cache.auth_ttl)
     return PullThrough(
-        registry,
-        chain,
+        target.registry,
+        target.chain,
         store,
-        TagStore(root),
+        TagStore(store.root),
         access,
-        realms,
+        target.realms,
         clock,
         config.timeouts,
         config.cache,
@@ -164,7 +174,10 @@ RESTART_ONLY = ("listen", "state_dir", "cache", "pool_size", "default_registry",
 
 
 def reloader(
-    load: Callable[[], Config], running: Config, server_tls: ServerTLS, chain: UpstreamChain
+    load: Callable[[], Config],
+    running: Config,
+    server_tls: ServerTLS,
+    chains: Mapping[str, UpstreamChain],
 ) -> Callable[[], None]:
     """SIGHUP: re-read the configuration and the certificate files. New
     connections get the new certificate; transfers in progress are not
@@ -180,7 +193,9 @@ def reloader(
             log.error("reload failed, still running the previous setup: {error}", error=str(e))
             return
         server_tls.context = context
-        chain.set_urls(config.default.upstreams)
+        for name, chain in chains.items():
+            if name in config.registries:
+                chain.set_urls(config.registries[name].upstreams)
         for key_name in RESTART_ONLY:
             if key_name == "registries":
                 changed = config.registries.keys() != current[0].registries.keys()
@@ -192,10 +207,53 @@ def reloader(
         log.info(
             "reloaded: certificate {cert}, upstreams {upstreams}",
             cert=str(cert),
-            upstreams=", ".join(config.default.upstreams),
+            upstreams="; ".join(
+                f"{name}: {', '.join(r.upstreams)}" for name, r in config.registries.items()
+            ),
         )
 
     return reload
+
+
+@dataclass
+class Wiring:
+    """The request-handling parts, wired: what a test drives in memory and
+    what the service puts behind its listeners."""
+
+    site: MirrordSite
+    targets: dict[str, TokenTarget]
+    store: BlobStore | None
+    metrics: Metrics
+
+
+def wire(config: Config, agent: IAgent, reactor: Any, note: CertificateNote) -> Wiring:
+    """Registries, their upstream chains and backends, the resource tree."""
+    clock: IReactorTime = reactor
+    metrics = Metrics()
+    follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
+    store = open_store(config, clock)
+    targets: dict[str, TokenTarget] = {}
+    served: dict[str, tuple[Registry, Backend]] = {}
+    for name, registry in config.registries.items():
+        chain = UpstreamChain(
+            registry.upstreams,
+            follower,
+            config.rate_limit_seconds,
+            clock,
+            on_rate_limited=lambda upstream: metrics.upstream_429.labels(upstream).inc(),
+        )
+        targets[name] = TokenTarget(registry, chain, RealmBook())
+        backend = build_backend(config, targets[name], store, follower, clock, metrics)
+        served[name] = (registry, backend)
+    site = build_site(
+        registry_proxy=RegistryProxy(Router(served, config.default_registry)),
+        token_proxy=TokenProxy(list(targets.values()), follower, clock, config.timeouts),
+        usage=lambda request: render_usage(config, note, request, metrics),
+        metrics=MetricsResource(metrics),
+        reactor=reactor,
+        client_idle=config.timeouts.client_idle,
+    )
+    return Wiring(site, targets, store, metrics)
 
 
 def build_service(
@@ -208,44 +266,26 @@ def build_service(
     pool.maxPersistentPerHost = config.pool_size
     raise_mmap_threshold()
     endpoints = UpstreamEndpoints(reactor, upstream_policy(config), config.timeouts.connect)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    clock: IReactorTime = reactor
-    metrics = Metrics()
-    follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
-    registry = config.default
-    chain = UpstreamChain(
-        registry.upstreams,
-        follower,
-        config.rate_limit_seconds,
-        clock,
-        on_rate_limited=lambda upstream: metrics.upstream_429.labels(upstream).inc(),
-    )
-    realms = RealmBook()
-    backend = build_backend(config, registry, chain, follower, realms, clock, metrics)
-    site = build_site(
-        registry_proxy=RegistryProxy(registry, backend),
-        token_proxy=TokenProxy(registry, chain, follower, realms, clock, config.timeouts),
-        usage=lambda request: render_usage(config, note, request, metrics),
-        metrics=MetricsResource(metrics),
-        reactor=reactor,
-        client_idle=config.timeouts.client_idle,
-    )
-    reload = reloader(load or (lambda: config), config, server_tls, chain)
-    service = MirrordService(reactor, pool, site, config.grace_period, reload)
+    wiring = wire(config, Agent.usingEndpointFactory(reactor, endpoints, pool=pool), reactor, note)
+    chains = {name: target.chain for name, target in wiring.targets.items()}
+    reload = reloader(load or (lambda: config), config, server_tls, chains)
+    service = MirrordService(reactor, pool, wiring.site, config.grace_period, reload)
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))
         listener = StreamServerEndpointService(
-            endpoint, LargeWriteTLSFactory(server_tls, False, site)
+            endpoint, LargeWriteTLSFactory(server_tls, False, wiring.site)
         )
         listener._raiseSynchronously = True
         listener.setName(f"listen {entry}")
         listener.setServiceParent(service)
-    log.info(
-        "mirrord serving {registry} from {upstreams} on {listen}",
-        registry=registry.name,
-        upstreams=", ".join(registry.upstreams),
-        listen=", ".join(config.listen),
-    )
+    for registry in config.registries.values():
+        log.info(
+            "serving {registry} from {upstreams}{hosts}",
+            registry=registry.name,
+            upstreams=", ".join(registry.upstreams),
+            hosts=f" (also as host {', '.join(registry.hosts)})" if registry.hosts else "",
+        )
+    log.info("listening on {listen}", listen=", ".join(config.listen))
     return service
 
 

@@ -8,6 +8,8 @@ realm is refused, so the mirror cannot be used to reach arbitrary hosts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
 from twisted.internet.defer import CancelledError, ensureDeferred
@@ -32,6 +34,15 @@ _TOKEN_REQUEST_HEADERS = (b"authorization", b"user-agent", b"accept", b"content-
 _TOKEN_RESPONSE_HEADERS = (b"content-type", b"cache-control", b"www-authenticate")
 
 
+@dataclass(frozen=True)
+class TokenTarget:
+    """A served registry: its upstream chain and the realms it announced."""
+
+    registry: Registry
+    chain: UpstreamChain
+    realms: RealmBook
+
+
 class TokenProxy(Resource):
     """Relays token requests (GET and the OAuth2 POST form) to known realms."""
 
@@ -39,20 +50,23 @@ class TokenProxy(Resource):
 
     def __init__(
         self,
-        registry: Registry,
-        chain: UpstreamChain,
+        targets: Sequence[TokenTarget],
         follower: RedirectFollower,
-        realms: RealmBook,
         clock: IReactorTime,
         timeouts: Timeouts,
     ) -> None:
         super().__init__()
-        self._registry = registry
-        self._chain = chain
+        self._targets = targets
         self._follower = follower
-        self._realms = realms
         self._clock = clock
         self._timeouts = timeouts
+
+    def _find(self, service: str | None) -> tuple[TokenTarget, str] | None:
+        """The registry and real realm for a token request's ``service``."""
+        found = [(t, realm) for t in self._targets if (realm := t.realms.realm_for(service))]
+        if service is None and len(found) != 1:
+            return None  # without service, only an unambiguous realm will do
+        return found[0] if found else None
 
     def render(self, request: Request) -> bytes | int:
         if request.method not in (b"GET", b"POST"):
@@ -66,24 +80,19 @@ class TokenProxy(Resource):
         work.addErrback(self._failed, request)
         return NOT_DONE_YET
 
-    def _query(self, request: Request) -> tuple[str | None, str]:
+    async def _serve(self, request: Request) -> None:
         query = request.uri.partition(b"?")[2].decode("latin-1")
         pairs = parse_qsl(query, keep_blank_values=True)
         service = next((v for k, v in pairs if k == "service"), None)
-        pairs = [
-            (k, official_scope(v, self._registry.official_prefix) if k == "scope" else v)
-            for k, v in pairs
-        ]
-        return service, urlencode(pairs)
-
-    async def _serve(self, request: Request) -> None:
-        service, query = self._query(request)
-        realm = self._realms.realm_for(service)
-        if realm is None:
+        found = self._find(service)
+        if found is None:
             await self._discover_realms(request)
-            realm = self._realms.realm_for(service)
-        if realm is None:
+            found = self._find(service)
+        if found is None:
             raise errors.denied(f"no configured upstream announced a token service {service!r}")
+        target, realm = found
+        prefix = target.registry.official_prefix
+        query = urlencode([(k, official_scope(v, prefix) if k == "scope" else v) for k, v in pairs])
         url = realm + ("&" if "?" in realm else "?") + query if query else realm
         headers = Headers()
         for name in _TOKEN_REQUEST_HEADERS:
@@ -110,11 +119,15 @@ class TokenProxy(Resource):
     async def _discover_realms(self, request: Request) -> None:
         """Learn the upstreams' token services by asking ``/v2/`` for a challenge
         (a restarted daemon has not seen one yet)."""
-        answer = await self._chain.request(b"GET", "/v2/", Headers())
-        challenges = answer.headers.getRawHeaders(b"www-authenticate", [])
-        rewrite_challenges(challenges, self._realms, f"https://{client_host(request)}/token")
-        if answer.body is None:
-            discard_body(answer.response)
+        for target in self._targets:
+            try:
+                answer = await target.chain.request(b"GET", "/v2/", Headers())
+            except errors.RegistryError:
+                continue
+            challenges = answer.headers.getRawHeaders(b"www-authenticate", [])
+            rewrite_challenges(challenges, target.realms, f"https://{client_host(request)}/token")
+            if answer.body is None:
+                discard_body(answer.response)
 
     def _failed(self, failure: Failure, request: Request) -> None:
         if failure.check(CancelledError):

@@ -135,6 +135,7 @@ def registry(workdir: Path, test_images: Images, skopeo: Skopeo) -> Iterator[str
     for layout, name, extra in (
         (test_images.alpine, "library/alpine", []),
         (test_images.multi, "library/multi", ["--all"]),
+        (test_images.alpine, "owner/app", []),
     ):
         skopeo(
             "copy",

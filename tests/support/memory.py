@@ -15,17 +15,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from mirrord.access import AccessChecks
-from mirrord.auth import RealmBook
-from mirrord.cache import BlobStore, TagStore
 from mirrord.config import CacheConfig, Config, Registry, Timeouts
-from mirrord.metrics import Metrics, MetricsResource
-from mirrord.proxy import Backend, PassThrough, RegistryProxy
-from mirrord.pullthrough import PullThrough
-from mirrord.site import build_site
-from mirrord.token import TokenProxy
-from mirrord.upstream import RedirectFollower, UpstreamChain
-from mirrord.usage import CertificateNote, render_usage
+from mirrord.tap import wire
+from mirrord.usage import CertificateNote
 from tests.support import images
 from tests.support.fakehub import ByHost, Cdn, HubState, hub_resource
 
@@ -60,6 +52,7 @@ class MemoryMirror:
         timeouts: Timeouts | None = None,
         max_redirects: int = 5,
         cache: CacheConfig | None = DEFAULT_CACHE,
+        registries: dict[str, Registry] | None = None,
     ) -> None:
         self.test = test
         timeouts = timeouts or Timeouts()
@@ -81,57 +74,20 @@ class MemoryMirror:
             }
         )
         self.upstream = RequestTraversalAgent(self.hosts)
-        registry = Registry("docker.io", upstreams, "library")
-        follower = RedirectFollower(self.upstream, self.clock, timeouts.response, max_redirects)
-        self.metrics = Metrics()
-        self.chain = UpstreamChain(
-            upstreams,
-            follower,
-            60.0,
-            self.clock,
-            on_rate_limited=lambda u: self.metrics.upstream_429.labels(u).inc(),
+        config = Config(
+            state_dir=str(tmp),
+            max_redirects=max_redirects,
+            timeouts=timeouts,
+            cache=cache or CacheConfig(enabled=False),
+            registries={
+                "docker.io": Registry("docker.io", upstreams, "library"),
+                **(registries or {}),
+            },
         )
-        self.realms = RealmBook()
-        config = Config(registries={"docker.io": registry})
-        self.store: BlobStore | None = None
-        backend: Backend
-        if cache is None:
-            backend = PassThrough(self.chain, self.realms, self.clock, timeouts)
-        else:
-            self.store = BlobStore(
-                tmp / "cache",
-                cache.max_size,
-                cache.high_watermark,
-                cache.low_watermark,
-                cache.pinned,
-                now=self.clock.seconds,
-            )
-            self.access = AccessChecks(self.chain, follower, self.clock, cache.auth_ttl)
-            backend = PullThrough(
-                registry,
-                self.chain,
-                self.store,
-                TagStore(tmp / "cache"),
-                self.access,
-                self.realms,
-                self.clock,
-                timeouts,
-                cache,
-                self.metrics,
-            )
-        site = build_site(
-            registry_proxy=RegistryProxy(registry, backend),
-            token_proxy=TokenProxy(
-                registry, self.chain, follower, self.realms, self.clock, timeouts
-            ),
-            usage=lambda request: render_usage(
-                config, CertificateNote("/x.crt", False, ""), request, self.metrics
-            ),
-            metrics=MetricsResource(self.metrics),
-            reactor=self.clock,
-            client_idle=timeouts.client_idle,
-        )
-        self.client = StubTreq(site.resource)
+        self.wiring = wire(config, self.upstream, self.clock, CertificateNote("/x.crt", False, ""))
+        self.store = self.wiring.store
+        self.metrics = self.wiring.metrics
+        self.client = StubTreq(self.wiring.site.resource)
 
     def add_host(self, host: bytes, resource: Resource) -> None:
         self.hosts.hosts[host] = resource
