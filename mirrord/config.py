@@ -8,6 +8,8 @@ the file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +52,18 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who may use the mirror: it must not be an open relay for the world."""
+
+    block_user_agents: tuple[str, ...] = ()
+    allow_clients: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    max_connections_per_client: int = 0
+    max_requests_per_client: int = 0
+    retry_after: int = 10
+
+
+@dataclass(frozen=True)
 class Registry:
     """One registry the mirror serves and its ordered chain of upstreams."""
 
@@ -57,6 +71,8 @@ class Registry:
     upstreams: tuple[str, ...]
     official_prefix: str = ""
     hosts: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
 
 
 PRESET_UPSTREAMS: Mapping[str, Registry] = {
@@ -88,6 +104,7 @@ class Config:
     default_registry: str = DOCKER_HUB
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    access: Access = field(default_factory=Access)
     # Served registries: Docker Hub unless configured otherwise; a preset
     # (ghcr.io, quay.io, ...) is served once its table exists, even empty.
     registries: Mapping[str, Registry] = field(
@@ -114,7 +131,16 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "default_registry": str,
     "timeouts": dict,
     "cache": dict,
+    "access": dict,
     "registries": dict,
+}
+_ACCESS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "block_user_agents": list,
+    "allow_clients": list,
+    "trusted_proxies": list,
+    "max_connections_per_client": int,
+    "max_requests_per_client": int,
+    "retry_after": int,
 }
 _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
     "enabled": bool,
@@ -130,6 +156,8 @@ _REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
     "upstreams": list,
     "official_prefix": str,
     "hosts": list,
+    "allow": list,
+    "deny": list,
 }
 TLS_VERSIONS = ("1.2", "1.3")
 
@@ -174,11 +202,44 @@ def _registry(where: str, name: str, table: Mapping[str, Any]) -> Registry:
     for url in upstreams:
         _check_type(where, "upstreams", url, str)
     prefix = table.get("official_prefix", preset.official_prefix if preset else "")
-    hosts = table.get("hosts", [])
-    for host in hosts:
-        _check_type(where, "hosts", host, str)
+    lists = {key: _strings(where, key, table.get(key, [])) for key in ("hosts", "allow", "deny")}
     chain = tuple(check_upstream_url(where, u) for u in upstreams)
-    return Registry(name, chain, prefix, tuple(h.lower() for h in hosts))
+    return Registry(
+        name,
+        chain,
+        prefix,
+        tuple(h.lower() for h in lists["hosts"]),
+        lists["allow"],
+        lists["deny"],
+    )
+
+
+def _strings(where: str, key: str, values: list[Any]) -> tuple[str, ...]:
+    for value in values:
+        _check_type(where, key, value, str)
+    return tuple(values)
+
+
+def _access(where: str, table: Mapping[str, Any]) -> Access:
+    _check_keys(where, table, _ACCESS_TYPES)
+    values: dict[str, Any] = dict(table)
+    for key in ("block_user_agents", "allow_clients", "trusted_proxies"):
+        values[key] = _strings(where, key, table.get(key, []))
+    for pattern in values["block_user_agents"]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{where}: block_user_agents {pattern!r}: {e}") from None
+    for key in ("allow_clients", "trusted_proxies"):
+        for network in values[key]:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(f"{where}: {key} {network!r} is not an address or CIDR") from None
+    for key in ("max_connections_per_client", "max_requests_per_client", "retry_after"):
+        if values.get(key, 0) < 0:
+            raise ConfigError(f"{where}: key {key!r} must be >= 0")
+    return Access(**values)
 
 
 def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Config:
@@ -198,6 +259,8 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
             values[key] = Timeouts(**{k: float(v) for k, v in value.items()})
         elif key == "cache":
             values[key] = _cache(f"{where} [cache]", value)
+        elif key == "access":
+            values[key] = _access(f"{where} [access]", value)
         elif key == "registries":
             registries = {DOCKER_HUB: PRESET_UPSTREAMS[DOCKER_HUB]}
             for name, table in value.items():

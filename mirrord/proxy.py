@@ -7,6 +7,7 @@ cache in front of it. When the client disconnects, that work is cancelled.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
@@ -68,6 +69,14 @@ def upstream_name(ref: Reference, registry: Registry) -> str:
     return ref.name
 
 
+def check_repository(registry: Registry, name: str) -> None:
+    """A registry's ``allow`` and ``deny`` patterns (e.g. ``library/*``)."""
+    if any(fnmatch.fnmatchcase(name, p) for p in registry.deny) or (
+        registry.allow and not any(fnmatch.fnmatchcase(name, p) for p in registry.allow)
+    ):
+        raise errors.denied(f"repository {name!r} is not mirrored here")
+
+
 def check_range(value: bytes | None) -> None:
     """Only a single byte range is supported; anything else is unsatisfiable."""
     if value is None:
@@ -114,6 +123,8 @@ class RegistryProxy(Resource):
             ns.decode("latin-1") if ns is not None else None,
         )
         ref = reference.parse(route.path)
+        if ref.name:
+            check_repository(route.registry, upstream_name(ref, route.registry))
         if ref.kind is Kind.BLOB:
             check_range(request.getHeader(b"range"))
         return route, ref

@@ -46,5 +46,9 @@ def client_host(request: Request) -> str:
 
 
 def client_address(request: Request) -> str:
-    peer = request.getClientAddress()
-    return getattr(peer, "host", "unknown")
+    """The client's address: as the guard established it (trusted proxies
+    resolved), else the peer's."""
+    known = getattr(request, "client_ip", None)
+    if known:
+        return known
+    return getattr(request.getClientAddress(), "host", "unknown")

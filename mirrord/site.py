@@ -18,6 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mirrord import accesslog, errors
 from mirrord.errors import error_body
+from mirrord.guard import Guard, GuardedRoot
 from mirrord.respond import client_address, write_error
 
 
@@ -56,6 +57,19 @@ class MirrordChannel(http.HTTPChannel):
     waits forever. Answer 431 and close properly instead.
     """
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        guard = getattr(self.site, "guard", None)
+        if guard is not None:
+            self._peer = getattr(self.transport.getPeer(), "host", "unknown")
+            guard.connection_made(self._peer)
+
+    def connectionLost(self, reason: Any) -> None:
+        guard = getattr(self.site, "guard", None)
+        if guard is not None and hasattr(self, "_peer"):
+            guard.connection_lost(self._peer)
+        super().connectionLost(reason)
+
     def lineLengthExceeded(self, line: bytes) -> None:
         body = error_body("UNSUPPORTED", "request line or header fields too large")
         self.transport.write(
@@ -74,6 +88,7 @@ class MirrordSite(Site):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.guard: Guard | None = None
         self.active: set[Request] = set()
         self._idle_waiters: list[Deferred[None]] = []
 
@@ -150,6 +165,7 @@ def build_site(
     metrics: Resource,
     reactor: IReactorTime,
     client_idle: float,
+    guard: Guard | None = None,
 ) -> MirrordSite:
     """The whole tree, wired: the one place that decides what lives where."""
     root = _Root(usage)
@@ -157,7 +173,8 @@ def build_site(
     root.putChild(b"token", token_proxy)
     root.putChild(b"healthz", _Healthz())
     root.putChild(b"metrics", metrics)
-    site = MirrordSite(root, reactor=reactor)
+    site = MirrordSite(GuardedRoot(root, guard) if guard else root, reactor=reactor)
+    site.guard = guard
     site.timeOut = client_idle
     site.displayTracebacks = False
     return site

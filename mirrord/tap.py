@@ -22,6 +22,7 @@ from mirrord.access import AccessChecks
 from mirrord.auth import RealmBook
 from mirrord.cache import BlobStore, TagStore
 from mirrord.config import Config, ConfigError, Registry
+from mirrord.guard import Guard
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.proxy import Backend, PassThrough, RegistryProxy
 from mirrord.pullthrough import PullThrough
@@ -252,6 +253,7 @@ def wire(config: Config, agent: IAgent, reactor: Any, note: CertificateNote) -> 
         metrics=MetricsResource(metrics),
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
+        guard=Guard(config.access),
     )
     return Wiring(site, targets, store, metrics)
 

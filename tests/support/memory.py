@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from mirrord.config import CacheConfig, Config, Registry, Timeouts
+from mirrord.config import Access, CacheConfig, Config, Registry, Timeouts
 from mirrord.tap import wire
 from mirrord.usage import CertificateNote
 from tests.support import images
@@ -53,6 +53,7 @@ class MemoryMirror:
         max_redirects: int = 5,
         cache: CacheConfig | None = DEFAULT_CACHE,
         registries: dict[str, Registry] | None = None,
+        access: Access | None = None,
     ) -> None:
         self.test = test
         timeouts = timeouts or Timeouts()
@@ -79,6 +80,7 @@ class MemoryMirror:
             max_redirects=max_redirects,
             timeouts=timeouts,
             cache=cache or CacheConfig(enabled=False),
+            access=access or Access(),
             registries={
                 "docker.io": Registry("docker.io", upstreams, "library"),
                 **(registries or {}),
