@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mirrord.cache import parse_size
+from mirrord.login import valid_hash
 
 DEFAULT_CONFIG_PATH = Path("/etc/mirrord/mirrord.toml")
 DOCKER_HUB = "docker.io"
@@ -61,6 +62,7 @@ class Access:
     max_connections_per_client: int = 0
     max_requests_per_client: int = 0
     retry_after: int = 10
+    users: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ _ACCESS_TYPES: dict[str, type | tuple[type, ...]] = {
     "max_connections_per_client": int,
     "max_requests_per_client": int,
     "retry_after": int,
+    "users": dict,
 }
 _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
     "enabled": bool,
@@ -236,6 +239,12 @@ def _access(where: str, table: Mapping[str, Any]) -> Access:
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ConfigError(f"{where}: {key} {network!r} is not an address or CIDR") from None
+    for user, stored in values.get("users", {}).items():
+        _check_type(f"{where} [access.users]", user, stored, str)
+        if not valid_hash(stored):
+            raise ConfigError(
+                f"{where} [access.users]: {user!r} needs a hash from `python -m mirrord.login`"
+            )
     for key in ("max_connections_per_client", "max_requests_per_client", "retry_after"):
         if values.get(key, 0) < 0:
             raise ConfigError(f"{where}: key {key!r} must be >= 0")

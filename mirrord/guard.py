@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord import errors
 from mirrord.config import Access
+from mirrord.login import MirrorLogin
 from mirrord.respond import write_error
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -39,11 +40,15 @@ def _in(address: str, networks: list[Network]) -> bool:
     return any(ip in network for network in networks)
 
 
+BASIC_CHALLENGE = (b"WWW-Authenticate", b'Basic realm="mirrord"')
+
+
 class Guard:
     """The access policy and the per-address counters it keeps."""
 
-    def __init__(self, access: Access) -> None:
+    def __init__(self, access: Access, login: MirrorLogin | None = None) -> None:
         self.access = access
+        self.login = login
         self._allowed = _networks(access.allow_clients)
         self._trusted = _networks(access.trusted_proxies)
         self._blocked = [re.compile(p) for p in access.block_user_agents]
@@ -89,6 +94,24 @@ class Guard:
             return busy
         return None
 
+    def authenticate(self, request: Request, path: bytes) -> errors.RegistryError | None:
+        """Mirror login on /v2/ and /token; see ``mirrord.login``."""
+        login = self.login
+        if login is None or not login.enabled or path not in (b"v2", b"token"):
+            return None
+        header = request.getHeader(b"authorization") or b""
+        scheme = header[:7].lower()
+        if scheme.startswith(b"basic "):
+            if not login.basic_ok(header):
+                return errors.RegistryError(401, "UNAUTHORIZED", "wrong mirror credentials")
+            # The mirror's credentials are never sent upstream.
+            request.requestHeaders.removeHeader(b"authorization")
+            request.mirror_login = True  # type: ignore[attr-defined]
+            return None
+        if path == b"v2" and scheme == b"bearer " and login.token_ok(header[7:].strip()):
+            return None
+        return errors.RegistryError(401, "UNAUTHORIZED", "log in to this mirror first")
+
 
 class _Refusal(Resource):
     isLeaf = True
@@ -98,6 +121,8 @@ class _Refusal(Resource):
         self._error = error
 
     def render(self, request: Request) -> int:
+        if self._error.status == 401:
+            request.setHeader(*BASIC_CHALLENGE)
         write_error(request, self._error)
         return NOT_DONE_YET
 
@@ -114,7 +139,7 @@ class GuardedRoot(Resource):
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if path in self._exempt:
             return self._root.getChildWithDefault(path, request)
-        refusal = self._admit(request)
+        refusal = self._admit(request) or self._guard.authenticate(request, path)
         if refusal is not None:
             return _Refusal(refusal)
         return self._root.getChildWithDefault(path, request)

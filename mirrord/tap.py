@@ -23,6 +23,7 @@ from mirrord.auth import RealmBook
 from mirrord.cache import BlobStore, TagStore
 from mirrord.config import Config, ConfigError, Registry
 from mirrord.guard import Guard
+from mirrord.login import MirrorLogin
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.proxy import Backend, PassThrough, RegistryProxy
 from mirrord.pullthrough import PullThrough
@@ -231,6 +232,7 @@ def wire(config: Config, agent: IAgent, reactor: Any, note: CertificateNote) -> 
     """Registries, their upstream chains and backends, the resource tree."""
     clock: IReactorTime = reactor
     metrics = Metrics()
+    login = MirrorLogin(config.access.users, clock.seconds)
     follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
     store = open_store(config, clock)
     targets: dict[str, TokenTarget] = {}
@@ -248,12 +250,12 @@ def wire(config: Config, agent: IAgent, reactor: Any, note: CertificateNote) -> 
         served[name] = (registry, backend)
     site = build_site(
         registry_proxy=RegistryProxy(Router(served, config.default_registry)),
-        token_proxy=TokenProxy(list(targets.values()), follower, clock, config.timeouts),
+        token_proxy=TokenProxy(list(targets.values()), follower, clock, config.timeouts, login),
         usage=lambda request: render_usage(config, note, request, metrics),
         metrics=MetricsResource(metrics),
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
-        guard=Guard(config.access),
+        guard=Guard(config.access, login),
     )
     return Wiring(site, targets, store, metrics)
 

@@ -8,6 +8,7 @@ realm is refused, so the mirror cannot be used to reach arbitrary hosts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
@@ -17,14 +18,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord import errors
 from mirrord.auth import RealmBook, official_scope, rewrite_challenges
 from mirrord.config import Registry, Timeouts
+from mirrord.login import MirrorLogin
 from mirrord.respond import client_host, write_error
-from mirrord.streaming import TransferIncomplete, discard_body, relay_body
+from mirrord.streaming import TransferIncomplete, discard_body, read_small_body, relay_body
 from mirrord.upstream import RedirectFollower, UpstreamChain
 
 log = Logger()
@@ -54,8 +57,10 @@ class TokenProxy(Resource):
         follower: RedirectFollower,
         clock: IReactorTime,
         timeouts: Timeouts,
+        login: MirrorLogin | None = None,
     ) -> None:
         super().__init__()
+        self._login = login
         self._targets = targets
         self._follower = follower
         self._clock = clock
@@ -111,10 +116,29 @@ class TokenProxy(Resource):
             values = response.headers.getRawHeaders(name)
             if values:
                 request.responseHeaders.setRawHeaders(name, values)
+        if self._login is not None and getattr(request, "mirror_login", False):
+            await self._issue(request, response)
+            return
         try:
             await relay_body(request, response, self._clock, self._timeouts)
         except TransferIncomplete:
             pass
+
+    async def _issue(self, request: Request, response: IResponse) -> None:
+        """A logged-in client's token: remember it so /v2/ accepts it."""
+        assert self._login is not None
+        body = await read_small_body(response)
+        if response.code == 200:
+            try:
+                document = json.loads(body)
+                token = document.get("token") or document.get("access_token")
+                if token:
+                    self._login.issued(token, float(document.get("expires_in") or 60))
+            except (ValueError, AttributeError):
+                pass
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
 
     async def _discover_realms(self, request: Request) -> None:
         """Learn the upstreams' token services by asking ``/v2/`` for a challenge

@@ -9,9 +9,12 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord.config import Access, Registry
+from mirrord.login import check_hash, make_hash
+from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
 
 OK = "/v2/alpine/manifests/latest"
+ACCEPT = {"Accept": [OCI_MANIFEST]}
 
 
 class GuardTests(SynchronousTestCase):
@@ -84,3 +87,55 @@ class RepositoryPatternTests(SynchronousTestCase):
                 self.assertEqual(reply.code, 403)
                 self.assertEqual(reply.json()["errors"][0]["code"], "DENIED")
         self.assertEqual(mirror.second.counts["GET manifests"], 1)
+
+
+class MirrorLoginTests(SynchronousTestCase):
+    """Mirror login with basic auth, alongside the upstream's bearer tokens."""
+
+    def setUp(self) -> None:
+        users = {"ops": make_hash("s3cret")}
+        self.anonymous_upstream = MemoryMirror(
+            self,
+            Path(tempfile.mkdtemp()),
+            upstreams=("http://second.test",),
+            access=Access(users=users),
+        )
+        self.hub = MemoryMirror(self, Path(tempfile.mkdtemp()), access=Access(users=users))
+
+    def test_missing_and_wrong_credentials(self) -> None:
+        """No credentials: 401 with a Basic challenge; wrong ones: 401; upstream never asked."""
+        mirror = self.anonymous_upstream
+        for auth in (None, ("ops", "wrong"), ("nobody", "s3cret")):
+            with self.subTest(auth=auth):
+                reply = mirror.get(OK, auth=auth)
+                self.assertEqual(reply.code, 401)
+                self.assertEqual(reply.json()["errors"][0]["code"], "UNAUTHORIZED")
+                self.assertEqual(reply.header("www-authenticate"), 'Basic realm="mirrord"')
+        self.assertEqual(mirror.second.counts["requests"], 0)
+
+    def test_basic_credentials_never_go_upstream(self) -> None:
+        mirror = self.anonymous_upstream
+        self.assertEqual(mirror.get(OK, auth=("ops", "s3cret")).code, 200)
+        self.assertTrue(all("authorization" not in h for _, _, h in mirror.second.seen))
+
+    def test_bearer_flow_through_the_mirror_login(self) -> None:
+        """Logged in, a client gets Hub's challenge, a token from /token, and pulls with it."""
+        mirror = self.hub
+        challenge = mirror.get("/v2/", auth=("ops", "s3cret"))
+        self.assertEqual(challenge.code, 401)
+        self.assertIn(
+            'Bearer realm="https://mirror.test/token"', challenge.header("www-authenticate")
+        )
+        self.assertEqual(
+            mirror.get("/token?service=fakehub&scope=repository:alpine:pull").code, 401
+        )
+        token = mirror.token("repository:alpine:pull", auth=("ops", "s3cret"))
+        reply = mirror.get(OK, {"Authorization": f"Bearer {token}", **ACCEPT})
+        self.assertEqual(reply.code, 200)
+        forged = mirror.hub.token_for(None, ["library/alpine"])
+        self.assertEqual(mirror.get(OK, {"Authorization": f"Bearer {forged}x"}).code, 401)
+
+    def test_hash_command_output_is_accepted(self) -> None:
+        stored = make_hash("pw")
+        self.assertTrue(check_hash("pw", stored))
+        self.assertFalse(check_hash("pW", stored))

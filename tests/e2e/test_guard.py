@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+from mirrord.login import make_hash
 from tests.e2e.conftest import Images, Skopeo, start_mirror
 from tests.e2e.test_pull import _raw_tls
 from tests.support.pki import Pki
@@ -58,5 +59,27 @@ def test_controls_refuse_while_permitted_pulls_work(
             time.sleep(0.1)
         again = skopeo.inspect(f"{mirror.address}/library/alpine:latest")
         assert json.loads(again.stdout)["Digest"] == test_images.alpine.manifest_digest
+    finally:
+        mirror.stop()
+
+
+def test_mirror_login_with_skopeo(
+    workdir: Path, pki: Pki, registry: str, skopeo: Skopeo, test_images: Images
+) -> None:
+    """With [access.users] skopeo needs --creds; wrong or missing credentials are refused."""
+    config = workdir / "login.toml"
+    config.write_text(
+        f'[access.users]\nops = "{make_hash("s3cret")}"\n'
+        f'[registries."docker.io"]\nupstreams = ["{registry}"]\n'
+    )
+    mirror = start_mirror(workdir, pki, [], "login", "--config", str(config))
+    ref = f"{mirror.address}/library/alpine:latest"
+    try:
+        for extra in ((), ("--creds", "ops:wrong")):
+            refused = skopeo.inspect(ref, *extra, check=False)
+            assert refused.returncode != 0
+            assert "unauthorized" in refused.stderr.lower()
+        allowed = skopeo.inspect(ref, "--creds", "ops:s3cret")
+        assert json.loads(allowed.stdout)["Digest"] == test_images.alpine.manifest_digest
     finally:
         mirror.stop()
