@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 from twisted.logger import Logger
 
@@ -47,3 +50,44 @@ def emit(
         cache=record.cache,
         outcome=record.outcome,
     )
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class CombinedLog:
+    """An access log file in nginx's "combined" format, for existing log
+    tools; ``reopen()`` (on SIGUSR1) follows logrotate's rename."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] = self._open()
+
+    def _open(self) -> IO[str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self.path.open("a", buffering=1, encoding="utf-8", errors="replace")
+
+    def reopen(self) -> None:
+        old, self._file = self._file, self._open()
+        old.close()
+
+    def write(
+        self,
+        *,
+        client: str,
+        request_line: str,
+        status: int,
+        sent: int,
+        referer: str,
+        agent: str,
+        when: float,
+    ) -> None:
+        stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(when))
+        self._file.write(
+            f"{client} - - [{stamp}] {_quoted(request_line)} {status} {sent} "
+            f"{_quoted(referer or '-')} {_quoted(agent or '-')}\n"
+        )
+
+    def close(self) -> None:
+        self._file.close()

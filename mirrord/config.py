@@ -103,6 +103,7 @@ class Config:
     rate_limit_seconds: float = 60.0
     pool_size: int = 16
     grace_period: float = 30.0
+    access_log: str = ""
     default_registry: str = DOCKER_HUB
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -130,6 +131,7 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "rate_limit_seconds": (int, float),
     "pool_size": int,
     "grace_period": (int, float),
+    "access_log": str,
     "default_registry": str,
     "timeouts": dict,
     "cache": dict,

@@ -68,9 +68,18 @@ class MirrordService(MultiService):
         def reload(signum: int, frame: object) -> None:
             self.reactor.callFromThread(self._reload)
 
+        def reopen(signum: int, frame: object) -> None:
+            self.reactor.callFromThread(self._reopen_logs)
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
+        signal.signal(signal.SIGUSR1, reopen)
+
+    def _reopen_logs(self) -> None:
+        if self.site.combined_log is not None:
+            self.site.combined_log.reopen()
+            log.info("reopened {path}", path=str(self.site.combined_log.path))
 
     def _reload(self) -> None:
         notify("RELOADING=1")

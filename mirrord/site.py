@@ -38,6 +38,19 @@ class MirrordRequest(Request):
         self._site.ended(self)
         if result is not None:
             self.access.outcome = "client disconnected"
+        combined = self._site.combined_log
+        if combined is not None:
+            combined.write(
+                client=client_address(self),
+                request_line=" ".join(
+                    part.decode("latin-1") for part in (self.method, self.uri, self.clientproto)
+                ),
+                status=self.code,
+                sent=self.sentLength,
+                referer=(self.getHeader(b"referer") or b"").decode("latin-1"),
+                agent=(self.getHeader(b"user-agent") or b"").decode("latin-1"),
+                when=self.access.started,
+            )
         accesslog.emit(
             client=client_address(self),
             method=self.method.decode("latin-1"),
@@ -89,6 +102,7 @@ class MirrordSite(Site):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.guard: Guard | None = None
+        self.combined_log: accesslog.CombinedLog | None = None
         self.active: set[Request] = set()
         self._idle_waiters: list[Deferred[None]] = []
 

@@ -19,6 +19,7 @@ from twisted.web.iweb import IAgent
 
 from mirrord import config as configuration
 from mirrord.access import AccessChecks
+from mirrord.accesslog import CombinedLog
 from mirrord.auth import RealmBook
 from mirrord.cache import BlobStore, TagStore
 from mirrord.config import Config, ConfigError, Registry
@@ -257,6 +258,8 @@ def wire(config: Config, agent: IAgent, reactor: Any, note: CertificateNote) -> 
         client_idle=config.timeouts.client_idle,
         guard=Guard(config.access, login),
     )
+    if config.access_log:
+        site.combined_log = CombinedLog(Path(config.access_log))
     return Wiring(site, targets, store, metrics)
 
 

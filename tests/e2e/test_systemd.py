@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Mirror
+from tests.e2e.conftest import Mirror, start_mirror
 from tests.support.pki import Pki, make_pki
 from tests.support.processes import REPO, Process, free_port, run, twistd
 
@@ -207,3 +207,36 @@ def test_unit_command_line_reload_and_graceful_stop(workdir: Path, pki: Pki, hub
         assert daemon.proc.wait(30) == 0
     finally:
         daemon.stop()
+
+
+def test_combined_access_log_reopens_on_sigusr1(workdir: Path, pki: Pki) -> None:
+    """access_log writes nginx's combined format; after logrotate's rename, SIGUSR1 reopens it."""
+    from tests.e2e.test_pull import _raw_tls
+
+    log = workdir / "logs" / "access.log"
+    config = workdir / "accesslog.toml"
+    config.write_text(f'access_log = "{log}"\n')
+    mirror = start_mirror(
+        workdir, pki, ["http://127.0.0.1:9"], "accesslog", "--config", str(config)
+    )
+    request = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: probe/1\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        _raw_tls(mirror, pki, request)
+        line = log.read_text().strip()
+        assert re.fullmatch(
+            r"127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "
+            r'"GET /healthz HTTP/1\.1" 200 3 "-" "probe/1"',
+            line,
+        ), line
+        log.rename(log.with_suffix(".log.1"))
+        os.kill(mirror.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _raw_tls(mirror, pki, request)
+        assert '"GET /healthz HTTP/1.1" 200' in log.read_text()
+        assert log.with_suffix(".log.1").read_text().count("\n") == 1
+    finally:
+        mirror.stop()
