@@ -2,7 +2,7 @@
 local-first, what is mutable is revalidated remote-first.
 
 - Blobs and manifests by digest: from the store when present (and the
-  client may see them, see ``access``); otherwise fetched once, with every
+  client may see them, see ``privacy``); otherwise fetched once, with every
   concurrent client of the same digest following that one fill.
 - Manifests by tag: revalidated with a HEAD (free on Docker Hub); an
   unchanged digest is served from the store, saving the rate-limited GET.
@@ -27,13 +27,13 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
 
 from mirrord import errors
-from mirrord.access import AccessChecks
 from mirrord.answer import copy_headers, note_cache, note_upstream, write_answer
 from mirrord.auth import RealmBook
 from mirrord.cache import BlobStore, Entry, Meta, TagRecord, TagStore
 from mirrord.config import CacheConfig, Registry, Timeouts
 from mirrord.fill import Fill, FillFailed, stream_file
 from mirrord.metrics import Metrics
+from mirrord.privacy import AccessChecks
 from mirrord.reference import Kind, Reference
 from mirrord.respond import API_VERSION, write_error
 from mirrord.streaming import BodyTooLarge, abort_client, discard_body, read_small_body

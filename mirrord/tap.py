@@ -18,7 +18,6 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from mirrord import config as configuration
-from mirrord.access import AccessChecks
 from mirrord.accesslog import CombinedLog
 from mirrord.auth import RealmBook
 from mirrord.cache import BlobStore, TagStore
@@ -26,6 +25,7 @@ from mirrord.config import Config, ConfigError, Registry
 from mirrord.guard import Guard
 from mirrord.login import MirrorLogin
 from mirrord.metrics import Metrics, MetricsResource
+from mirrord.privacy import AccessChecks
 from mirrord.proxy import Backend, PassThrough, RegistryProxy
 from mirrord.pullthrough import PullThrough
 from mirrord.routing import Router
