@@ -27,7 +27,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from tests.support.pki import make_pki  # noqa: E402
-from tests.support.processes import Process, free_port, twistd  # noqa: E402
+from tests.support.processes import Process, free_port, mirrord_argv  # noqa: E402
 
 GIB = 1 << 30
 
@@ -221,10 +221,7 @@ def main() -> None:
     mirror = Process(
         "mirrord",
         [
-            twistd(),
-            "--nodaemon",
-            "--pidfile=",
-            "mirrord",
+            *mirrord_argv(),
             "--config",
             "/dev/null",
             "--listen",

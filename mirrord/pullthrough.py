@@ -113,6 +113,17 @@ class PullThrough:
         note_cache(request, cache)
         await write_answer(request, answer, self.realms, self.clock, self.timeouts)
 
+    async def _get_or_pass(self, request: Request, path: str, headers: Headers) -> Answer | None:
+        """GET upstream: a 200 to cache is returned; anything else is passed
+        to the client as it is (and ``None`` returned)."""
+        answer = await self.chain.request(b"GET", path, headers)
+        self._count_answer(answer)
+        if answer.code == 200 and answer.body is None:
+            return answer
+        note_cache(request, "MISS")
+        await write_answer(request, answer, self.realms, self.clock, self.timeouts)
+        return None
+
     def _count_answer(self, answer: Answer) -> None:
         self.metrics.saw_upstream_headers(answer.upstream, answer.headers)
         if answer.fell_back:
@@ -185,11 +196,8 @@ class PullThrough:
         self._fills[digest] = waiting
         fill: Fill | None = None
         try:
-            answer = await self.chain.request(b"GET", path, headers)
-            self._count_answer(answer)
-            if answer.code != 200 or answer.body is not None:
-                note_cache(request, "MISS")
-                await write_answer(request, answer, self.realms, self.clock, self.timeouts)
+            answer = await self._get_or_pass(request, path, headers)
+            if answer is None:
                 return
             length = answer.response.length
             content_type = answer.headers.getRawHeaders(b"content-type", [OCTET_STREAM.encode()])[
@@ -349,11 +357,8 @@ class PullThrough:
         tag: str | None = None,
     ) -> None:
         """GET a manifest upstream, verify it, store it, send it."""
-        answer = await self.chain.request(b"GET", path, headers)
-        self._count_answer(answer)
-        if answer.code != 200 or answer.body is not None:
-            note_cache(request, "MISS")
-            await write_answer(request, answer, self.realms, self.clock, self.timeouts)
+        answer = await self._get_or_pass(request, path, headers)
+        if answer is None:
             return
         note_upstream(request, answer)
         try:

@@ -22,7 +22,7 @@ import pytest
 
 from tests.support import images
 from tests.support.pki import Pki, make_pki
-from tests.support.processes import DEAD_PORT, Process, free_port, run, twistd
+from tests.support.processes import DEAD_PORT, Process, free_port, mirrord_argv, run
 
 if not shutil.which("skopeo") or not shutil.which("docker-registry"):
     pytest.skip("end-to-end tests need skopeo and docker-registry", allow_module_level=True)
@@ -226,10 +226,7 @@ class Mirror(Process):
 def start_mirror(workdir: Path, pki: Pki, upstreams: list[str], name: str, *extra: str) -> Mirror:
     port = free_port()
     argv = [
-        twistd(),
-        "--nodaemon",
-        "--pidfile=",
-        "mirrord",
+        *mirrord_argv(),
         "--listen",
         f"tcp:{port}:interface=127.0.0.1",
         "--cert",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.e2e.conftest import Images, Mirror, Skopeo, start_mirror, verify_dir_copy
 from tests.support.pki import Pki
-from tests.support.processes import DEAD_PORT, run, twistd
+from tests.support.processes import DEAD_PORT, mirrord_argv, run, twistd
 
 
 def test_installed_twistd_lists_and_documents_plugin() -> None:
@@ -27,7 +27,7 @@ def test_bad_config_stops_with_one_message(workdir: Path) -> None:
     bad = workdir / "bad.toml"
     bad.write_text("listen = [8443]\nupstrems = []\n")
     result = run(
-        [twistd(), "--nodaemon", "--pidfile=", "mirrord", "--config", str(bad)],
+        mirrord_argv("--config", str(bad)),
         check=False,
         timeout=30,
     )
@@ -41,14 +41,7 @@ def test_bad_config_stops_with_one_message(workdir: Path) -> None:
 
 def test_startup_problems_are_one_line(workdir: Path, registry_mirror: Mirror) -> None:
     """A missing certificate or a port in use stops startup with one line, no traceback."""
-    base = [
-        twistd(),
-        "--nodaemon",
-        "--pidfile=",
-        "mirrord",
-        "--config",
-        str(workdir / "empty.toml"),
-    ]
+    base = mirrord_argv("--config", str(workdir / "empty.toml"))
     missing = run([*base, "--cert", "/nonexistent.pem", "--key", "/nonexistent.key"], check=False)
     assert missing.returncode != 0
     assert "mirrord: /nonexistent.pem: no such file" in missing.stderr

@@ -12,7 +12,7 @@ import pytest
 
 from tests.e2e.conftest import Mirror, start_mirror
 from tests.support.pki import Pki
-from tests.support.processes import DEAD_PORT, Process, free_port, twistd
+from tests.support.processes import DEAD_PORT, Process, free_port, mirrord_argv
 
 
 def _handshake(host: str, port: int, context: ssl.SSLContext) -> tuple[str, bytes]:
@@ -66,11 +66,7 @@ def test_first_start_makes_self_signed_certificate(workdir: Path) -> None:
     (workdir / "empty.toml").write_text("")
     mirror = Process(
         "selfsigned",
-        [
-            twistd(),
-            "--nodaemon",
-            "--pidfile=",
-            "mirrord",
+        mirrord_argv(
             "--config",
             str(workdir / "empty.toml"),
             "--listen",
@@ -79,7 +75,7 @@ def test_first_start_makes_self_signed_certificate(workdir: Path) -> None:
             str(state),
             "--upstream",
             f"http://127.0.0.1:{DEAD_PORT}",
-        ],
+        ),
         port,
         workdir / "mirror-selfsigned.log",
     ).start()

@@ -29,6 +29,11 @@ def twistd() -> str:
     return str(beside) if beside.exists() else shutil.which("twistd") or "twistd"
 
 
+def mirrord_argv(*options: str) -> list[str]:
+    """``twistd mirrord`` in the foreground, as the unit and README run it."""
+    return [twistd(), "--nodaemon", "--pidfile=", "mirrord", *options]
+
+
 @dataclass
 class Process:
     name: str
