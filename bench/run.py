@@ -203,7 +203,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mirrord-bench-"))
     pki = make_pki(work / "pki")
-    ports = {k: free_port() for k in ("upstream", "direct", "seed", "tuned", "mirrord")}
+    ports = {
+        k: free_port() for k in ("upstream", "direct", "seed", "tuned", "mirrord", "mirrord proxy")
+    }
     locations = REGISTRY_LOCATIONS.format(data=data, manifest_digest=manifest_digest)
     conf = work / "nginx.conf"
     conf.write_text(
@@ -218,30 +220,36 @@ def main() -> None:
         work / "nginx.log",
     ).start()
     state = work / "state"
-    mirror = Process(
-        "mirrord",
-        [
-            *mirrord_argv(),
-            "--config",
-            "/dev/null",
-            "--listen",
-            f"tcp:{ports['mirrord']}:interface=127.0.0.1",
-            "--cert",
-            str(pki.fullchain),
-            "--key",
-            str(pki.privkey),
-            "--state-dir",
-            str(state),
-            "--upstream",
-            f"http://127.0.0.1:{ports['upstream']}",
-        ],
-        ports["mirrord"],
-        work / "mirrord.log",
-    ).start()
+
+    def start_mirrord(name: str, config: str) -> Process:
+        (work / f"{name}.toml").write_text(config)
+        return Process(
+            name,
+            mirrord_argv(
+                "--config",
+                str(work / f"{name}.toml"),
+                "--listen",
+                f"tcp:{ports[name]}:interface=127.0.0.1",
+                "--cert",
+                str(pki.fullchain),
+                "--key",
+                str(pki.privkey),
+                "--state-dir",
+                str(work / name),
+                "--upstream",
+                f"http://127.0.0.1:{ports['upstream']}",
+            ),
+            ports[name],
+            work / f"{name}.log",
+        ).start()
+
+    mirror = start_mirrord("mirrord", "")
+    proxy = start_mirrord("mirrord proxy", "[cache]\nenabled = false\n")
+    state = work / "mirrord"
     cache_blobs = state / "cache" / "blobs"
 
     def url(name: str, path: str) -> str:
-        port = ports["mirrord" if name.startswith("mirrord") else name]
+        port = ports[name if name in ports else "mirrord"]
         return f"https://127.0.0.1:{port}{path}"
 
     def upstream_fetches(digest: str) -> int:
@@ -251,17 +259,18 @@ def main() -> None:
     try:
         blob_path = f"/v2/library/bench/blobs/{big}"
         single: dict[str, tuple[float, float | None]] = {}
-        for name in ("direct", "seed", "tuned", "mirrord cold", "mirrord warm"):
+        for name in ("direct", "seed", "tuned", "mirrord proxy", "mirrord cold", "mirrord warm"):
             cold = name == "mirrord cold"
             if not cold:
                 curl(url(name, blob_path), pki.ca)  # warm page cache, connections, the cache
             speeds, cpu = [], 0.0
+            pid = proxy.pid if name == "mirrord proxy" else mirror.pid
             for _ in range(args.runs):
                 if cold:
                     shutil.rmtree(cache_blobs, ignore_errors=True)
-                before = cpu_seconds(mirror.pid)
+                before = cpu_seconds(pid)
                 speed, size = curl(url(name, blob_path), pki.ca)
-                cpu += cpu_seconds(mirror.pid) - before
+                cpu += cpu_seconds(pid) - before
                 assert size == args.size_mib << 20
                 speeds.append(speed)
             is_mirror = name.startswith("mirrord")
@@ -286,8 +295,11 @@ def main() -> None:
             assert all(s == args.concurrent_size_mib << 20 for s in sizes)
             return time.monotonic() - started, upstream_fetches(mid) - fetched
 
-        conc = {name: concurrent(name) for name in ("seed", "tuned", "mirrord cold")}
+        conc = {
+            name: concurrent(name) for name in ("seed", "tuned", "mirrord proxy", "mirrord cold")
+        }
         rss_concurrent = mirror.peak_rss_kib()
+        rss_proxy = proxy.peak_rss_kib()
         tag_path = "/v2/library/bench/manifests/latest"
         digest_path = f"/v2/library/bench/manifests/{manifest_digest}"
         curl(url("mirrord", tag_path), pki.ca)  # cache the manifest
@@ -304,6 +316,7 @@ def main() -> None:
         )
     finally:
         mirror.stop()
+        proxy.stop()
         os.kill(nginx.pid, signal.SIGQUIT)
         nginx.proc.wait(10)
 
@@ -311,6 +324,7 @@ def main() -> None:
         "direct": "client straight to upstream over TLS (nginx)",
         "seed": "nginx as the seed configures it (`proxy_buffering off`)",
         "tuned": "nginx tuned (`proxy_buffer_size 256k`)",
+        "mirrord proxy": "mirrord with the cache off (streaming proxy)",
         "mirrord cold": "mirrord, cold (miss: fetch, verify, store while streaming)",
         "mirrord warm": "mirrord, warm (hit: from its cache)",
         "mirrord": "mirrord (HEAD revalidates the tag upstream)",
@@ -336,7 +350,8 @@ def main() -> None:
     rows += [
         "",
         f"mirrord peak RSS: {rss_single / 1024:.0f} MiB after the single streams, "
-        f"{rss_concurrent / 1024:.0f} MiB after the {args.concurrent} concurrent clients.",
+        f"{rss_concurrent / 1024:.0f} MiB after the {args.concurrent} concurrent clients"
+        f" (cache off: {rss_proxy / 1024:.0f} MiB).",
         "",
         "| manifest over TLS, 32 keep-alive connections | HEAD/s (ab -i) | GET/s (wrk) |",
         "|---|---|---|",

@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -240,3 +241,33 @@ def test_combined_access_log_reopens_on_sigusr1(workdir: Path, pki: Pki) -> None
         assert log.with_suffix(".log.1").read_text().count("\n") == 1
     finally:
         mirror.stop()
+
+
+MDWE_PROBE = """
+import ctypes, sys
+if sys.argv[1] == "yes":
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+        sys.exit(3)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+options = optionsForClientTLS("registry-1.docker.io")  # verifying, with callbacks
+factory = TLSMemoryBIOFactory(options, True, Factory.forProtocol(Protocol))
+transport = StringTransport()
+factory.buildProtocol(None).makeConnection(transport)
+assert transport.value(), "no ClientHello"
+"""
+
+
+def test_unit_memory_policy_allows_upstream_tls() -> None:
+    """Whatever the unit says about MemoryDenyWriteExecute, verifying an upstream's
+    certificate still works under it (cffi callbacks need W+X memory)."""
+    denied = re.search(r"^MemoryDenyWriteExecute=(yes|true|1)$", UNIT.read_text(), re.MULTILINE)
+    result = run(
+        [sys.executable, "-c", MDWE_PROBE, "yes" if denied else "no"], check=False, timeout=60
+    )
+    if result.returncode == 3:
+        pytest.skip("this kernel has no PR_SET_MDWE")
+    assert result.returncode == 0, result.stderr
