@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mirrord import errors
 from mirrord.config import Access
 from mirrord.login import MirrorLogin
-from mirrord.respond import write_error
+from mirrord.respond import peer_address, write_error
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -151,7 +151,7 @@ class GuardedRoot(Resource):
         return self._root.render(request)
 
     def _admit(self, request: Request) -> errors.RegistryError | None:
-        peer = getattr(request.getClientAddress(), "host", "unknown")
+        peer = peer_address(request)
         client = self._guard.client_address(
             peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
         )

@@ -45,10 +45,18 @@ def client_host(request: Request) -> str:
     return ip if port == 443 else f"{ip}:{port}"
 
 
+def plain_address(host: str) -> str:
+    """``::ffff:192.0.2.1`` (an IPv4 client on the dual-stack socket) → ``192.0.2.1``."""
+    if host.startswith("::ffff:") and host.count(".") == 3:
+        return host[7:]
+    return host
+
+
+def peer_address(request: Request) -> str:
+    return plain_address(getattr(request.getClientAddress(), "host", "unknown"))
+
+
 def client_address(request: Request) -> str:
     """The client's address: as the guard established it (trusted proxies
     resolved), else the peer's."""
-    known = getattr(request, "client_ip", None)
-    if known:
-        return known
-    return getattr(request.getClientAddress(), "host", "unknown")
+    return getattr(request, "client_ip", None) or peer_address(request)

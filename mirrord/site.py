@@ -19,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from mirrord import accesslog, errors
 from mirrord.errors import error_body
 from mirrord.guard import Guard, GuardedRoot
-from mirrord.respond import client_address, write_error
+from mirrord.respond import client_address, plain_address, write_error
 
 
 class MirrordRequest(Request):
@@ -74,7 +74,7 @@ class MirrordChannel(http.HTTPChannel):
         super().connectionMade()
         guard = getattr(self.site, "guard", None)
         if guard is not None:
-            self._peer = getattr(self.transport.getPeer(), "host", "unknown")
+            self._peer = plain_address(getattr(self.transport.getPeer(), "host", "unknown"))
             guard.connection_made(self._peer)
 
     def connectionLost(self, reason: Any) -> None:

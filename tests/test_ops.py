@@ -12,6 +12,7 @@ from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config, logs, ufw
+from mirrord.respond import plain_address
 from mirrord.systemd import notify
 
 
@@ -67,3 +68,10 @@ class UfwTests(SynchronousTestCase):
         )
         self.assertEqual(ufw.listen_ports(parsed), [443, 8443, 9443])
         self.assertIn("ports=443/tcp|8443/tcp|9443/tcp\n", ufw.profile(parsed))
+
+
+class AddressTests(SynchronousTestCase):
+    def test_ipv4_clients_on_the_dual_stack_socket_read_as_ipv4(self) -> None:
+        self.assertEqual(plain_address("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(plain_address("2001:db8::1"), "2001:db8::1")
+        self.assertEqual(plain_address("::ffff:abcd"), "::ffff:abcd")
