@@ -40,10 +40,7 @@ class Challenge:
 
 def parse_challenge(value: bytes) -> Challenge | None:
     """Parse one ``WWW-Authenticate`` value; ``None`` if it is not understood."""
-    try:
-        text = value.decode("latin-1").strip()
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
-        return None
+    text = value.decode("latin-1").strip()  # latin-1 decodes any byte
     scheme, _, rest = text.partition(" ")
     if not scheme:
         return None

@@ -62,6 +62,15 @@ def retry_after_seconds(headers: Headers, now: float) -> float | None:
         return None
 
 
+def _cancelled(error: Exception) -> bool:
+    """Cancellation surfaces from Agent in its own types; our own response
+    timeout was already turned into ``UpstreamTimeout``."""
+    if isinstance(error, ConnectingCancelledError):
+        return True
+    reasons = getattr(error, "reasons", None)
+    return bool(reasons) and any(r.check(CancelledError) for r in reasons)
+
+
 @dataclass
 class Answer:
     """An upstream's answer: a live response whose body is still to be read,
@@ -206,9 +215,10 @@ class UpstreamChain:
             except TooManyRedirects as e:
                 failure = errors.bad_gateway(str(e))
                 continue
-            except ConnectingCancelledError as e:  # pragma: no cover - cancellation
-                raise CancelledError() from e
             except Exception as e:
+                if _cancelled(e):
+                    # The client went away: stop here, do not try the next one.
+                    raise CancelledError() from e
                 failure = errors.bad_gateway(f"upstream {upstream.url} unreachable")
                 log.warn("upstream {upstream} failed: {error!r}", upstream=upstream.url, error=e)
                 continue

@@ -109,6 +109,20 @@ class DisconnectTests(SynchronousTestCase):
         self.assertEqual(len(gone), 1, "the upstream request was left open")
 
 
+    def test_client_disconnect_does_not_fail_over(self) -> None:
+        """A client that leaves while the primary hangs is not served by the next upstream."""
+        mirror = MemoryMirror(
+            self, Path(tempfile.mkdtemp()), upstreams=("http://hub.test", "http://second.test")
+        )
+        mirror.hub.hang = True
+        d = mirror.client.get("https://mirror.test/v2/alpine/manifests/latest")
+        mirror.settle()
+        d.cancel()
+        mirror.settle()
+        self.failureResultOf(d)
+        self.assertEqual(mirror.second.counts["requests"], 0)
+
+
 class SmallResourceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.mirror = MemoryMirror(self, Path(tempfile.mkdtemp()))
