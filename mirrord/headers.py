@@ -18,7 +18,7 @@ FORWARDED_REQUEST_HEADERS = (
     b"if-modified-since",
     b"user-agent",
 )
-CONDITIONAL_REQUEST_HEADERS = (b"authorization", b"cookie")
+CREDENTIAL_HEADERS = (b"authorization", b"cookie")
 
 PASSED_RESPONSE_HEADERS = (
     b"content-type",
@@ -61,7 +61,7 @@ def upstream_request_headers(client: Headers, client_address: str, secure: bool)
 def without_credentials(headers: Headers) -> Headers:
     """A copy that is safe to send to another origin (a CDN, say)."""
     out = headers.copy()
-    for name in CONDITIONAL_REQUEST_HEADERS:
+    for name in CREDENTIAL_HEADERS:
         out.removeHeader(name)
     return out
 
