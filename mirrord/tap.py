@@ -3,6 +3,7 @@ are wired together into a running service."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -173,7 +174,25 @@ def build_backend(
     )
 
 
-RESTART_ONLY = ("listen", "state_dir", "cache", "pool_size", "default_registry", "registries")
+# What a reload applies; anything else that changed waits for a restart.
+RELOADED = frozenset({"cert", "key", "tls_min_version", "tls_ciphers"})
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The changed settings a reload cannot apply (upstream chains it can)."""
+    changed = [
+        f.name
+        for f in dataclasses.fields(Config)
+        if f.name not in RELOADED | {"registries"} and getattr(old, f.name) != getattr(new, f.name)
+    ]
+    chains_only = {
+        name: dataclasses.replace(registry, upstreams=())
+        for name, registry in new.registries.items()
+    } == {
+        name: dataclasses.replace(registry, upstreams=())
+        for name, registry in old.registries.items()
+    }
+    return changed if chains_only else [*changed, "registries"]
 
 
 def reloader(
@@ -199,13 +218,8 @@ def reloader(
         for name, chain in chains.items():
             if name in config.registries:
                 chain.set_urls(config.registries[name].upstreams)
-        for key_name in RESTART_ONLY:
-            if key_name == "registries":
-                changed = config.registries.keys() != current[0].registries.keys()
-            else:
-                changed = getattr(config, key_name) != getattr(current[0], key_name)
-            if changed:
-                log.warn("{key} changed: takes effect on restart", key=key_name)
+        for key_name in needs_restart(current[0], config):
+            log.warn("{key} changed: takes effect on restart", key=key_name)
         current[0] = config
         log.info(
             "reloaded: certificate {cert}, upstreams {upstreams}",

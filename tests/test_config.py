@@ -127,3 +127,30 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             listen_description("tcp:1:interface=127.0.0.1"), "tcp:1:interface=127.0.0.1"
         )
+
+
+class ReloadScopeTests(SynchronousTestCase):
+    def test_reload_applies_tls_and_chains_and_names_the_rest(self) -> None:
+        """A reload applies certificates, TLS settings and upstream chains; other
+        changes are named as waiting for a restart."""
+        from mirrord.tap import needs_restart
+
+        old = config.from_mapping({"listen": [443]})
+        new = config.from_mapping(
+            {
+                "listen": [443],
+                "cert": "/c",
+                "key": "/k",
+                "tls_min_version": "1.3",
+                "registries": {"docker.io": {"upstreams": ["https://m.example"]}},
+            }
+        )
+        self.assertEqual(needs_restart(old, new), [])
+        moved = config.from_mapping(
+            {
+                "listen": [8443],
+                "access": {"max_requests_per_client": 3},
+                "registries": {"ghcr.io": {}},
+            }
+        )
+        self.assertEqual(needs_restart(old, moved), ["listen", "access", "registries"])

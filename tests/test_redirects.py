@@ -108,7 +108,6 @@ class DisconnectTests(SynchronousTestCase):
         self.failureResultOf(d)
         self.assertEqual(len(gone), 1, "the upstream request was left open")
 
-
     def test_client_disconnect_does_not_fail_over(self) -> None:
         """A client that leaves while the primary hangs is not served by the next upstream."""
         mirror = MemoryMirror(
