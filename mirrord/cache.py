@@ -23,7 +23,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -246,7 +246,44 @@ class BlobStore:
             return None
 
     def is_pinned(self, entry: Entry) -> bool:
-        return any(fnmatch.fnmatchcase(entry.meta.repository, p) for p in self.pinned)
+        """Pinned by a repository pattern (``library/*``)."""
+        return any(
+            fnmatch.fnmatchcase(entry.meta.repository, p) for p in self.pinned if ":" not in p
+        )
+
+    def pinned_by_tag(self) -> set[str]:
+        """Everything a pinned tag (``library/alpine:3.*``) needs: its
+        manifest, and what that manifest references, recursively."""
+        patterns = [p for p in self.pinned if ":" in p]
+        keep: set[str] = set()
+        if not patterns:
+            return keep
+        for name, tag, record in TagStore(self.root).records():
+            if any(fnmatch.fnmatchcase(f"{name}:{tag}", p) for p in patterns):
+                self._referenced(record.digest, keep)
+        return keep
+
+    def _referenced(self, digest: str, keep: set[str]) -> None:
+        if digest in keep:
+            return
+        keep.add(digest)
+        entry = self.entries.get(digest)
+        if entry is None or entry.size > 4 << 20 or "json" not in entry.meta.media_type:
+            return
+        try:
+            document = json.loads(self.data_path(digest).read_bytes())
+        except (OSError, ValueError):
+            return
+        if not isinstance(document, dict):
+            return
+        children = [
+            document.get("config"),
+            *document.get("layers", []),
+            *document.get("manifests", []),
+        ]
+        for child in children:
+            if isinstance(child, dict) and isinstance(child.get("digest"), str):
+                self._referenced(child["digest"], keep)
 
     def evict(self) -> list[str]:
         """Above the high watermark, remove least recently used blobs until
@@ -255,10 +292,11 @@ class BlobStore:
             return []
         target = self.max_size * self.low_watermark
         removed = []
+        keep = self.pinned_by_tag()
         for entry in sorted(self.entries.values(), key=lambda e: e.last_access):
             if self.size <= target:
                 break
-            if entry.readers or self.is_pinned(entry):
+            if entry.readers or entry.digest in keep or self.is_pinned(entry):
                 continue
             self._forget(entry)
             self._remove_files(entry.digest)
@@ -302,6 +340,17 @@ class TagStore:
             return TagRecord(**json.loads(self._path(registry, name, tag).read_text()))
         except (OSError, ValueError, TypeError):
             return None
+
+    def records(self) -> Iterator[tuple[str, str, TagRecord]]:
+        """Every (repository, tag, record), across registries."""
+        for path in (self.root / "tags").glob("*/**/*.json"):
+            relative = path.relative_to(self.root / "tags")
+            name = "/".join(relative.parts[1:-1])
+            try:
+                record = TagRecord(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            yield name, path.name.removesuffix(".json"), record
 
     def put(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
         path = self._path(registry, name, tag)

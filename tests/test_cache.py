@@ -4,6 +4,7 @@ upstreams, restarts, stale tags, revalidation, eviction, privacy, metrics."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mirrord.cache import BlobStore, Meta, parse_size
+from mirrord.cache import BlobStore, Meta, TagRecord, TagStore, parse_size
 from mirrord.config import CacheConfig
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
@@ -368,3 +369,38 @@ class RestartOrderTests(SynchronousTestCase):
         restarted.rebuild()
         restarted.put_bytes(_digest(b"x" * 300), b"x" * 300, Meta())
         self.assertEqual(restarted.evict(), [_digest(second)])
+
+
+class TagPinTests(SynchronousTestCase):
+    def test_pinned_tag_keeps_its_manifest_and_layers(self) -> None:
+        """A pinned tag's manifest, config and layers survive eviction; the rest goes."""
+        root = Path(tempfile.mkdtemp())
+        now = [1000.0]
+        store = BlobStore(root, 2000, 0.9, 0.3, ("library/app:1.*",), now=lambda: now[0])
+        layer, config_blob = os.urandom(500), os.urandom(100)
+        for data in (layer, config_blob):
+            store.put_bytes(_digest(data), data, Meta(repository="library/app"))
+            now[0] += 1
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"digest": _digest(config_blob)},
+                "layers": [{"digest": _digest(layer)}],
+            }
+        ).encode()
+        store.put_bytes(_digest(manifest), manifest, Meta(OCI_MANIFEST, "library/app"))
+        TagStore(root).put(
+            "docker.io",
+            "library/app",
+            "1.2",
+            TagRecord(_digest(manifest), OCI_MANIFEST, len(manifest), now[0], True),
+        )
+        others = [os.urandom(600) for _ in range(2)]
+        for data in others:
+            now[0] += 1
+            store.put_bytes(_digest(data), data, Meta(repository="library/other"))
+        removed = store.evict()
+        self.assertEqual(sorted(removed), sorted(_digest(d) for d in others))
+        for data in (layer, config_blob, manifest):
+            self.assertIsNotNone(store.get(_digest(data)))
