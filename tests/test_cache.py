@@ -89,6 +89,12 @@ class BlobFillTests(SynchronousTestCase):
         self.mirror.add_host(b"paced.test", self.upstream)
         self.path = f"/v2/library/x/blobs/{self.digest}"
 
+    def published(self) -> None:
+        """Let verified fills publish (they wait PUBLISH_DELAY for readers)."""
+        self.mirror.settle()
+        self.mirror.clock.advance(1)
+        self.mirror.settle()
+
     def start(self, hang_up: bool = False) -> tuple[object, Collector]:
         d = self.mirror.client.get("https://mirror.test" + self.path)
         collector = Collector(hang_up)
@@ -150,6 +156,7 @@ class BlobFillTests(SynchronousTestCase):
         self.upstream.release()
         self.mirror.settle()
         self.assertEqual(stayer.data, self.data)
+        self.published()
         reply = self.mirror.get(self.path)
         self.assertEqual(reply.header("x-mirrord-cache"), "HIT")
         self.assertEqual(self.upstream.gets, 1)
@@ -160,7 +167,7 @@ class BlobFillTests(SynchronousTestCase):
         self.start(hang_up=True)
         self.mirror.settle()
         self.upstream.release()
-        self.mirror.settle()
+        self.published()
         reply = self.mirror.get(self.path)
         self.assertEqual((reply.code, reply.header("x-mirrord-cache")), (200, "HIT"))
         self.assertEqual(reply.body, self.data)
@@ -203,6 +210,7 @@ class BlobFillTests(SynchronousTestCase):
     def test_restart_removes_temporaries_and_keeps_hits(self) -> None:
         """After a restart, interrupted fills are gone and cached blobs are still hits."""
         self.mirror.get(self.path)
+        self.published()
         (self.tmp / "cache" / "tmp" / "interrupted").write_bytes(b"half a blob")
         store = BlobStore(self.tmp / "cache", parse_size("1GiB"))
         entries, removed = store.rebuild()
@@ -319,6 +327,7 @@ class ManifestCacheTests(SynchronousTestCase):
         )
         blob_path = f"/v2/alice/private/blobs/{blob}"
         self.assertEqual(self.mirror.get(blob_path, alice).code, 200)
+        self.mirror.clock.advance(1)  # the fill publishes
         digest_path = f"/v2/alice/private/manifests/{first.header('docker-content-digest')}"
         anonymous = {**ACCEPT, **self.mirror.pull_headers("alice/private")}
         for p in (path, digest_path, blob_path):
@@ -335,6 +344,7 @@ class ManifestCacheTests(SynchronousTestCase):
         path = f"/v2/library/alpine/blobs/{blob}"
         _, headers = self.pull()
         self.assertEqual(self.mirror.get(path, headers).header("x-mirrord-cache"), "MISS")
+        self.mirror.clock.advance(1)  # the fill publishes
         self.hub.outage = True
         reply = self.mirror.get(path)
         self.assertEqual((reply.code, reply.header("x-mirrord-cache")), (200, "HIT"))
