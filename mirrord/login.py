@@ -21,6 +21,8 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 
+from mirrord.expiring import Expiring
+
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 
 
@@ -63,10 +65,9 @@ class MirrorLogin:
 
     def __init__(self, users: Mapping[str, str], now: Callable[[], float], ttl: float = 300.0):
         self.users = users
-        self._now = now
         self._ttl = ttl
-        self._answers: dict[bytes, tuple[bool, float]] = {}
-        self._tokens: dict[bytes, float] = {}
+        self._answers: Expiring[bytes, bool] = Expiring(now)
+        self._tokens: Expiring[bytes, bool] = Expiring(now)
 
     @property
     def enabled(self) -> bool:
@@ -75,23 +76,22 @@ class MirrorLogin:
     def basic_ok(self, header: bytes) -> bool:
         key = hashlib.sha256(header).digest()
         known = self._answers.get(key)
-        if known is not None and known[1] > self._now():
-            return known[0]
+        if known is not None:
+            return known
         try:
             user, _, password = base64.b64decode(header[6:]).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return False
         stored = self.users.get(user)
         ok = stored is not None and check_hash(password, stored)
-        self._answers[key] = (ok, self._now() + self._ttl)
+        self._answers.put(key, ok, self._ttl)
         return ok
 
     def issued(self, token: str, expires_in: float) -> None:
-        self._tokens[hashlib.sha256(token.encode()).digest()] = self._now() + expires_in
+        self._tokens.put(hashlib.sha256(token.encode()).digest(), True, expires_in)
 
     def token_ok(self, token: bytes) -> bool:
-        expiry = self._tokens.get(hashlib.sha256(token).digest())
-        return expiry is not None and expiry > self._now()
+        return self._tokens.get(hashlib.sha256(token).digest()) is not None
 
 
 def main() -> None:

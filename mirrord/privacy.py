@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 
 from mirrord import errors
 from mirrord.auth import parse_challenge
+from mirrord.expiring import Expiring
 from mirrord.streaming import discard_body, read_small_body
 from mirrord.upstream import RedirectFollower, UpstreamChain
 
@@ -41,16 +42,19 @@ class AccessChecks:
     clock: IReactorTime
     ttl: float = 300.0
     public_ttl: float = 3600.0
-    _verified: dict[tuple[str, str], float] = field(default_factory=dict)
-    _public: dict[str, tuple[bool, float]] = field(default_factory=dict)
+    _verified: Expiring[tuple[str, str], bool] = field(init=False)
+    _public: Expiring[str, bool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._verified = Expiring(self.clock.seconds)
+        self._public = Expiring(self.clock.seconds)
 
     def remember(self, headers: Headers, repository: str) -> None:
         """The upstream just accepted these credentials for this repository."""
-        self._verified[(_credential(headers), repository)] = self.clock.seconds() + self.ttl
+        self._verified.put((_credential(headers), repository), True, self.ttl)
 
     def verified(self, headers: Headers, repository: str) -> bool:
-        expiry = self._verified.get((_credential(headers), repository))
-        return expiry is not None and expiry > self.clock.seconds()
+        return self._verified.get((_credential(headers), repository)) is not None
 
     async def allowed(self, headers: Headers, repository: str, public: bool, path: str) -> bool:
         """May this client read cached content of ``repository``?"""
@@ -74,8 +78,8 @@ class AccessChecks:
     async def is_public(self, repository: str, path: str) -> bool:
         """Can ``path`` of ``repository`` be read with no credentials at all?"""
         known = self._public.get(repository)
-        if known is not None and known[1] > self.clock.seconds():
-            return known[0]
+        if known is not None:
+            return known
         try:
             public = await self._anonymous_head(path)
         except CancelledError:
@@ -85,7 +89,7 @@ class AccessChecks:
                 "publicity check of {repository} failed: {error}", repository=repository, error=e
             )
             return False
-        self._public[repository] = (public, self.clock.seconds() + self.public_ttl)
+        self._public.put(repository, public, self.public_ttl)
         return public
 
     async def _anonymous_head(self, path: str) -> bool:

@@ -12,6 +12,7 @@ from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config, logs, ufw
+from mirrord.expiring import Expiring
 from mirrord.respond import plain_address
 from mirrord.systemd import notify
 
@@ -75,3 +76,18 @@ class AddressTests(SynchronousTestCase):
         self.assertEqual(plain_address("::ffff:192.0.2.7"), "192.0.2.7")
         self.assertEqual(plain_address("2001:db8::1"), "2001:db8::1")
         self.assertEqual(plain_address("::ffff:abcd"), "::ffff:abcd")
+
+
+class ExpiringTests(SynchronousTestCase):
+    def test_entries_expire_and_the_map_stays_bounded(self) -> None:
+        """Remembered answers expire, and many short-lived keys never grow the map past its cap."""
+        now = [0.0]
+        seen: Expiring[str, bool] = Expiring(lambda: now[0], max_entries=100)
+        seen.put("a", True, 10)
+        self.assertTrue(seen.get("a"))
+        now[0] = 11
+        self.assertIsNone(seen.get("a"))
+        for i in range(1000):
+            seen.put(f"token-{i}", True, 300)
+        self.assertLessEqual(len(seen), 100)
+        self.assertTrue(seen.get("token-999"))
