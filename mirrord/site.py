@@ -21,11 +21,44 @@ from mirrord.errors import error_body
 from mirrord.guard import Guard, GuardedRoot
 from mirrord.respond import client_address, plain_address, write_error
 
+# The mirror takes no uploads; the largest body it reads is a /token form.
+MAX_REQUEST_BODY = 64 * 1024
+
+
+class _Discard:
+    """Absorbs the body of a refused request until its connection closes."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: object) -> None:
+        pass
+
+    def read(self, *args: object) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
 
 class MirrordRequest(Request):
     """A request that carries what the access event needs."""
 
+    refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        # Twisted would spool any body, however large, to a temporary file
+        # before we see the request: refuse big or unbounded (chunked) ones.
+        if length is None or length > MAX_REQUEST_BODY:
+            self.refused = True
+            self.content = _Discard()
+            self.channel.refuse(413, "SIZE_INVALID", "request body too large for a mirror")
+            return
+        super().gotLength(length)
+
     def process(self) -> None:
+        if self.refused:
+            return
         site = self.channel.site
         clock: IReactorTime = site.reactor
         self.access = accesslog.AccessRecord(started=clock.seconds())
@@ -63,11 +96,11 @@ class MirrordRequest(Request):
 
 
 class MirrordChannel(http.HTTPChannel):
-    """An HTTP channel that answers oversized request lines and headers.
+    """An HTTP channel that answers oversized requests itself.
 
     Twisted's ``LineReceiver`` answers a line over the limit by closing the
     transport while this channel is still its producer; under TLS that close
-    waits forever. Answer 431 and close properly instead.
+    waits forever. Answer 431 (413 for a body) and close properly instead.
     """
 
     def connectionMade(self) -> None:
@@ -84,11 +117,15 @@ class MirrordChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        body = error_body("UNSUPPORTED", "request line or header fields too large")
+        self.refuse(431, "UNSUPPORTED", "request line or header fields too large")
+
+    def refuse(self, status: int, code: str, message: str) -> None:
+        """Answer with a registry error and close, before any resource runs."""
+        body = error_body(code, message)
+        reason = http.RESPONSES.get(status, b"Error")
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, reason, len(body), body)
         )
         self.loseConnection()
 

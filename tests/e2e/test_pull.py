@@ -182,3 +182,13 @@ def test_unreachable_upstream_is_502(workdir: Path, pki: Pki) -> None:
     assert answer.startswith(b"HTTP/1.1 502 "), answer[:200]
     assert b'"UNAVAILABLE"' in answer
     assert elapsed < 5
+
+
+def test_large_request_body_is_refused_at_once(registry_mirror: Mirror, pki: Pki) -> None:
+    """A big or chunked upload is answered 413 before Twisted spools it anywhere."""
+    for framing in (b"Content-Length: 100000000", b"Transfer-Encoding: chunked"):
+        payload = b"POST /v2/library/alpine/blobs/uploads/ HTTP/1.1\r\nHost: x\r\n" + framing
+        answer, elapsed = _raw_tls(registry_mirror, pki, payload + b"\r\n\r\n" + b"x" * 1000)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert b"SIZE_INVALID" in answer
+        assert elapsed < 5
