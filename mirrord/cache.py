@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -88,6 +89,7 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
 _start_writeback = _writeback_starter()
 WRITEBACK_EVERY = 16 << 20
 TOUCH_EVERY = 3600.0
+TAG_REFRESH_EVERY = 60.0
 
 
 class TempBlob:
@@ -328,18 +330,29 @@ class TagRecord:
 
 @dataclass
 class TagStore:
-    """The digest each tag last resolved to, for serving stale tags."""
+    """The digest each tag last resolved to, for serving stale tags.
+
+    Every revalidated pull updates its tag's time; the file is rewritten
+    (with an fsync) only when the tag moved or its time is a minute old, so
+    a busy tag does not cost a disk flush per request."""
 
     root: Path
+    _known: dict[Path, TagRecord] = field(default_factory=dict)
 
     def _path(self, registry: str, name: str, tag: str) -> Path:
         return self.root / "tags" / registry / name / f"{tag}.json"
 
     def get(self, registry: str, name: str, tag: str) -> TagRecord | None:
+        path = self._path(registry, name, tag)
+        known = self._known.get(path)
+        if known is not None:
+            return known
         try:
-            return TagRecord(**json.loads(self._path(registry, name, tag).read_text()))
+            record = TagRecord(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             return None
+        self._known[path] = record
+        return record
 
     def records(self) -> Iterator[tuple[str, str, TagRecord]]:
         """Every (repository, tag, record), across registries."""
@@ -353,9 +366,17 @@ class TagStore:
             yield name, path.name.removesuffix(".json"), record
 
     def put(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
+        old = self.get(registry, name, tag)
+        if (
+            old is not None
+            and dataclasses.replace(old, fetched=record.fetched) == record
+            and record.fetched - old.fetched < TAG_REFRESH_EVERY
+        ):
+            return  # unchanged and recent: keep the time on disk (errs stale-safe)
         path = self._path(registry, name, tag)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomically(path, json.dumps(asdict(record)).encode())
+        self._known[path] = record
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -3,6 +3,7 @@ upstreams, restarts, stale tags, revalidation, eviction, privacy, metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -414,3 +415,22 @@ class TagPinTests(SynchronousTestCase):
         self.assertEqual(sorted(removed), sorted(_digest(d) for d in others))
         for data in (layer, config_blob, manifest):
             self.assertIsNotNone(store.get(_digest(data)))
+
+
+class TagStoreTests(SynchronousTestCase):
+    def test_unchanged_tag_is_not_rewritten_every_request(self) -> None:
+        """Revalidating the same digest rewrites the tag file at most once a minute."""
+        root = Path(tempfile.mkdtemp())
+        tags = TagStore(root)
+        path = root / "tags" / "docker.io" / "library" / "a" / "1.json"
+        record = TagRecord("sha256:" + "a" * 64, OCI_MANIFEST, 10, 1000.0, True)
+        tags.put("docker.io", "library/a", "1", record)
+        inode = path.stat().st_ino
+        tags.put("docker.io", "library/a", "1", dataclasses.replace(record, fetched=1030.0))
+        self.assertEqual(path.stat().st_ino, inode)
+        tags.put("docker.io", "library/a", "1", dataclasses.replace(record, fetched=1061.0))
+        self.assertNotEqual(path.stat().st_ino, inode)
+        self.assertEqual(TagStore(root).get("docker.io", "library/a", "1").fetched, 1061.0)
+        moved = dataclasses.replace(record, digest="sha256:" + "b" * 64, fetched=1062.0)
+        tags.put("docker.io", "library/a", "1", moved)
+        self.assertEqual(TagStore(root).get("docker.io", "library/a", "1").digest, moved.digest)
