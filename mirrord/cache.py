@@ -93,12 +93,12 @@ TAG_REFRESH_EVERY = 60.0
 
 
 class TempBlob:
-    """A blob being written: bytes go to a temporary file and a hash."""
+    """A blob being written to a temporary file. Its hash is the caller's
+    (see ``mirrord.hashing``): publishing needs the hex digest."""
 
-    def __init__(self, path: Path, algorithm: str) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._hash = hashlib.new(algorithm)
         self.size = 0
         self._synced = 0
         self.closed = False
@@ -107,17 +107,13 @@ class TempBlob:
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
-        self._hash.update(data)
         self.size += len(data)
         if self.size - self._synced >= WRITEBACK_EVERY:
             _start_writeback(self._fd, self._synced, self.size - self._synced)
             self._synced = self.size
 
-    def matches(self, digest: str, size: int | None) -> bool:
-        return self.hexdigest() == digest.split(":", 1)[1] and size in (None, self.size)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+    def matches(self, digest: str, hexdigest: str, size: int | None) -> bool:
+        return hexdigest == digest.split(":", 1)[1] and size in (None, self.size)
 
     def finish(self) -> None:
         os.fsync(self._fd)
@@ -178,16 +174,17 @@ class BlobStore:
             self.size += stat.st_size
         return len(self.entries), removed
 
-    def new_temp(self, digest: str) -> TempBlob:
-        algorithm = digest.split(":", 1)[0]
-        return TempBlob(self.root / "tmp" / uuid.uuid4().hex, algorithm)
+    def new_temp(self) -> TempBlob:
+        return TempBlob(self.root / "tmp" / uuid.uuid4().hex)
 
-    def publish(self, temp: TempBlob, digest: str, meta: Meta, size: int | None = None) -> Entry:
-        """Verify ``temp`` against ``digest`` (and ``size``) and move it into place."""
-        if not temp.matches(digest, size):
+    def publish(
+        self, temp: TempBlob, digest: str, hexdigest: str, meta: Meta, size: int | None = None
+    ) -> Entry:
+        """Check ``temp``'s ``hexdigest`` (and size) against ``digest``; move it into place."""
+        if not temp.matches(digest, hexdigest, size):
             temp.discard()
             raise DigestMismatch(
-                f"{digest}: received {temp.size} bytes hashing to {temp.hexdigest()[:16]}..."
+                f"{digest}: received {temp.size} bytes hashing to {hexdigest[:16]}..."
             )
         temp.finish()
         directory = self.blob_dir(digest)
@@ -214,9 +211,10 @@ class BlobStore:
         _write_atomically(self.blob_dir(digest) / "meta.json", json.dumps(asdict(meta)).encode())
 
     def put_bytes(self, digest: str, data: bytes, meta: Meta) -> Entry:
-        temp = self.new_temp(digest)
+        temp = self.new_temp()
         temp.write(data)
-        return self.publish(temp, digest, meta, len(data))
+        algorithm = digest.split(":", 1)[0]
+        return self.publish(temp, digest, hashlib.new(algorithm, data).hexdigest(), meta, len(data))
 
     def get(self, digest: str) -> Entry | None:
         """The entry for a digest, marked as just used; ``None`` if absent."""

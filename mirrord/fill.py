@@ -28,6 +28,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from mirrord.cache import BlobStore, DigestMismatch, Entry, Meta
+from mirrord.hashing import Hasher
 from mirrord.streaming import abort_client
 
 log = Logger()
@@ -38,6 +39,8 @@ READ_CHUNK = 2 << 20
 # Seconds between verifying a fill and publishing it (fsync, rename): time
 # for the readers' last bytes to leave before a long fsync holds the reactor.
 PUBLISH_DELAY = 0.05
+# Bytes written but not yet hashed above which the upstream is paused.
+HASH_BACKLOG = 16 << 20
 
 
 class FillFailed(Exception):
@@ -50,6 +53,7 @@ class Fill(Protocol):
     def __init__(
         self,
         store: BlobStore,
+        hasher: Hasher,
         digest: str,
         meta: Meta,
         expected_size: int | None,
@@ -62,7 +66,9 @@ class Fill(Protocol):
         self.digest = digest
         self.meta = meta
         self.expected_size = expected_size
-        self.temp = store.new_temp(digest)
+        self.hasher = hasher
+        self.temp = store.new_temp()
+        self.hexdigest = ""
         self.written = 0
         self.entry: Entry | None = None
         self.verified = False
@@ -77,6 +83,7 @@ class Fill(Protocol):
         self._listeners: list[Callable[[], None]] = []
         self._idle: IDelayedCall | None = None
         self._orphaned: IDelayedCall | None = None
+        self._waiting_for_hash = False
 
     @property
     def finished(self) -> bool:
@@ -89,10 +96,28 @@ class Fill(Protocol):
         if self.finished:
             return
         self.temp.write(data)
+        self.hasher.update(data)
         self.written += len(data)
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._body_idle)
+        if self.hasher.backlog > HASH_BACKLOG and not self._waiting_for_hash:
+            self._pause_for_hash()
         self._wake()
+
+    def _pause_for_hash(self) -> None:
+        """Hold the upstream while the hash worker catches up: its queue
+        is memory."""
+        self._waiting_for_hash = True
+        self.transport.pauseProducing()
+
+        def resume(_: object) -> None:
+            self._waiting_for_hash = False
+            if not self.finished:
+                if self._idle is not None and self._idle.active():
+                    self._idle.reset(self._body_idle)
+                self.transport.resumeProducing()
+
+        self.hasher.caught_up().addBoth(resume)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_timers()
@@ -101,7 +126,17 @@ class Fill(Protocol):
         if not reason.check(ResponseDone, PotentialDataLoss):
             self._fail(f"upstream body failed: {reason.value!r}")
             return
-        if not self.temp.matches(self.digest, self.expected_size):
+        self.hasher.hexdigest().addCallbacks(self._hashed, self._not_hashed)
+
+    def _not_hashed(self, failure: Failure) -> None:
+        if not self.finished:
+            self._fail(f"cannot hash: {failure.value!r}")
+
+    def _hashed(self, hexdigest: str) -> None:
+        if self.finished:
+            return
+        self.hexdigest = hexdigest
+        if not self.temp.matches(self.digest, hexdigest, self.expected_size):
             self._publish()  # refuses, counts and fails the fill
             return
         # Verified: readers may send their last byte now. Publishing (fsync,
@@ -115,7 +150,9 @@ class Fill(Protocol):
         if self.finished:
             return
         try:
-            self.entry = self.store.publish(self.temp, self.digest, self.meta, self.expected_size)
+            self.entry = self.store.publish(
+                self.temp, self.digest, self.hexdigest, self.meta, self.expected_size
+            )
         except DigestMismatch as e:
             log.error("digest mismatch, not cached: {error}", error=str(e))
             self._on_mismatch(self.digest)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from mirrord.auth import RealmBook
 from mirrord.cache import BlobStore, Entry, Meta, TagRecord, TagStore
 from mirrord.config import CacheConfig, Registry, Timeouts
 from mirrord.fill import Fill, FillFailed, stream_file
+from mirrord.hashing import Hasher, InlineHasher
 from mirrord.metrics import Metrics
 from mirrord.privacy import AccessChecks
 from mirrord.reference import Kind, Reference
@@ -83,6 +85,7 @@ class PullThrough:
     timeouts: Timeouts
     config: CacheConfig
     metrics: Metrics
+    hashers: Callable[[str], Hasher] = InlineHasher
 
     def __post_init__(self) -> None:
         self._fills: dict[str, Fill | Deferred[Fill | None]] = {}
@@ -208,6 +211,7 @@ class PullThrough:
             )
             fill = Fill(
                 self.store,
+                self.hashers(digest.split(":", 1)[0]),
                 digest,
                 meta,
                 None if length is UNKNOWN_LENGTH else length,

@@ -14,6 +14,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
+from mirrord.hashing import HashWorker
 from mirrord.site import MirrordSite
 from mirrord.systemd import notify
 
@@ -21,7 +22,8 @@ log = Logger()
 
 
 class MirrordService(MultiService):
-    """Owns the connection pool; the listeners are its child services."""
+    """Owns the connection pool and the hash worker; the listeners are its
+    child services."""
 
     def __init__(
         self,
@@ -30,6 +32,7 @@ class MirrordService(MultiService):
         site: MirrordSite,
         grace_period: float,
         reload: Callable[[], None] = lambda: None,
+        hash_worker: HashWorker | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -37,6 +40,7 @@ class MirrordService(MultiService):
         self.site = site
         self.grace_period = grace_period
         self.reload = reload
+        self.hash_worker = hash_worker
 
     def privilegedStartService(self) -> None:
         # Listeners bind here, before the reactor runs (and before privileges
@@ -49,6 +53,8 @@ class MirrordService(MultiService):
             ) from None
 
     def startService(self) -> None:
+        if self.hash_worker is not None:
+            self.hash_worker.startService()
         super().startService()
         # twistd starts services before the reactor installs its own signal
         # handlers; ours must come after to replace them.
@@ -93,6 +99,9 @@ class MirrordService(MultiService):
         listeners = super().stopService()  # stop accepting connections
         d = DeferredList([listeners, self._drained()], consumeErrors=True)
         d.addBoth(lambda _: self.pool.closeCachedConnections())
+        if self.hash_worker is not None:
+            # After the drain: the transfers still running needed it.
+            d.addBoth(lambda _: self.hash_worker.stopService())
         return d
 
     def _drained(self) -> Deferred[None]:

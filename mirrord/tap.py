@@ -24,6 +24,7 @@ from mirrord.auth import RealmBook
 from mirrord.cache import BlobStore, TagStore
 from mirrord.config import Config, ConfigError, Registry
 from mirrord.guard import Guard
+from mirrord.hashing import Hasher, HashWorker, InlineHasher
 from mirrord.login import MirrorLogin
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.privacy import AccessChecks
@@ -155,6 +156,7 @@ def build_backend(
     follower: RedirectFollower,
     clock: IReactorTime,
     metrics: Metrics,
+    hashers: Callable[[str], Hasher] = InlineHasher,
 ) -> Backend:
     """The cache in front of a registry's chain, or the chain alone."""
     if store is None:
@@ -171,6 +173,7 @@ def build_backend(
         config.timeouts,
         config.cache,
         metrics,
+        hashers,
     )
 
 
@@ -243,8 +246,15 @@ class Wiring:
     metrics: Metrics
 
 
-def wire(config: Config, agent: IAgent, reactor: Any, note: CertificateNote) -> Wiring:
-    """Registries, their upstream chains and backends, the resource tree."""
+def wire(
+    config: Config,
+    agent: IAgent,
+    reactor: Any,
+    note: CertificateNote,
+    hashers: Callable[[str], Hasher] = InlineHasher,
+) -> Wiring:
+    """Registries, their upstream chains and backends, the resource tree.
+    ``hashers`` makes a fill's hasher: a ``HashWorker``'s in the daemon."""
     clock: IReactorTime = reactor
     metrics = Metrics()
     login = MirrorLogin(config.access.users, clock.seconds)
@@ -261,7 +271,7 @@ def wire(config: Config, agent: IAgent, reactor: Any, note: CertificateNote) -> 
             on_rate_limited=lambda upstream: metrics.upstream_429.labels(upstream).inc(),
         )
         targets[name] = TokenTarget(registry, chain, RealmBook())
-        backend = build_backend(config, targets[name], store, follower, clock, metrics)
+        backend = build_backend(config, targets[name], store, follower, clock, metrics, hashers)
         served[name] = (registry, backend)
     site = build_site(
         registry_proxy=RegistryProxy(Router(served, config.default_registry)),
@@ -287,10 +297,12 @@ def build_service(
     pool.maxPersistentPerHost = config.pool_size
     raise_mmap_threshold()
     endpoints = UpstreamEndpoints(reactor, upstream_policy(config), config.timeouts.connect)
-    wiring = wire(config, Agent.usingEndpointFactory(reactor, endpoints, pool=pool), reactor, note)
+    hash_worker = HashWorker(reactor)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    wiring = wire(config, agent, reactor, note, hash_worker.hasher)
     chains = {name: target.chain for name, target in wiring.targets.items()}
     reload = reloader(load or (lambda: config), config, server_tls, chains)
-    service = MirrordService(reactor, pool, wiring.site, config.grace_period, reload)
+    service = MirrordService(reactor, pool, wiring.site, config.grace_period, reload, hash_worker)
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))
         listener = StreamServerEndpointService(

@@ -10,13 +10,20 @@ import os
 import tempfile
 from pathlib import Path
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord.cache import BlobStore, Meta, TagRecord, TagStore, parse_size
 from mirrord.config import CacheConfig
+from mirrord.fill import HASH_BACKLOG, Fill
+from mirrord.hashing import InlineHasher
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
 
@@ -74,6 +81,27 @@ class Collector(Protocol):
 
     def connectionLost(self, reason) -> None:
         self.reason = reason
+
+
+class LateHasher(InlineHasher):
+    """Hashes at once but answers only when the test says: the digest
+    arriving after the body has, as from the daemon's hash worker."""
+
+    def __init__(self, algorithm: str) -> None:
+        super().__init__(algorithm)
+        self.answers: list[Deferred[str]] = []
+        LateHasher.made.append(self)
+
+    made: list[LateHasher] = []
+
+    def hexdigest(self) -> Deferred[str]:
+        answer: Deferred[str] = Deferred()
+        self.answers.append(answer)
+        return answer
+
+    def answer(self) -> None:
+        for answer in self.answers:
+            answer.callback(self._hash.hexdigest())
 
 
 def _digest(data: bytes) -> str:
@@ -223,6 +251,93 @@ class BlobFillTests(SynchronousTestCase):
         reply = restarted.get(self.path)
         self.assertEqual((reply.header("x-mirrord-cache"), reply.body), ("HIT", self.data))
         self.assertEqual(self.upstream.gets, 1)
+
+
+class LateHashTests(SynchronousTestCase):
+    """Verification waits for the hash worker's answer, not for the body's end."""
+
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp())
+        self.data = os.urandom(300_000)
+        self.digest = _digest(self.data)
+        LateHasher.made = []
+        self.mirror = MemoryMirror(
+            self, self.tmp, upstreams=("http://paced.test",), hashers=LateHasher
+        )
+        self.upstream = PacedBlobs({self.digest: self.data})
+        self.mirror.add_host(b"paced.test", self.upstream)
+        self.path = f"/v2/library/x/blobs/{self.digest}"
+
+    def start(self) -> Collector:
+        d = self.mirror.client.get("https://mirror.test" + self.path)
+        collector = Collector()
+        d.addCallback(lambda response: response.deliverBody(collector))
+        self.mirror.settle()
+        return collector
+
+    def test_last_byte_waits_for_the_hash(self) -> None:
+        body = self.start()
+        self.assertEqual(len(body.data), len(self.data) - 1, "sent whole before verification")
+        [hasher] = LateHasher.made
+        hasher.answer()
+        self.mirror.settle()
+        self.assertEqual(body.data, self.data)
+        self.mirror.clock.advance(1)  # publication
+        reply = self.mirror.get(self.path)
+        self.assertEqual((reply.header("x-mirrord-cache"), reply.body), ("HIT", self.data))
+
+    def test_mismatch_found_late_aborts_the_reader(self) -> None:
+        self.upstream.corrupt = True
+        body = self.start()
+        self.assertIsNone(body.reason)
+        LateHasher.made[0].answer()
+        self.mirror.settle()
+        self.assertIsNotNone(body.reason)
+        self.assertLess(len(body.data), len(self.data))
+        self.assertIsNone(self.mirror.store.get(self.digest))
+        self.assertEqual(self.mirror.metrics.value("mirrord_digest_mismatches_total"), 1)
+
+
+class BehindHasher(InlineHasher):
+    """A hash worker that has fallen behind until told it caught up."""
+
+    def __init__(self) -> None:
+        super().__init__("sha256")
+        self.backlog = 0
+        self.waiting: list[Deferred[None]] = []
+
+    def update(self, data: bytes) -> None:
+        super().update(data)
+        self.backlog += len(data)
+
+    def caught_up(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.waiting.append(d)
+        return d
+
+    def catch_up(self) -> None:
+        self.backlog = 0
+        for d in self.waiting:
+            d.callback(None)
+
+
+class FillBackpressureTests(SynchronousTestCase):
+    def test_upstream_paused_while_the_hash_is_behind(self) -> None:
+        """The hash worker's queue is memory: past HASH_BACKLOG the upstream waits."""
+        store = BlobStore(Path(tempfile.mkdtemp()), parse_size("1GiB"))
+        hasher = BehindHasher()
+        data = os.urandom(HASH_BACKLOG + 1)
+        fill = Fill(store, hasher, _digest(data), Meta(), len(data), Clock(), 30, 30)
+        transport = StringTransport()
+        fill.makeConnection(transport)
+        fill.dataReceived(data[:HASH_BACKLOG])
+        self.assertEqual(transport.producerState, "producing")
+        fill.dataReceived(data[HASH_BACKLOG:])
+        self.assertEqual(transport.producerState, "paused")
+        hasher.catch_up()
+        self.assertEqual(transport.producerState, "producing")
+        fill.connectionLost(Failure(ResponseDone()))
+        self.assertTrue(fill.verified)
 
 
 class EvictionTests(SynchronousTestCase):

@@ -5,6 +5,7 @@ driving every timeout."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from mirrord.config import Access, CacheConfig, Config, Registry, Timeouts
+from mirrord.hashing import Hasher, InlineHasher
 from mirrord.tap import wire
 from mirrord.usage import CertificateNote
 from tests.support import images
@@ -54,6 +56,7 @@ class MemoryMirror:
         cache: CacheConfig | None = DEFAULT_CACHE,
         registries: dict[str, Registry] | None = None,
         access: Access | None = None,
+        hashers: Callable[[str], Hasher] = InlineHasher,
     ) -> None:
         self.test = test
         timeouts = timeouts or Timeouts()
@@ -86,7 +89,8 @@ class MemoryMirror:
                 **(registries or {}),
             },
         )
-        self.wiring = wire(config, self.upstream, self.clock, CertificateNote("/x.crt", False, ""))
+        note = CertificateNote("/x.crt", False, "")
+        self.wiring = wire(config, self.upstream, self.clock, note, hashers)
         self.store = self.wiring.store
         self.metrics = self.wiring.metrics
         self.client = StubTreq(self.wiring.site.resource)
