@@ -49,12 +49,15 @@ def make_blob(path: Path, size: int) -> str:
 
 
 NGINX_CONF = """
+{user}
 worker_processes 1;
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
+  proxy_cache_path {work}/nginx-cache levels=1:2 keys_zone=blobs:10m max_size=20g
+                   inactive=1d use_temp_path=off;
   sendfile on;
   keepalive_requests 100000;
   types {{ }}
@@ -80,6 +83,16 @@ http {{
     ssl_certificate {cert}; ssl_certificate_key {key};
     location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1;
                  proxy_set_header Connection ""; proxy_buffering off;
+                 proxy_buffer_size 256k; proxy_buffers 4 256k;
+                 proxy_busy_buffers_size 256k; }}
+  }}
+  server {{
+    listen 127.0.0.1:{cached} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1;
+                 proxy_set_header Connection ""; proxy_cache blobs;
+                 proxy_cache_valid 200 1d; proxy_cache_lock on;
+                 proxy_cache_lock_timeout 60s; proxy_cache_lock_age 60s;
                  proxy_buffer_size 256k; proxy_buffers 4 256k;
                  proxy_busy_buffers_size 256k; }}
   }}
@@ -204,13 +217,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mirrord-bench-"))
     pki = make_pki(work / "pki")
     ports = {
-        k: free_port() for k in ("upstream", "direct", "seed", "tuned", "mirrord", "mirrord proxy")
+        k: free_port()
+        for k in ("upstream", "direct", "seed", "tuned", "cached", "mirrord", "mirrord proxy")
     }
     locations = REGISTRY_LOCATIONS.format(data=data, manifest_digest=manifest_digest)
     conf = work / "nginx.conf"
     conf.write_text(
         NGINX_CONF.format(
-            work=work, cert=pki.fullchain, key=pki.privkey, registry_locations=locations, **ports
+            # Run as root, workers would be www-data, which cannot enter the
+            # private work directory that holds nginx's cache.
+            user="user root;" if os.geteuid() == 0 else "",
+            work=work,
+            cert=pki.fullchain,
+            key=pki.privkey,
+            registry_locations=locations,
+            **ports,
         )
     )
     nginx = Process(
@@ -248,7 +269,13 @@ def main() -> None:
     state = work / "mirrord"
     cache_blobs = state / "cache" / "blobs"
 
+    nginx_runs = iter(range(1000))
+
     def url(name: str, path: str) -> str:
+        if name.startswith("nginx cache"):
+            # A new cache key (the upstream ignores the query) makes it cold.
+            query = f"?run={next(nginx_runs)}" if name.endswith("cold") else "?run=warm"
+            return f"https://127.0.0.1:{ports['cached']}{path}{query}"
         port = ports[name if name in ports else "mirrord"]
         return f"https://127.0.0.1:{port}{path}"
 
@@ -259,8 +286,17 @@ def main() -> None:
     try:
         blob_path = f"/v2/library/bench/blobs/{big}"
         single: dict[str, tuple[float, float | None]] = {}
-        for name in ("direct", "seed", "tuned", "mirrord proxy", "mirrord cold", "mirrord warm"):
-            cold = name == "mirrord cold"
+        for name in (
+            "direct",
+            "seed",
+            "tuned",
+            "mirrord proxy",
+            "nginx cache cold",
+            "mirrord cold",
+            "nginx cache warm",
+            "mirrord warm",
+        ):
+            cold = name.endswith("cold")
             if not cold:
                 curl(url(name, blob_path), pki.ca)  # warm page cache, connections, the cache
             speeds, cpu = [], 0.0
@@ -285,9 +321,9 @@ def main() -> None:
             return
 
         def concurrent(name: str) -> tuple[float, int]:
-            target = url(name, f"/v2/library/bench/blobs/{mid}")
             if name == "mirrord cold":
                 shutil.rmtree(cache_blobs, ignore_errors=True)
+            target = url(name, f"/v2/library/bench/blobs/{mid}")
             fetched = upstream_fetches(mid)
             started = time.monotonic()
             with ThreadPoolExecutor(args.concurrent) as pool:
@@ -296,7 +332,8 @@ def main() -> None:
             return time.monotonic() - started, upstream_fetches(mid) - fetched
 
         conc = {
-            name: concurrent(name) for name in ("seed", "tuned", "mirrord proxy", "mirrord cold")
+            name: concurrent(name)
+            for name in ("seed", "tuned", "mirrord proxy", "nginx cache cold", "mirrord cold")
         }
         rss_concurrent = mirror.peak_rss_kib()
         rss_proxy = proxy.peak_rss_kib()
@@ -327,6 +364,8 @@ def main() -> None:
         "mirrord proxy": "mirrord with the cache off (streaming proxy)",
         "mirrord cold": "mirrord, cold (miss: fetch, verify, store while streaming)",
         "mirrord warm": "mirrord, warm (hit: from its cache)",
+        "nginx cache cold": "nginx caching (`proxy_cache`, `proxy_cache_lock`), cold",
+        "nginx cache warm": "nginx caching (`proxy_cache`), warm",
         "mirrord": "mirrord (HEAD revalidates the tag upstream)",
         "mirrord, by digest": "mirrord, by digest (from its cache)",
     }

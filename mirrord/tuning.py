@@ -69,9 +69,11 @@ class LargeWriteTLSProtocol(TLSMemoryBIOProtocol):
         if self._lostTLSConnection:
             return
         sent_total = 0
+        # Slices of a memoryview are not copies (pyOpenSSL takes any buffer).
+        view = memoryview(bytes)
         while sent_total < len(bytes):
             try:
-                sent = self._tlsConnection.send(bytes[sent_total : sent_total + TLS_WRITE_SIZE])
+                sent = self._tlsConnection.send(view[sent_total : sent_total + TLS_WRITE_SIZE])
             except WantReadError:
                 self._bufferedWrite(bytes[sent_total:])
                 break
