@@ -20,11 +20,12 @@ import ctypes
 import ctypes.util
 from typing import Any
 
-from OpenSSL.SSL import Error, WantReadError
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
@@ -36,6 +37,9 @@ READ_SIZE = 2 << 20
 SEND_SIZE = 1 << 20
 TLS_WRITE_SIZE = 64 << 10
 TLS_BIO_READ_SIZE = 256 << 10
+# Upstream TLS: decrypted records (16 KiB at most) are gathered into pieces
+# of up to this size before they reach the HTTP parser.
+TLS_GATHER_SIZE = 1 << 20
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -98,6 +102,64 @@ class LargeWriteTLSFactory(TLSMemoryBIOFactory):
     protocol = LargeWriteTLSProtocol
 
 
+class GatheringTLSProtocol(TLSMemoryBIOProtocol):
+    """Client TLS that hands the application everything decrypted from one
+    socket read at once (up to ``TLS_GATHER_SIZE``), instead of one TLS
+    record at a time: each piece costs a trip through the HTTP parser, the
+    fill, the hasher and every reader. Measured (bench/): an HTTPS upstream
+    relayed at 435 MB/s against 693 from plain HTTP before this."""
+
+    def _flushReceiveBIO(self) -> None:
+        pieces: list[bytes] = []
+        gathered = 0
+
+        def deliver() -> None:
+            nonlocal pieces, gathered
+            if pieces and not self._aborted:
+                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces, gathered = [], 0
+                ProtocolWrapper.dataReceived(self, data)
+            pieces, gathered = [], 0
+
+        while not self._lostTLSConnection:
+            try:
+                data = self._tlsConnection.recv(2**15)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                deliver()
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                failure = Failure()
+                deliver()
+                self._tlsShutdownFinished(failure)
+            else:
+                pieces.append(data)
+                gathered += len(data)
+                if gathered >= TLS_GATHER_SIZE:
+                    deliver()
+        deliver()
+        self._flushSendBIO()
+
+
+class GatheringTLSFactory(TLSMemoryBIOFactory):
+    protocol = GatheringTLSProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class _GatheringClientTLS:
+    """``wrapClientTLS`` with ``GatheringTLSProtocol``."""
+
+    def __init__(self, creator: Any, endpoint: IStreamClientEndpoint) -> None:
+        self._creator = creator
+        self._endpoint = endpoint
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        tls = GatheringTLSFactory(self._creator, True, factory)
+        return self._endpoint.connect(tls).addCallback(lambda protocol: protocol.wrappedProtocol)
+
+
 def set_read_size(protocol: Any, size: int = READ_SIZE) -> Any:
     """Make the socket under ``protocol`` (through any TLS layer) read ``size``
     bytes per ``recv``."""
@@ -136,5 +198,6 @@ class UpstreamEndpoints:
             self._reactor, host, uri.port, timeout=self._timeout
         )
         if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            creator = self._policy.creatorForNetloc(uri.host, uri.port)
+            endpoint = _GatheringClientTLS(creator, endpoint)
         return _LargeReads(endpoint)

@@ -26,7 +26,15 @@ class TwistedInternalsTests(SynchronousTestCase):
         for name in ("_write", "_flushSendBIO", "_bufferedWrite", "_tlsShutdownFinished"):
             self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name, None)), name)
         source = inspect.getsource(TLSMemoryBIOProtocol)
-        for name in ("self._lostTLSConnection", "self._tlsConnection", "self._flushSendBIO()"):
+        for name in (
+            "self._lostTLSConnection",
+            "self._tlsConnection",
+            "self._flushSendBIO()",
+            "def _flushReceiveBIO",
+            "self._flushReceiveBIO()",
+            "self._aborted",
+            "def _shutdownTLS",
+        ):
             self.assertIn(name, source)
 
     def test_socket_knobs_are_read_per_instance(self) -> None:
@@ -80,6 +88,36 @@ class LargeWriteTLSTests(SynchronousTestCase):
         received = b"".join(collector.chunks)
         self.assertEqual(len(received), len(payload))
         self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
+
+    def test_gathering_client_gets_few_large_pieces(self) -> None:
+        """GatheringTLSProtocol delivers the same bytes, in pieces of many TLS records."""
+        cert, key, _ = ensure_self_signed(Path(tempfile.mkdtemp()))
+        payload = os.urandom(7 << 20)
+        server_factory = tuning.LargeWriteTLSFactory(
+            ServerTLS(make_context(cert, key, "1.2", "ECDHE+AESGCM")),
+            False,
+            Factory.forProtocol(lambda: _Sender(payload)),
+        )
+        collector = _Collector()
+        client_factory = tuning.GatheringTLSFactory(
+            optionsForClientTLS("localhost", Certificate.loadPEM(cert.read_bytes())),
+            True,
+            Factory.forProtocol(lambda: collector),
+        )
+        server = server_factory.buildProtocol(None)
+        client = client_factory.buildProtocol(None)
+        pump = iosim.connect(
+            server,
+            iosim.FakeTransport(server, isServer=True),
+            client,
+            iosim.FakeTransport(client, isServer=False),
+        )
+        pump.flush()
+        received = b"".join(collector.chunks)
+        self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
+        # One TLS record carries at most 16 KiB: anything bigger was gathered.
+        self.assertGreater(max(len(chunk) for chunk in collector.chunks), 256 << 10)
+        self.assertLess(len(collector.chunks), len(payload) // (64 << 10))
 
     def test_read_size_reaches_the_socket(self) -> None:
         """set_read_size finds the FileDescriptor under a TLS layer."""
