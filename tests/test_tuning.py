@@ -62,62 +62,52 @@ class _Collector(Protocol):
         self.chunks.append(data)
 
 
+def _through_tls(payload: bytes, client_factory_class: type = TLSMemoryBIOFactory) -> list[bytes]:
+    """Send ``payload`` from a LargeWriteTLSProtocol server to a client made
+    by ``client_factory_class``, in memory; the pieces the client's
+    application received."""
+    cert, key, _ = ensure_self_signed(Path(tempfile.mkdtemp()))
+    server_factory = tuning.LargeWriteTLSFactory(
+        ServerTLS(make_context(cert, key, "1.2", "ECDHE+AESGCM")),
+        False,
+        Factory.forProtocol(lambda: _Sender(payload)),
+    )
+    collector = _Collector()
+    client_factory = client_factory_class(
+        optionsForClientTLS("localhost", Certificate.loadPEM(cert.read_bytes())),
+        True,
+        Factory.forProtocol(lambda: collector),
+    )
+    server = server_factory.buildProtocol(None)
+    client = client_factory.buildProtocol(None)
+    assert isinstance(server, tuning.LargeWriteTLSProtocol)
+    pump = iosim.connect(
+        server,
+        iosim.FakeTransport(server, isServer=True),
+        client,
+        iosim.FakeTransport(client, isServer=False),
+    )
+    pump.flush()
+    return collector.chunks
+
+
 class LargeWriteTLSTests(SynchronousTestCase):
     def test_large_writes_arrive_intact(self) -> None:
         """7 MiB written in 3 MiB pieces through LargeWriteTLSProtocol decrypt to the same bytes."""
-        cert, key, _ = ensure_self_signed(Path(tempfile.mkdtemp()))
         payload = os.urandom(7 << 20)
-        server_factory = tuning.LargeWriteTLSFactory(
-            ServerTLS(make_context(cert, key, "1.2", "ECDHE+AESGCM")),
-            False,
-            Factory.forProtocol(lambda: _Sender(payload)),
-        )
-        collector = _Collector()
-        client_factory = TLSMemoryBIOFactory(
-            optionsForClientTLS("localhost", Certificate.loadPEM(cert.read_bytes())),
-            True,
-            Factory.forProtocol(lambda: collector),
-        )
-        server = server_factory.buildProtocol(None)
-        client = client_factory.buildProtocol(None)
-        self.assertIsInstance(server, tuning.LargeWriteTLSProtocol)
-        server_transport = iosim.FakeTransport(server, isServer=True)
-        client_transport = iosim.FakeTransport(client, isServer=False)
-        pump = iosim.connect(server, server_transport, client, client_transport)
-        pump.flush()
-        received = b"".join(collector.chunks)
+        received = b"".join(_through_tls(payload))
         self.assertEqual(len(received), len(payload))
         self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
 
     def test_gathering_client_gets_few_large_pieces(self) -> None:
         """GatheringTLSProtocol delivers the same bytes, in pieces of many TLS records."""
-        cert, key, _ = ensure_self_signed(Path(tempfile.mkdtemp()))
         payload = os.urandom(7 << 20)
-        server_factory = tuning.LargeWriteTLSFactory(
-            ServerTLS(make_context(cert, key, "1.2", "ECDHE+AESGCM")),
-            False,
-            Factory.forProtocol(lambda: _Sender(payload)),
-        )
-        collector = _Collector()
-        client_factory = tuning.GatheringTLSFactory(
-            optionsForClientTLS("localhost", Certificate.loadPEM(cert.read_bytes())),
-            True,
-            Factory.forProtocol(lambda: collector),
-        )
-        server = server_factory.buildProtocol(None)
-        client = client_factory.buildProtocol(None)
-        pump = iosim.connect(
-            server,
-            iosim.FakeTransport(server, isServer=True),
-            client,
-            iosim.FakeTransport(client, isServer=False),
-        )
-        pump.flush()
-        received = b"".join(collector.chunks)
+        chunks = _through_tls(payload, tuning.GatheringTLSFactory)
+        received = b"".join(chunks)
         self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
         # One TLS record carries at most 16 KiB: anything bigger was gathered.
-        self.assertGreater(max(len(chunk) for chunk in collector.chunks), 256 << 10)
-        self.assertLess(len(collector.chunks), len(payload) // (64 << 10))
+        self.assertGreater(max(len(chunk) for chunk in chunks), 256 << 10)
+        self.assertLess(len(chunks), len(payload) // (64 << 10))
 
     def test_read_size_reaches_the_socket(self) -> None:
         """set_read_size finds the FileDescriptor under a TLS layer."""
