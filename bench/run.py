@@ -110,6 +110,18 @@ REGISTRY_LOCATIONS = """
 """
 
 
+SINGLE_ROWS = (
+    "direct",
+    "seed",
+    "tuned",
+    "mirrord proxy",
+    "nginx cache cold",
+    "mirrord cold",
+    "nginx cache warm",
+    "mirrord warm",
+)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -190,7 +202,15 @@ def main() -> None:
     parser.add_argument(
         "--single-only", action="store_true", help="only the single-stream rows (quick)"
     )
+    parser.add_argument(
+        "--rows",
+        default=",".join(SINGLE_ROWS),
+        help="comma-separated single-stream rows; a subset implies --single-only",
+    )
     args = parser.parse_args()
+    rows_wanted = [row.strip() for row in args.rows.split(",")]
+    if unknown := set(rows_wanted) - set(SINGLE_ROWS):
+        sys.exit(f"unknown rows: {', '.join(sorted(unknown))}; known: {', '.join(SINGLE_ROWS)}")
     for tool in ("nginx", "curl", "wrk", "ab"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"bench needs {tool}: apt-get install nginx-light curl wrk apache2-utils")
@@ -286,16 +306,7 @@ def main() -> None:
     try:
         blob_path = f"/v2/library/bench/blobs/{big}"
         single: dict[str, tuple[float, float | None]] = {}
-        for name in (
-            "direct",
-            "seed",
-            "tuned",
-            "mirrord proxy",
-            "nginx cache cold",
-            "mirrord cold",
-            "nginx cache warm",
-            "mirrord warm",
-        ):
+        for name in rows_wanted:
             cold = name.endswith("cold")
             if not cold:
                 curl(url(name, blob_path), pki.ca)  # warm page cache, connections, the cache
@@ -315,7 +326,7 @@ def main() -> None:
                 cpu / args.runs / (size / GIB) if is_mirror else None,
             )
         rss_single = mirror.peak_rss_kib()
-        if args.single_only:
+        if args.single_only or rows_wanted != list(SINGLE_ROWS):
             for name, (speed, cpu) in single.items():
                 print(f"{name}: {speed / 1e6:.0f} MB/s cpu={cpu}")
             return
