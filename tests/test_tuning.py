@@ -62,10 +62,27 @@ class _Collector(Protocol):
         self.chunks.append(data)
 
 
-def _through_tls(payload: bytes, client_factory_class: type = TLSMemoryBIOFactory) -> list[bytes]:
+class _CountingTransport(iosim.FakeTransport):
+    """Records the size of every write the TLS layer makes to its socket."""
+
+    def __init__(self, protocol: Protocol, isServer: bool) -> None:
+        super().__init__(protocol, isServer)
+        self.write_sizes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        self.write_sizes.append(len(data))
+        super().write(data)
+
+
+def _through_tls(
+    payload: bytes,
+    client_factory_class: type = TLSMemoryBIOFactory,
+    socket_writes: list[int] | None = None,
+) -> list[bytes]:
     """Send ``payload`` from a LargeWriteTLSProtocol server to a client made
     by ``client_factory_class``, in memory; the pieces the client's
-    application received."""
+    application received. ``socket_writes`` collects the sizes of the
+    server's writes to its socket."""
     cert, key, _ = ensure_self_signed(Path(tempfile.mkdtemp()))
     server_factory = tuning.LargeWriteTLSFactory(
         ServerTLS(make_context(cert, key, "1.2", "ECDHE+AESGCM")),
@@ -81,13 +98,16 @@ def _through_tls(payload: bytes, client_factory_class: type = TLSMemoryBIOFactor
     server = server_factory.buildProtocol(None)
     client = client_factory.buildProtocol(None)
     assert isinstance(server, tuning.LargeWriteTLSProtocol)
+    server_transport = _CountingTransport(server, isServer=True)
     pump = iosim.connect(
         server,
-        iosim.FakeTransport(server, isServer=True),
+        server_transport,
         client,
         iosim.FakeTransport(client, isServer=False),
     )
     pump.flush()
+    if socket_writes is not None:
+        socket_writes.extend(server_transport.write_sizes)
     return collector.chunks
 
 
@@ -98,6 +118,18 @@ class LargeWriteTLSTests(SynchronousTestCase):
         received = b"".join(_through_tls(payload))
         self.assertEqual(len(received), len(payload))
         self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
+
+    def test_each_application_write_is_one_socket_write(self) -> None:
+        """A 3 MiB write leaves the TLS layer as one piece of ciphertext:
+        Twisted's transport would copy several pieces into one before
+        sending them."""
+        writes: list[int] = []
+        payload = os.urandom(7 << 20)
+        received = b"".join(_through_tls(payload, socket_writes=writes))
+        self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
+        # Three application writes (3 + 3 + 1 MiB), each one socket write,
+        # besides the handshake's and the close's small ones.
+        self.assertEqual(sorted(size >> 20 for size in writes if size > 64 << 10), [1, 3, 3])
 
     def test_gathering_client_gets_few_large_pieces(self) -> None:
         """GatheringTLSProtocol delivers the same bytes, in pieces of many TLS records."""
