@@ -73,6 +73,12 @@ http {{
     {registry_locations}
   }}
   server {{
+    listen 127.0.0.1:{upstream_tls} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    access_log {work}/upstream-access.log;
+    {registry_locations}
+  }}
+  server {{
     listen 127.0.0.1:{seed} ssl;
     ssl_certificate {cert}; ssl_certificate_key {key};
     location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1;
@@ -83,6 +89,16 @@ http {{
     ssl_certificate {cert}; ssl_certificate_key {key};
     location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1;
                  proxy_set_header Connection ""; proxy_buffering off;
+                 proxy_buffer_size 256k; proxy_buffers 4 256k;
+                 proxy_busy_buffers_size 256k; }}
+  }}
+  server {{
+    listen 127.0.0.1:{tuned_tls} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    location / {{ proxy_pass https://127.0.0.1:{upstream_tls}; proxy_http_version 1.1;
+                 proxy_set_header Connection ""; proxy_buffering off;
+                 proxy_ssl_trusted_certificate {ca}; proxy_ssl_verify on;
+                 proxy_ssl_name localhost;
                  proxy_buffer_size 256k; proxy_buffers 4 256k;
                  proxy_busy_buffers_size 256k; }}
   }}
@@ -119,6 +135,9 @@ SINGLE_ROWS = (
     "mirrord cold",
     "nginx cache warm",
     "mirrord warm",
+    "tuned tls",
+    "mirrord proxy tls",
+    "mirrord cold tls",
 )
 
 
@@ -238,7 +257,19 @@ def main() -> None:
     pki = make_pki(work / "pki")
     ports = {
         k: free_port()
-        for k in ("upstream", "direct", "seed", "tuned", "cached", "mirrord", "mirrord proxy")
+        for k in (
+            "upstream",
+            "upstream_tls",
+            "direct",
+            "seed",
+            "tuned",
+            "tuned_tls",
+            "cached",
+            "mirrord",
+            "mirrord proxy",
+            "mirrord tls",
+            "mirrord proxy tls",
+        )
     }
     locations = REGISTRY_LOCATIONS.format(data=data, manifest_digest=manifest_digest)
     conf = work / "nginx.conf"
@@ -250,6 +281,7 @@ def main() -> None:
             work=work,
             cert=pki.fullchain,
             key=pki.privkey,
+            ca=pki.ca,
             registry_locations=locations,
             **ports,
         )
@@ -260,9 +292,8 @@ def main() -> None:
         ports["upstream"],
         work / "nginx.log",
     ).start()
-    state = work / "state"
 
-    def start_mirrord(name: str, config: str) -> Process:
+    def start_mirrord(name: str, config: str, upstream: str) -> Process:
         (work / f"{name}.toml").write_text(config)
         return Process(
             name,
@@ -278,16 +309,29 @@ def main() -> None:
                 "--state-dir",
                 str(work / name),
                 "--upstream",
-                f"http://127.0.0.1:{ports['upstream']}",
+                upstream,
             ),
             ports[name],
             work / f"{name}.log",
         ).start()
 
-    mirror = start_mirrord("mirrord", "")
-    proxy = start_mirrord("mirrord proxy", "[cache]\nenabled = false\n")
-    state = work / "mirrord"
-    cache_blobs = state / "cache" / "blobs"
+    plain = f"http://127.0.0.1:{ports['upstream']}"
+    over_tls = f"https://127.0.0.1:{ports['upstream_tls']}"
+    trust = f'upstream_ca = "{pki.ca}"\n'
+    cache_off = "[cache]\nenabled = false\n"
+    mirror = start_mirrord("mirrord", "", plain)
+    proxy = start_mirrord("mirrord proxy", cache_off, plain)
+    mirror_tls = start_mirrord("mirrord tls", trust, over_tls)
+    proxy_tls = start_mirrord("mirrord proxy tls", trust + cache_off, over_tls)
+    mirrors = {
+        "mirrord": mirror,
+        "mirrord proxy": proxy,
+        "mirrord tls": mirror_tls,
+        "mirrord proxy tls": proxy_tls,
+    }
+
+    def cache_blobs(name: str) -> Path:
+        return work / name / "cache" / "blobs"
 
     nginx_runs = iter(range(1000))
 
@@ -296,8 +340,15 @@ def main() -> None:
             # A new cache key (the upstream ignores the query) makes it cold.
             query = f"?run={next(nginx_runs)}" if name.endswith("cold") else "?run=warm"
             return f"https://127.0.0.1:{ports['cached']}{path}{query}"
-        port = ports[name if name in ports else "mirrord"]
-        return f"https://127.0.0.1:{port}{path}"
+        return f"https://127.0.0.1:{ports[server(name)]}{path}"
+
+    def server(row: str) -> str:
+        """The server (a key of ``ports``) behind a row's name."""
+        base, tls = row.removesuffix(" tls"), row.endswith(" tls")
+        if base.startswith("mirrord"):
+            base = "mirrord proxy" if base == "mirrord proxy" else "mirrord"
+            return base + " tls" if tls else base
+        return base + "_tls" if tls else base
 
     def upstream_fetches(digest: str) -> int:
         log = work / "upstream-access.log"
@@ -307,20 +358,20 @@ def main() -> None:
         blob_path = f"/v2/library/bench/blobs/{big}"
         single: dict[str, tuple[float, float | None]] = {}
         for name in rows_wanted:
-            cold = name.endswith("cold")
+            cold = "cold" in name
             if not cold:
                 curl(url(name, blob_path), pki.ca)  # warm page cache, connections, the cache
             speeds, cpu = [], 0.0
-            pid = proxy.pid if name == "mirrord proxy" else mirror.pid
+            is_mirror = name.startswith("mirrord")
+            pid = mirrors[server(name)].pid if is_mirror else 0
             for _ in range(args.runs):
                 if cold:
-                    shutil.rmtree(cache_blobs, ignore_errors=True)
-                before = cpu_seconds(pid)
+                    shutil.rmtree(cache_blobs(server(name)), ignore_errors=True)
+                before = cpu_seconds(pid) if is_mirror else 0.0
                 speed, size = curl(url(name, blob_path), pki.ca)
-                cpu += cpu_seconds(pid) - before
+                cpu += cpu_seconds(pid) - before if is_mirror else 0.0
                 assert size == args.size_mib << 20
                 speeds.append(speed)
-            is_mirror = name.startswith("mirrord")
             single[name] = (
                 statistics.median(speeds),
                 cpu / args.runs / (size / GIB) if is_mirror else None,
@@ -333,7 +384,7 @@ def main() -> None:
 
         def concurrent(name: str) -> tuple[float, int]:
             if name == "mirrord cold":
-                shutil.rmtree(cache_blobs, ignore_errors=True)
+                shutil.rmtree(cache_blobs("mirrord"), ignore_errors=True)
             target = url(name, f"/v2/library/bench/blobs/{mid}")
             fetched = upstream_fetches(mid)
             started = time.monotonic()
@@ -363,10 +414,11 @@ def main() -> None:
             wrk_get(url("mirrord", digest_path), args.load_seconds),
         )
     finally:
-        mirror.stop()
-        proxy.stop()
+        for process in mirrors.values():
+            process.stop()
         os.kill(nginx.pid, signal.SIGQUIT)
         nginx.proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)  # caches of several GiB
 
     labels = {
         "direct": "client straight to upstream over TLS (nginx)",
@@ -377,15 +429,19 @@ def main() -> None:
         "mirrord warm": "mirrord, warm (hit: from its cache)",
         "nginx cache cold": "nginx caching (`proxy_cache`, `proxy_cache_lock`), cold",
         "nginx cache warm": "nginx caching (`proxy_cache`), warm",
+        "tuned tls": "nginx tuned, upstream over TLS",
+        "mirrord proxy tls": "mirrord with the cache off, upstream over TLS",
+        "mirrord cold tls": "mirrord, cold, upstream over TLS",
         "mirrord": "mirrord (HEAD revalidates the tag upstream)",
         "mirrord, by digest": "mirrord, by digest (from its cache)",
     }
-    tuned = single["tuned"][0]
     rows = [
-        f"| {args.size_mib} MiB blob, one client | MB/s | vs tuned nginx | mirrord CPU s/GiB |",
+        f"| {args.size_mib} MiB blob, one client | MB/s | vs tuned nginx (same upstream)"
+        " | mirrord CPU s/GiB |",
         "|---|---|---|---|",
     ]
     for name, (speed, cpu) in single.items():
+        tuned = single["tuned tls" if name.endswith(" tls") else "tuned"][0]
         cpu_text = "-" if cpu is None else f"{cpu:.2f}"
         rows.append(f"| {labels[name]} | {speed / 1e6:.0f} | {speed / tuned:.2f}x | {cpu_text} |")
     total = args.concurrent * (args.concurrent_size_mib << 20)
