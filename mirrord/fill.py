@@ -33,9 +33,11 @@ from mirrord.streaming import abort_client
 
 log = Logger()
 
-# Measured (bench/): 2 MiB reads from the page cache per write to the
-# client beat 1 MiB by about 10 % and 4 MiB by nothing.
-READ_CHUNK = 2 << 20
+# Bytes read from the page cache per write to a client: one write is one
+# piece of ciphertext for the socket (mirrord/tuning.py drains TLS per MiB).
+# 2 MiB costs about 7 % less CPU on a hit (bench/run --rows) but holds 2 MiB
+# more per client: 16 clients of a cold blob took peak RSS past 128 MiB.
+READ_CHUNK = 1 << 20
 # Seconds between verifying a fill and publishing it (fsync, rename): time
 # for the readers' last bytes to leave before a long fsync holds the reactor.
 PUBLISH_DELAY = 0.05
