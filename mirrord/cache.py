@@ -56,6 +56,9 @@ class Meta:
     media_type: str = "application/octet-stream"
     repository: str = ""
     public: bool = False
+    # The registry the repository belongs to (the same name can mean
+    # different content, and different owners, on two registries).
+    registry: str = ""
 
 
 @dataclass

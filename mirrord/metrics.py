@@ -3,6 +3,8 @@ on the usage page. Each daemon has its own registry (no global state)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -46,6 +48,11 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+
+    def update_cache(self, store: Any) -> None:
+        """The cache gauges from a ``BlobStore``."""
+        self.cache_size.set(store.size)
+        self.cache_entries.set(len(store.entries))
 
     def saw_upstream_headers(self, upstream: str, headers: Headers) -> None:
         """Docker Hub's remaining pull quota, from either header spelling."""

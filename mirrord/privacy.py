@@ -1,12 +1,21 @@
 """Who may read cached content.
 
-The rule: a cached blob or manifest is served to anyone only if its
-repository is public, meaning the mirror itself, with no credentials, could
-fetch it (anonymous token included). Content of any other repository is
-served from the cache only to a client whose own credentials the upstream
-accepted for that repository within the last ``ttl`` seconds (checked with a
-HEAD, which is free on Docker Hub). Anyone else is passed through to the
-upstream and gets its real answer (a 401, say).
+The rule: a cached blob or manifest is served to anyone only if it is
+public, meaning the mirror itself, with no credentials, could fetch it from
+the repository it came from (anonymous token included). Anything else is
+served from the cache only to a client the upstream accepted for that
+content:
+
+- its credentials were accepted, within the last ``ttl`` seconds, for the
+  repository (of this registry) the content was fetched from; or
+- a HEAD of the path the client asked for, sent upstream with the client's
+  own credentials (free on Docker Hub), answered 200: the upstream would
+  give this client this digest in that repository.
+
+Being accepted for *some* repository is not enough: a client that pulled
+``library/alpine`` does not get another user's private blob by asking for
+its digest under ``library/alpine``. Everyone else gets the upstream's own
+answer to that HEAD (401, 404, ...).
 """
 
 from __future__ import annotations
@@ -21,11 +30,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from mirrord import errors
 from mirrord.auth import parse_challenge
+from mirrord.cache import Meta
 from mirrord.expiring import Expiring
 from mirrord.streaming import discard_body, read_small_body
-from mirrord.upstream import RedirectFollower, UpstreamChain
+from mirrord.upstream import Answer, RedirectFollower, UpstreamChain
 
 log = Logger()
 
@@ -42,11 +51,14 @@ class AccessChecks:
     clock: IReactorTime
     ttl: float = 300.0
     public_ttl: float = 3600.0
+    registry: str = ""
     _verified: Expiring[tuple[str, str], bool] = field(init=False)
+    _confirmed: Expiring[tuple[str, str], bool] = field(init=False)
     _public: Expiring[str, bool] = field(init=False)
 
     def __post_init__(self) -> None:
         self._verified = Expiring(self.clock.seconds)
+        self._confirmed = Expiring(self.clock.seconds)
         self._public = Expiring(self.clock.seconds)
 
     def remember(self, headers: Headers, repository: str) -> None:
@@ -56,24 +68,25 @@ class AccessChecks:
     def verified(self, headers: Headers, repository: str) -> bool:
         return self._verified.get((_credential(headers), repository)) is not None
 
-    async def allowed(self, headers: Headers, repository: str, public: bool, path: str) -> bool:
-        """May this client read cached content of ``repository``?"""
-        if public or self.verified(headers, repository):
-            return True
-        if not headers.hasHeader(b"authorization"):
-            return False
-        try:
-            answer = await self.chain.request(b"HEAD", path, headers)
-        except CancelledError:
-            raise
-        except errors.RegistryError:
-            return False
+    async def check(self, headers: Headers, meta: Meta, path: str) -> Answer | None:
+        """May this client read cached content described by ``meta`` at
+        ``path``? ``None`` if so; otherwise the upstream's refusal (a
+        HEAD answer, body already let go) to pass on. Upstream failures
+        raise ``RegistryError``."""
+        if meta.public:
+            return None
+        if meta.registry == self.registry and self.verified(headers, meta.repository):
+            return None
+        credential = _credential(headers)
+        if self._confirmed.get((credential, path)):
+            return None
+        answer = await self.chain.request(b"HEAD", path, headers)
         if answer.body is None:
             discard_body(answer.response)
-        if answer.code == 200:
-            self.remember(headers, repository)
-            return True
-        return False
+        if answer.code != 200:
+            return answer
+        self._confirmed.put((credential, path), True, self.ttl)
+        return None
 
     async def is_public(self, repository: str, path: str) -> bool:
         """Can ``path`` of ``repository`` be read with no credentials at all?"""

@@ -18,9 +18,8 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -34,6 +33,7 @@ from mirrord.cache import BlobStore, Entry, Meta, TagRecord, TagStore
 from mirrord.config import CacheConfig, Registry, Timeouts
 from mirrord.fill import Fill, FillFailed, stream_file
 from mirrord.hashing import Hasher, InlineHasher
+from mirrord.inflight import InFlight, Starting
 from mirrord.metrics import Metrics
 from mirrord.privacy import AccessChecks
 from mirrord.reference import Kind, Reference
@@ -86,9 +86,12 @@ class PullThrough:
     config: CacheConfig
     metrics: Metrics
     hashers: Callable[[str], Hasher] = InlineHasher
+    # One table per store, shared by every registry: give each the same.
+    in_flight: InFlight | None = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        self._fills: dict[str, Fill | Deferred[Fill | None]] = {}
+        if self.in_flight is None:
+            self.in_flight = InFlight(self._update_gauges)
         self._update_gauges()
 
     async def serve(
@@ -132,17 +135,13 @@ class PullThrough:
         if answer.fell_back:
             self.metrics.fallbacks.inc()
 
-    async def _allowed(self, entry_public: bool, headers: Headers, name: str, path: str) -> bool:
-        return await self.access.allowed(headers, name, entry_public, path)
-
     async def _publicity(self, headers: Headers, name: str, path: str) -> bool:
         if not headers.hasHeader(b"authorization"):
             return True  # the upstream served it to a client with no credentials
         return await self.access.is_public(name, path)
 
     def _update_gauges(self) -> None:
-        self.metrics.cache_size.set(self.store.size)
-        self.metrics.cache_entries.set(len(self.store.entries))
+        self.metrics.update_cache(self.store)
 
     # -- /v2/ ---------------------------------------------------------------
 
@@ -171,75 +170,111 @@ class PullThrough:
     async def _blob(
         self, request: Request, digest: str, name: str, path: str, headers: Headers
     ) -> None:
-        entry = self.store.get(digest)
-        if entry is not None and await self._allowed(entry.meta.public, headers, name, path):
-            await self._send_blob(request, entry.digest, entry.size, entry.meta, "HIT", entry=entry)
-            return
-        pending = self._fills.get(digest)
-        if pending is not None:
-            fill = await _shared(pending)
-            if (
-                fill is not None
-                and fill.error is None
-                and await self._allowed(fill.meta.public, headers, name, path)
-            ):
+        # Each turn looks at the store and the in-flight table afresh: a
+        # start we waited for may have become a fill, a hit, or nothing.
+        while True:
+            entry = self.store.get(digest)
+            if entry is not None:
+                if await self._refused(request, entry.meta, headers, path):
+                    return
                 await self._send_blob(
-                    request, digest, fill.expected_size, fill.meta, "COALESCED", fill=fill
+                    request, entry.digest, entry.size, entry.meta, "HIT", entry=entry
                 )
                 return
-        if request.method == b"HEAD" or request.getHeader(b"range") is not None:
-            await self._pass(request, path, headers)
+            current = self.in_flight.get(digest)
+            if isinstance(current, Starting):
+                await current.wait()
+                continue
+            if current is not None:
+                fill = current
+                if await self._refused(request, fill.meta, headers, path):
+                    return
+                if fill.error is None:
+                    await self._send_blob(
+                        request, digest, fill.expected_size, fill.meta, "COALESCED", fill=fill
+                    )
+                    return
+                continue
+            if request.method == b"HEAD" or request.getHeader(b"range") is not None:
+                await self._pass(request, path, headers)
+                return
+            await self._lead_fill(request, digest, name, path, headers)
             return
-        await self._fill_blob(request, digest, name, path, headers)
 
-    async def _fill_blob(
+    async def _refused(self, request: Request, meta: Meta, headers: Headers, path: str) -> bool:
+        """Apply the privacy rule; a refused client gets the upstream's answer."""
+        refusal = await self.access.check(headers, meta, path)
+        if refusal is None:
+            return False
+        note_cache(request, "MISS")
+        note_upstream(request, refusal)
+        copy_headers(request, refusal, self.realms)
+        kind = "MANIFEST_UNKNOWN" if "/manifests/" in path else "BLOB_UNKNOWN"
+        code = {401: "UNAUTHORIZED", 403: "DENIED", 404: kind, 429: "TOOMANYREQUESTS"}.get(
+            refusal.code, "UNKNOWN"
+        )
+        body = errors.error_body(code, f"upstream answered {refusal.code}")
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+        return True
+
+    async def _lead_fill(
         self, request: Request, digest: str, name: str, path: str, headers: Headers
     ) -> None:
-        waiting: Deferred[Fill | None] = Deferred()
-        self._fills[digest] = waiting
-        fill: Fill | None = None
-        try:
-            answer = await self._get_or_pass(request, path, headers)
-            if answer is None:
-                return
-            length = answer.response.length
-            content_type = answer.headers.getRawHeaders(b"content-type", [OCTET_STREAM.encode()])[
-                -1
-            ]
-            meta = Meta(
-                content_type.decode("latin-1"), name, not headers.hasHeader(b"authorization")
-            )
-            fill = Fill(
-                self.store,
-                self.hashers(digest.split(":", 1)[0]),
-                digest,
-                meta,
-                None if length is UNKNOWN_LENGTH else length,
-                self.clock,
-                self.timeouts.body_idle,
-                self.config.fill_timeout,
-                on_mismatch=lambda _: self.metrics.mismatches.inc(),
-            )
-            self._fills[digest] = fill
-            fill.done.addBoth(self._fill_ended, digest, fill)
-            answer.response.deliverBody(fill)
-            self.access.remember(headers, name)
-            if not meta.public:
-                ensureDeferred(self._settle_publicity(fill, name, path)).addErrback(
-                    lambda f: log.failure("publicity check failed", f)
-                )
-        finally:
-            if self._fills.get(digest) is waiting:
-                del self._fills[digest]
-            waiting.callback(fill)
+        """Start the one upstream fetch of ``digest`` and follow it. The
+        start belongs to the in-flight table: leaving does not cancel it."""
+        work = ensureDeferred(self._start_fill(digest, name, path, headers))
+        starting = self.in_flight.start(digest, work, _fill_in, _drop_outcome)
+        outcome = await starting.lead()
+        if isinstance(outcome, Answer):
+            note_cache(request, "MISS")
+            await write_answer(request, outcome, self.realms, self.clock, self.timeouts)
+            return
+        fill, answer = outcome
         note_upstream(request, answer)
-        await self._send_blob(request, digest, fill.expected_size, meta, "MISS", fill=fill)
+        await self._send_blob(request, digest, fill.expected_size, fill.meta, "MISS", fill=fill)
 
-    def _fill_ended(self, result: Any, digest: str, fill: Fill) -> Any:
-        if self._fills.get(digest) is fill:
-            del self._fills[digest]
-        self._update_gauges()
-        return result
+    async def _start_fill(
+        self, digest: str, name: str, path: str, headers: Headers
+    ) -> tuple[Fill, Answer] | Answer:
+        """GET upstream; a 200 becomes a running ``Fill``, anything else is
+        the leader's answer."""
+        answer = await self.chain.request(b"GET", path, headers)
+        self._count_answer(answer)
+        if answer.code != 200 or answer.body is not None:
+            return answer
+        length = answer.response.length
+        content_type = answer.headers.getRawHeaders(b"content-type", [OCTET_STREAM.encode()])[-1]
+        meta = Meta(
+            content_type.decode("latin-1"),
+            name,
+            not headers.hasHeader(b"authorization"),
+            self.registry.name,
+        )
+        fill = Fill(
+            self.store,
+            self.hashers(digest.split(":", 1)[0]),
+            digest,
+            meta,
+            None if length is UNKNOWN_LENGTH else length,
+            self.clock,
+            self.timeouts.body_idle,
+            self.config.fill_timeout,
+            on_mismatch=lambda _: self.metrics.mismatches.inc(),
+        )
+        answer.response.deliverBody(fill)
+        # Bounded even if nobody ever reads it (the leader may have gone).
+        fill.add_reader()
+        fill.remove_reader()
+        self.access.remember(headers, name)
+        if not meta.public:
+            ensureDeferred(self._settle_publicity(fill, name, path)).addErrback(
+                lambda f: log.failure("publicity check failed", f)
+            )
+        return fill, answer
 
     async def _settle_publicity(self, fill: Fill, name: str, path: str) -> None:
         # Before publication the meta is written with the blob; after, update it.
@@ -342,8 +377,10 @@ class PullThrough:
         self, request: Request, digest: str, name: str, path: str, headers: Headers
     ) -> None:
         cached = self._cached_manifest(digest)
-        if cached is not None and await self._allowed(cached[0].meta.public, headers, name, path):
+        if cached is not None:
             entry, body = cached
+            if await self._refused(request, entry.meta, headers, path):
+                return
             self._send_manifest(request, digest, body, entry.meta.media_type, "HIT")
             return
         if request.method == b"HEAD":
@@ -386,7 +423,7 @@ class PullThrough:
         self.access.remember(headers, name)
         if digest.startswith("sha256:"):
             public = await self._publicity(headers, name, path)
-            self.store.put_bytes(digest, body, Meta(media_type, name, public))
+            self.store.put_bytes(digest, body, Meta(media_type, name, public, self.registry.name))
             self.store.evict()
             self._update_gauges()
             if tag is not None:
@@ -475,20 +512,12 @@ def _drop(answer: Answer | None) -> None:
         discard_body(answer.response)
 
 
-def _shared(pending: Fill | Deferred[Fill | None]) -> Deferred[Fill | None]:
-    """Wait for a fill to start without letting our cancellation cancel it."""
-    if isinstance(pending, Fill):
-        return Deferred.fromCoroutine(_ready(pending))
-    mine: Deferred[Fill | None] = Deferred()
-
-    def relay(result: Fill | None) -> Fill | None:
-        if not mine.called:
-            mine.callback(result)
-        return result
-
-    pending.addCallback(relay)
-    return mine
+def _fill_in(outcome: tuple[Fill, Answer] | Answer) -> Fill | None:
+    return None if isinstance(outcome, Answer) else outcome[0]
 
 
-async def _ready(fill: Fill) -> Fill:
-    return fill
+def _drop_outcome(outcome: tuple[Fill, Answer] | Answer) -> None:
+    """The leader left before the upstream answered: nobody reads an
+    answer that did not become a fill."""
+    if isinstance(outcome, Answer):
+        _drop(outcome)

@@ -25,6 +25,7 @@ from mirrord.cache import BlobStore, TagStore
 from mirrord.config import Config, ConfigError, Registry
 from mirrord.guard import Guard
 from mirrord.hashing import Hasher, HashWorker, InlineHasher
+from mirrord.inflight import InFlight
 from mirrord.login import MirrorLogin
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.privacy import AccessChecks
@@ -157,11 +158,15 @@ def build_backend(
     clock: IReactorTime,
     metrics: Metrics,
     hashers: Callable[[str], Hasher] = InlineHasher,
+    in_flight: InFlight | None = None,
 ) -> Backend:
-    """The cache in front of a registry's chain, or the chain alone."""
+    """The cache in front of a registry's chain, or the chain alone.
+    ``in_flight`` is the store's table of fetches, shared by every registry."""
     if store is None:
         return PassThrough(target.chain, target.realms, clock, config.timeouts)
-    access = AccessChecks(target.chain, follower, clock, config.cache.auth_ttl)
+    access = AccessChecks(
+        target.chain, follower, clock, config.cache.auth_ttl, registry=target.registry.name
+    )
     return PullThrough(
         target.registry,
         target.chain,
@@ -174,6 +179,7 @@ def build_backend(
         config.cache,
         metrics,
         hashers,
+        in_flight,
     )
 
 
@@ -260,6 +266,7 @@ def wire(
     login = MirrorLogin(config.access.users, clock.seconds)
     follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
     store = open_store(config, clock)
+    in_flight = InFlight(lambda: store is not None and metrics.update_cache(store))
     targets: dict[str, TokenTarget] = {}
     served: dict[str, tuple[Registry, Backend]] = {}
     for name, registry in config.registries.items():
@@ -271,7 +278,9 @@ def wire(
             on_rate_limited=lambda upstream: metrics.upstream_429.labels(upstream).inc(),
         )
         targets[name] = TokenTarget(registry, chain, RealmBook())
-        backend = build_backend(config, targets[name], store, follower, clock, metrics, hashers)
+        backend = build_backend(
+            config, targets[name], store, follower, clock, metrics, hashers, in_flight
+        )
         served[name] = (registry, backend)
     site = build_site(
         registry_proxy=RegistryProxy(Router(served, config.default_registry)),

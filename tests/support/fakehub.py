@@ -59,6 +59,15 @@ class HubState:
     private: set[str] = field(default_factory=set)
     tags: dict[str, dict[str, str]] = field(default_factory=dict)
     blob_files: dict[str, Path] = field(default_factory=dict)
+    # Which digests each repository holds: like distribution, a digest is
+    # served only under a repository that has it.
+    contents: dict[str, set[str]] = field(default_factory=dict)
+    # Users whose tokens the registry no longer accepts.
+    revoked: set[str] = field(default_factory=set)
+    # When set, the CDN sends headers and this many bytes, then holds the
+    # rest until ``release_cdn()``: a fill stays in progress.
+    cdn_hold_at: int | None = None
+    cdn_held: list[tuple[Request, Path, int, int]] = field(default_factory=list)
     media_types: dict[str, str] = field(default_factory=dict)
     ratelimit: bool = False
     retry_after: int | None = None
@@ -74,6 +83,7 @@ class HubState:
         for path in (layout.path / "blobs" / "sha256").iterdir():
             digest = "sha256:" + path.name
             self.blob_files[digest] = path
+            self.contents.setdefault(name, set()).add(digest)
             try:
                 doc = json.loads(path.read_bytes()[:1_000_000])
                 if isinstance(doc, dict) and "mediaType" in doc:
@@ -81,8 +91,21 @@ class HubState:
             except (ValueError, UnicodeDecodeError):
                 pass
 
-    def add_blob_file(self, digest: str, path: Path) -> None:
+    def add_blob_file(self, digest: str, path: Path, name: str | None = None) -> None:
         self.blob_files[digest] = path
+        if name is not None:
+            self.contents.setdefault(name, set()).add(digest)
+
+    def holds(self, name: str, digest: str) -> bool:
+        """Does ``name`` have ``digest``? Repositories never given contents hold anything."""
+        held = self.contents.get(name)
+        return held is None or digest in held or digest not in self.blob_files
+
+    def release_cdn(self) -> None:
+        held, self.cdn_held = self.cdn_held, []
+        for request, path, offset, length in held:
+            if not request._disconnected:
+                FileRangeProducer(request, path, offset, length).start()
 
     def token_for(self, user: str | None, repos: list[str]) -> str:
         payload = json.dumps({"user": user, "repos": repos}).encode()
@@ -186,6 +209,8 @@ class HubV2(Resource):
             request.setHeader(b"content-type", b"application/json")
             return b"{}"
         name = "/".join(parts[:-2])
+        if access is not None and access[0] in state.revoked:
+            access = None
         if state.auth and (access is None or name not in access[1]):
             return self._challenge(request, f"repository:{name}:pull")
         if name not in state.tags:
@@ -200,6 +225,8 @@ class HubV2(Resource):
         if kind == "manifests":
             return self._manifest(request, name, parts[-1])
         if kind == "blobs":
+            if not state.holds(name, parts[-1]):
+                return _error(request, 404, "BLOB_UNKNOWN", f"blob unknown: {parts[-1]}")
             return self._blob(request, parts[-1])
         if kind == "tags":
             request.setHeader(b"content-type", b"application/json")
@@ -209,7 +236,7 @@ class HubV2(Resource):
     def _manifest(self, request: Request, name: str, ref: str) -> bytes:
         state = self.state
         digest = ref if ref.startswith("sha256:") else state.tags[name].get(ref)
-        if digest is None or digest not in state.media_types:
+        if digest is None or digest not in state.media_types or not state.holds(name, digest):
             return _error(request, 404, "MANIFEST_UNKNOWN", f"manifest unknown: {ref}")
         body = state.blob_files[digest].read_bytes()
         if request.method == b"GET":
@@ -284,6 +311,13 @@ class Cdn(Resource):
         request.setHeader(b"content-length", str(last - first + 1).encode())
         if request.method == b"HEAD":
             return b""
+        hold = self.state.cdn_hold_at
+        if hold is not None and last - first + 1 > hold:
+            with path.open("rb") as f:
+                f.seek(first)
+                request.write(f.read(hold))
+            self.state.cdn_held.append((request, path, first + hold, last - first + 1 - hold))
+            return NOT_DONE_YET
         FileRangeProducer(request, path, first, last - first + 1).start()
         return NOT_DONE_YET
 
