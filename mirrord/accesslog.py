@@ -22,6 +22,9 @@ class AccessRecord:
     fell_back: bool = False
     outcome: str = "ok"
     cache: str = "-"
+    # Where the body's bytes come from ("cache" or "upstream"): counted
+    # in the served-bytes metric as they are written.
+    source: str = ""
 
 
 def emit(

@@ -24,6 +24,14 @@ def note_upstream(request: Request, answer: Answer) -> None:
         record.upstream = answer.upstream
         record.redirects = answer.redirects
         record.fell_back = answer.fell_back
+    note_source(request, "upstream")
+
+
+def note_source(request: Request, source: str) -> None:
+    """Say where the body about to be written comes from (for metrics)."""
+    record = getattr(request, "access", None)
+    if record is not None:
+        record.source = source
 
 
 def note_cache(request: Request, status: str) -> None:
@@ -31,6 +39,7 @@ def note_cache(request: Request, status: str) -> None:
     record = getattr(request, "access", None)
     if record is not None:
         record.cache = status
+    note_source(request, "upstream" if status == "MISS" else "cache")
 
 
 def copy_headers(request: Request, answer: Answer, realms: RealmBook) -> None:

@@ -54,6 +54,12 @@ class Metrics:
         self.cache_size.set(store.size)
         self.cache_entries.set(len(store.entries))
 
+    def saw_answer(self, answer: Any) -> None:
+        """An upstream ``Answer``: its quota headers, and whether a fallback gave it."""
+        self.saw_upstream_headers(answer.upstream, answer.headers)
+        if answer.fell_back and answer.code not in (429, 502, 503, 504):
+            self.fallbacks.inc()
+
     def saw_upstream_headers(self, upstream: str, headers: Headers) -> None:
         """Docker Hub's remaining pull quota, from either header spelling."""
         for name in (b"ratelimit-remaining", b"x-ratelimit-remaining"):

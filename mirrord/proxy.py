@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 from urllib.parse import urlencode
@@ -93,9 +94,12 @@ class RegistryProxy(Resource):
 
     isLeaf = True
 
-    def __init__(self, router: Router[Backend]) -> None:
+    def __init__(
+        self, router: Router[Backend], count: Callable[[str], object] = lambda kind: None
+    ) -> None:
         super().__init__()
         self._router = router
+        self._count = count  # each valid request, by kind, cache on or off
 
     def render(self, request: Request) -> bytes | int:
         try:
@@ -130,6 +134,7 @@ class RegistryProxy(Resource):
         return route, ref
 
     async def _serve(self, request: Request, route: Route[Backend], ref: Reference) -> None:
+        self._count(ref.kind.value)
         name = upstream_name(ref, route.registry)
         path = ref.path(name) + self._query(request, ref)
         headers = upstream_request_headers(

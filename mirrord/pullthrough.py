@@ -97,7 +97,6 @@ class PullThrough:
     async def serve(
         self, request: Request, ref: Reference, name: str, path: str, headers: Headers
     ) -> None:
-        self.metrics.requests.labels(ref.kind.value).inc()
         if ref.kind is Kind.BLOB:
             await self._blob(request, ref.reference, name, path, headers)
         elif ref.kind is Kind.MANIFEST and ref.by_digest:
@@ -115,7 +114,6 @@ class PullThrough:
         self, request: Request, path: str, headers: Headers, cache: str = "MISS"
     ) -> None:
         answer = await self.chain.request(request.method, path, headers)
-        self._count_answer(answer)
         note_cache(request, cache)
         await write_answer(request, answer, self.realms, self.clock, self.timeouts)
 
@@ -123,17 +121,11 @@ class PullThrough:
         """GET upstream: a 200 to cache is returned; anything else is passed
         to the client as it is (and ``None`` returned)."""
         answer = await self.chain.request(b"GET", path, headers)
-        self._count_answer(answer)
         if answer.code == 200 and answer.body is None:
             return answer
         note_cache(request, "MISS")
         await write_answer(request, answer, self.realms, self.clock, self.timeouts)
         return None
-
-    def _count_answer(self, answer: Answer) -> None:
-        self.metrics.saw_upstream_headers(answer.upstream, answer.headers)
-        if answer.fell_back:
-            self.metrics.fallbacks.inc()
 
     async def _publicity(self, headers: Headers, name: str, path: str) -> bool:
         if not headers.hasHeader(b"authorization"):
@@ -151,7 +143,6 @@ class PullThrough:
         except errors.RegistryError:
             answer = None
         if answer is not None and answer.code not in FAILOVER_CODES:
-            self._count_answer(answer)
             await write_answer(request, answer, self.realms, self.clock, self.timeouts)
             return
         # Clients probe /v2/ before anything else: keep answering it so
@@ -243,7 +234,6 @@ class PullThrough:
         """GET upstream; a 200 becomes a running ``Fill``, anything else is
         the leader's answer."""
         answer = await self.chain.request(b"GET", path, headers)
-        self._count_answer(answer)
         if answer.code != 200 or answer.body is not None:
             return answer
         length = answer.response.length
@@ -322,10 +312,8 @@ class PullThrough:
         path = following.temp.path if following is not None else self.store.data_path(digest)
         if entry is not None:
             entry.readers += 1
-        source = "upstream" if status == "MISS" else "cache"
         try:
-            sent = await stream_file(request, path, offset, length, following)
-            self.metrics.bytes_served.labels(source).inc(sent)
+            await stream_file(request, path, offset, length, following)
         except FillFailed as e:
             record = getattr(request, "access", None)
             if record is not None:
@@ -360,9 +348,6 @@ class PullThrough:
         if status == "STALE":
             request.setHeader(b"Warning", b'110 mirrord "Response is Stale"')
         if request.method != b"HEAD":
-            self.metrics.bytes_served.labels("upstream" if status == "MISS" else "cache").inc(
-                len(body)
-            )
             request.write(body)
         request.finish()
 
@@ -453,8 +438,6 @@ class PullThrough:
             if failure is not None:
                 raise failure
             assert head is not None
-        else:
-            self._count_answer(head)
         if head.code != 200:
             if request.method == b"HEAD":
                 note_cache(request, "MISS")

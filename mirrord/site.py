@@ -67,6 +67,12 @@ class MirrordRequest(Request):
         self.notifyFinish().addBoth(self._log_access, clock)
         super().process()
 
+    def write(self, data: bytes) -> None:
+        record = getattr(self, "access", None)
+        if record is not None and record.source and data and self.method != b"HEAD":
+            self._site.count_body(record.source, len(data))
+        super().write(data)
+
     def _log_access(self, result: object, clock: IReactorTime) -> None:
         self._site.ended(self)
         if result is not None:
@@ -140,6 +146,8 @@ class MirrordSite(Site):
         super().__init__(*args, **kwargs)
         self.guard: Guard | None = None
         self.combined_log: accesslog.CombinedLog | None = None
+        # (source, bytes) of each body write: the served-bytes metric.
+        self.count_body: Callable[[str, int], object] = lambda source, size: None
         self.active: set[Request] = set()
         self._idle_waiters: list[Deferred[None]] = []
 

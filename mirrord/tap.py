@@ -266,6 +266,10 @@ def wire(
     login = MirrorLogin(config.access.users, clock.seconds)
     follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
     store = open_store(config, clock)
+
+    def count_request(kind: str) -> None:
+        metrics.requests.labels(kind).inc()
+
     in_flight = InFlight(lambda: store is not None and metrics.update_cache(store))
     targets: dict[str, TokenTarget] = {}
     served: dict[str, tuple[Registry, Backend]] = {}
@@ -276,6 +280,7 @@ def wire(
             config.rate_limit_seconds,
             clock,
             on_rate_limited=lambda upstream: metrics.upstream_429.labels(upstream).inc(),
+            on_answer=metrics.saw_answer,
         )
         targets[name] = TokenTarget(registry, chain, RealmBook())
         backend = build_backend(
@@ -283,14 +288,17 @@ def wire(
         )
         served[name] = (registry, backend)
     site = build_site(
-        registry_proxy=RegistryProxy(Router(served, config.default_registry)),
-        token_proxy=TokenProxy(list(targets.values()), follower, clock, config.timeouts, login),
+        registry_proxy=RegistryProxy(Router(served, config.default_registry), count_request),
+        token_proxy=TokenProxy(
+            list(targets.values()), follower, clock, config.timeouts, login, count_request
+        ),
         usage=lambda request: render_usage(config, note, request, metrics),
         metrics=MetricsResource(metrics),
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
         guard=Guard(config.access, login),
     )
+    site.count_body = lambda source, size: metrics.bytes_served.labels(source).inc(size)
     if config.access_log:
         site.combined_log = CombinedLog(Path(config.access_log))
     return Wiring(site, targets, store, metrics)

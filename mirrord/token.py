@@ -9,7 +9,7 @@ realm is refused, so the mirror cannot be used to reach arbitrary hosts.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord import errors
+from mirrord.answer import note_source
 from mirrord.auth import RealmBook, official_scope, rewrite_challenges
 from mirrord.config import Registry, Timeouts
 from mirrord.login import MirrorLogin
@@ -58,8 +59,10 @@ class TokenProxy(Resource):
         clock: IReactorTime,
         timeouts: Timeouts,
         login: MirrorLogin | None = None,
+        count: Callable[[str], object] = lambda kind: None,
     ) -> None:
         super().__init__()
+        self._count = count
         self._login = login
         self._targets = targets
         self._follower = follower
@@ -80,6 +83,7 @@ class TokenProxy(Resource):
                 errors.RegistryError(405, "UNSUPPORTED", "use GET or POST on /token"),
             )
             return NOT_DONE_YET
+        self._count("token")
         work = ensureDeferred(self._serve(request))
         request.notifyFinish().addErrback(lambda _: work.cancel())
         work.addErrback(self._failed, request)
@@ -111,6 +115,7 @@ class TokenProxy(Resource):
                 raise errors.RegistryError(413, "SIZE_INVALID", "token form too large")
             body = form
         response, _, _ = await self._follower.fetch(request.method, url, headers, realm, body=body)
+        note_source(request, "upstream")
         request.setResponseCode(response.code)
         for name in _TOKEN_RESPONSE_HEADERS:
             values = response.headers.getRawHeaders(name)

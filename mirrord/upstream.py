@@ -177,6 +177,8 @@ class UpstreamChain:
     rate_limit_seconds: float
     wall_clock: IReactorTime
     on_rate_limited: Callable[[str], None] = lambda upstream: None
+    # Every answer an upstream gives (metrics: quota headers, fallbacks).
+    on_answer: Callable[[Answer], None] = lambda answer: None
     upstreams: list[Upstream] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -223,6 +225,7 @@ class UpstreamChain:
                 log.warn("upstream {upstream} failed: {error!r}", upstream=upstream.url, error=e)
                 continue
             answer = Answer(response, url, upstream.url, hops, fell_back)
+            self.on_answer(answer)
             if response.code not in FAILOVER_CODES:
                 return answer
             if response.code == 429:

@@ -92,14 +92,19 @@ class HubState:
                 pass
 
     def add_blob_file(self, digest: str, path: Path, name: str | None = None) -> None:
+        """A blob of repository ``name``, or of every repository."""
         self.blob_files[digest] = path
-        if name is not None:
-            self.contents.setdefault(name, set()).add(digest)
+        self.contents.setdefault(name or "*", set()).add(digest)
 
     def holds(self, name: str, digest: str) -> bool:
         """Does ``name`` have ``digest``? Repositories never given contents hold anything."""
         held = self.contents.get(name)
-        return held is None or digest in held or digest not in self.blob_files
+        return (
+            held is None
+            or digest in held
+            or digest in self.contents.get("*", ())
+            or digest not in self.blob_files
+        )
 
     def release_cdn(self) -> None:
         held, self.cdn_held = self.cdn_held, []

@@ -94,6 +94,9 @@ class MemoryMirror:
         self.store = self.wiring.store
         self.metrics = self.wiring.metrics
         self.client = StubTreq(self.wiring.site.resource)
+        # Serve with the daemon's own site (its request class, channel and
+        # timeouts on the test clock), not treq's plain one.
+        self.client._agent._serverFactory = self.wiring.site
 
     def add_host(self, host: bytes, resource: Resource) -> None:
         self.hosts.hosts[host] = resource
