@@ -168,6 +168,10 @@ class PullThrough:
             if entry is not None:
                 if await self._refused(request, entry.meta, headers, path):
                     return
+                # Evicted while the privacy check waited: a miss after all.
+                entry = self.store.get(digest)
+                if entry is None:
+                    continue
                 await self._send_blob(
                     request, entry.digest, entry.size, entry.meta, "HIT", entry=entry
                 )
@@ -244,17 +248,23 @@ class PullThrough:
             not headers.hasHeader(b"authorization"),
             self.registry.name,
         )
-        fill = Fill(
-            self.store,
-            self.hashers(digest.split(":", 1)[0]),
-            digest,
-            meta,
-            None if length is UNKNOWN_LENGTH else length,
-            self.clock,
-            self.timeouts.body_idle,
-            self.config.fill_timeout,
-            on_mismatch=lambda _: self.metrics.mismatches.inc(),
-        )
+        try:
+            fill = Fill(
+                self.store,
+                self.hashers(digest.split(":", 1)[0]),
+                digest,
+                meta,
+                None if length is UNKNOWN_LENGTH else length,
+                self.clock,
+                self.timeouts.body_idle,
+                self.config.fill_timeout,
+                on_mismatch=lambda _: self.metrics.mismatches.inc(),
+            )
+        except OSError as e:
+            # A full disk or no free descriptor: the client still gets the
+            # blob, passed through; nothing is cached.
+            log.warn("not caching {digest}: {error}", digest=digest, error=str(e))
+            return answer
         answer.response.deliverBody(fill)
         # Bounded even if nobody ever reads it (the leader may have gone).
         fill.add_reader()
@@ -404,21 +414,33 @@ class PullThrough:
             )
         media_type = answer.headers.getRawHeaders(b"content-type", [b""])[-1].decode("latin-1")
         if not media_type:
-            media_type = json.loads(body).get("mediaType", OCTET_STREAM)
+            media_type = _declared_media_type(body)
         self.access.remember(headers, name)
         if digest.startswith("sha256:"):
             public = await self._publicity(headers, name, path)
-            self.store.put_bytes(digest, body, Meta(media_type, name, public, self.registry.name))
-            self.store.evict()
+            try:
+                self.store.put_bytes(
+                    digest, body, Meta(media_type, name, public, self.registry.name)
+                )
+                self.store.evict()
+            except OSError as e:
+                # The client still gets the manifest; only the cache misses out.
+                log.warn("cannot cache manifest {digest}: {error}", digest=digest, error=str(e))
             self._update_gauges()
             if tag is not None:
-                self.tags.put(
-                    self.registry.name,
+                self._record_tag(
                     name,
                     tag,
                     TagRecord(digest, media_type, len(body), self.clock.seconds(), public),
                 )
         self._send_manifest(request, digest, body, media_type, "MISS", answer)
+
+    def _record_tag(self, name: str, tag: str, record: TagRecord) -> None:
+        """Remember a tag's digest for stale serving; failing to is no reason to fail the pull."""
+        try:
+            self.tags.put(self.registry.name, name, tag, record)
+        except OSError as e:
+            log.warn("cannot record tag {name}:{tag}: {error}", name=name, tag=tag, error=str(e))
 
     async def _manifest_by_tag(
         self, request: Request, tag: str, name: str, path: str, headers: Headers
@@ -452,8 +474,7 @@ class PullThrough:
         cached = self._cached_manifest(digest) if digest else None
         if cached is not None:
             entry, body = cached
-            self.tags.put(
-                self.registry.name,
+            self._record_tag(
                 name,
                 tag,
                 TagRecord(
@@ -487,6 +508,20 @@ class PullThrough:
             return False
         self._send_manifest(request, record.digest, cached[1], record.media_type, "STALE")
         return True
+
+
+def _declared_media_type(body: bytes) -> str:
+    """A manifest sent without a Content-Type: its own ``mediaType``, if it is one."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise errors.RegistryError(
+            502, "MANIFEST_INVALID", "upstream sent a manifest that is not a JSON object"
+        )
+    media_type = document.get("mediaType")
+    return media_type if isinstance(media_type, str) and media_type else OCTET_STREAM
 
 
 def _drop(answer: Answer | None) -> None:

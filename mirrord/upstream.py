@@ -10,7 +10,6 @@ to the next one.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -32,6 +31,8 @@ log = Logger()
 
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 FAILOVER_CODES = frozenset({429, 502, 503, 504})
+# The longest an upstream rests after a 429, whatever its Retry-After says.
+MAX_REST = 3600.0
 
 
 class UpstreamTimeout(Exception):
@@ -49,16 +50,18 @@ def origin(url: str) -> tuple[str, str, int | None]:
 
 
 def retry_after_seconds(headers: Headers, now: float) -> float | None:
-    """``Retry-After`` as seconds from now: either a number or an HTTP date."""
+    """``Retry-After`` as seconds from ``now``: either a number or an HTTP
+    date, capped at ``MAX_REST`` (an upstream saying "come back next year"
+    must not take itself out of the chain until a restart)."""
     value = headers.getRawHeaders(b"retry-after", [None])[-1]
     if value is None:
         return None
     text = value.decode("latin-1").strip()
     if text.isdigit():
-        return float(text)
+        return min(float(text), MAX_REST)
     try:
-        return max(0.0, parsedate_to_datetime(text).timestamp() - now)
-    except (TypeError, ValueError):
+        return min(max(0.0, parsedate_to_datetime(text).timestamp() - now), MAX_REST)
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -253,7 +256,7 @@ class UpstreamChain:
 
     def _rest(self, upstream: Upstream, headers: Headers) -> None:
         now = self.wall_clock.seconds()
-        seconds = retry_after_seconds(headers, time.time())
+        seconds = retry_after_seconds(headers, now)
         upstream.limited_until = now + (seconds if seconds is not None else self.rate_limit_seconds)
         log.warn(
             "upstream {upstream} is rate-limited for {seconds:.0f}s",
