@@ -66,8 +66,10 @@ class Starting(Generic[T]):
         if self._leader is not None:
             leader, self._leader = self._leader, None
             self._deliver(leader)
-        elif not isinstance(outcome, Failure):
+        elif self.leader_gone and not isinstance(outcome, Failure):
             self._orphaned(outcome)
+        # Otherwise nobody has asked yet (an upstream can answer before
+        # ``lead`` is called): ``lead`` delivers it.
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
