@@ -49,6 +49,9 @@ class CacheConfig:
     stale_max_age: float = 7 * 24 * 3600.0
     fill_timeout: float = 600.0
     auth_ttl: float = 300.0
+    # Seconds a tag revalidated upstream is answered from the cache without
+    # asking again (0: every pull asks). See README ("Tags").
+    tag_ttl: float = 60.0
     pinned: tuple[str, ...] = ()
 
 
@@ -155,6 +158,7 @@ _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
     "stale_max_age": (int, float),
     "fill_timeout": (int, float),
     "auth_ttl": (int, float),
+    "tag_ttl": (int, float),
     "pinned": list,
 }
 _REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -306,6 +310,8 @@ def _cache(where: str, table: Mapping[str, Any]) -> CacheConfig:
     for key in ("stale_max_age", "fill_timeout", "auth_ttl"):
         if getattr(cache, key) <= 0:
             raise ConfigError(f"{where}: key {key!r} must be positive")
+    if cache.tag_ttl < 0:
+        raise ConfigError(f"{where}: key 'tag_ttl' must not be negative")
     return cache
 
 

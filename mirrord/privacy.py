@@ -39,7 +39,7 @@ from mirrord.upstream import Answer, RedirectFollower, UpstreamChain
 log = Logger()
 
 
-def _credential(headers: Headers) -> str:
+def credential_of(headers: Headers) -> str:
     value = headers.getRawHeaders(b"authorization", [b""])[-1]
     return hashlib.sha256(value).hexdigest() if value else ""
 
@@ -63,10 +63,10 @@ class AccessChecks:
 
     def remember(self, headers: Headers, repository: str) -> None:
         """The upstream just accepted these credentials for this repository."""
-        self._verified.put((_credential(headers), repository), True, self.ttl)
+        self._verified.put((credential_of(headers), repository), True, self.ttl)
 
     def verified(self, headers: Headers, repository: str) -> bool:
-        return self._verified.get((_credential(headers), repository)) is not None
+        return self._verified.get((credential_of(headers), repository)) is not None
 
     async def check(self, headers: Headers, meta: Meta, path: str) -> Answer | None:
         """May this client read cached content described by ``meta`` at
@@ -77,7 +77,7 @@ class AccessChecks:
             return None
         if meta.registry == self.registry and self.verified(headers, meta.repository):
             return None
-        credential = _credential(headers)
+        credential = credential_of(headers)
         if self._confirmed.get((credential, path)):
             return None
         answer = await self.chain.request(b"HEAD", path, headers)

@@ -14,12 +14,13 @@ local-first, what is mutable is revalidated remote-first.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -31,11 +32,12 @@ from mirrord.answer import copy_headers, note_cache, note_upstream, write_answer
 from mirrord.auth import RealmBook
 from mirrord.cache import BlobStore, Entry, Meta, TagRecord, TagStore
 from mirrord.config import CacheConfig, Registry, Timeouts
+from mirrord.expiring import Expiring
 from mirrord.fill import Fill, FillFailed, stream_file
 from mirrord.hashing import Hasher, InlineHasher
 from mirrord.inflight import InFlight, Starting
 from mirrord.metrics import Metrics
-from mirrord.privacy import AccessChecks
+from mirrord.privacy import AccessChecks, credential_of
 from mirrord.reference import Kind, Reference
 from mirrord.respond import API_VERSION, write_error
 from mirrord.streaming import BodyTooLarge, abort_client, discard_body, read_small_body
@@ -90,6 +92,11 @@ class PullThrough:
     in_flight: InFlight | None = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        # Tags revalidated within tag_ttl: (repository, tag) -> its record.
+        self._fresh: Expiring[tuple[str, str], TagRecord] = Expiring(self.clock.seconds)
+        # HEADs of a tag on their way upstream, shared by whoever may see
+        # their answer: (repository, tag, credential or "" when public).
+        self._revalidating: dict[tuple[str, str, str], Deferred[Answer | None]] = {}
         if self.in_flight is None:
             self.in_flight = InFlight(self._update_gauges)
         self._update_gauges()
@@ -436,7 +443,10 @@ class PullThrough:
         self._send_manifest(request, digest, body, media_type, "MISS", answer)
 
     def _record_tag(self, name: str, tag: str, record: TagRecord) -> None:
-        """Remember a tag's digest for stale serving; failing to is no reason to fail the pull."""
+        """Remember a tag's digest: for ``tag_ttl`` in memory, on disk for
+        stale serving (failing to write is no reason to fail the pull)."""
+        if self.config.tag_ttl > 0:
+            self._fresh.put((name, tag), record, self.config.tag_ttl)
         try:
             self.tags.put(self.registry.name, name, tag, record)
         except OSError as e:
@@ -445,10 +455,12 @@ class PullThrough:
     async def _manifest_by_tag(
         self, request: Request, tag: str, name: str, path: str, headers: Headers
     ) -> None:
+        if self._serve_recent(request, tag, name, headers, self._fresh.get((name, tag)), "HIT"):
+            return
         failure: errors.RegistryError | None = None
         head: Answer | None = None
         try:
-            head = await self.chain.request(b"HEAD", path, headers)
+            head = await self._head_tag(tag, name, path, headers)
         except CancelledError:
             raise
         except errors.RegistryError as e:
@@ -495,9 +507,48 @@ class PullThrough:
         _drop(head)
         await self._fetch_manifest(request, name, path, headers, tag=tag)
 
+    async def _head_tag(self, tag: str, name: str, path: str, headers: Headers) -> Answer:
+        """HEAD a tag upstream, sharing one HEAD between concurrent pulls
+        that may all see its answer: the same credentials, or anyone when
+        the tag is known to be public. Only a 200 is shared."""
+        known = self.tags.get(self.registry.name, name, tag)
+        key = (name, tag, "" if known is not None and known.public else credential_of(headers))
+        pending = self._revalidating.get(key)
+        if pending is not None:
+            shared = await _follow(pending)
+            if shared is not None:
+                return dataclasses.replace(shared, body=b"")  # its body is the leader's
+        mine: Deferred[Answer | None] = Deferred()
+        self._revalidating[key] = mine
+        try:
+            head = await self.chain.request(b"HEAD", path, headers)
+        except BaseException:
+            mine.callback(None)
+            raise
+        finally:
+            if self._revalidating.get(key) is mine:
+                del self._revalidating[key]
+        mine.callback(head if head.code == 200 else None)
+        return head
+
     def _serve_stale(self, request: Request, tag: str, name: str, headers: Headers) -> bool:
         record = self.tags.get(self.registry.name, name, tag)
         if record is None or self.clock.seconds() - record.fetched > self.config.stale_max_age:
+            return False
+        return self._serve_recent(request, tag, name, headers, record, "STALE")
+
+    def _serve_recent(
+        self,
+        request: Request,
+        tag: str,
+        name: str,
+        headers: Headers,
+        record: TagRecord | None,
+        status: str,
+    ) -> bool:
+        """Serve a tag from what the cache last learned of it, if this
+        client may see it and takes its media type."""
+        if record is None:
             return False
         if not (record.public or self.access.verified(headers, name)):
             return False
@@ -506,7 +557,7 @@ class PullThrough:
         cached = self._cached_manifest(record.digest)
         if cached is None:
             return False
-        self._send_manifest(request, record.digest, cached[1], record.media_type, "STALE")
+        self._send_manifest(request, record.digest, cached[1], record.media_type, status)
         return True
 
 
@@ -522,6 +573,19 @@ def _declared_media_type(body: bytes) -> str:
         )
     media_type = document.get("mediaType")
     return media_type if isinstance(media_type, str) and media_type else OCTET_STREAM
+
+
+def _follow(pending: Deferred[Answer | None]) -> Deferred[Answer | None]:
+    """Wait for a shared HEAD without letting our cancellation cancel it."""
+    mine: Deferred[Answer | None] = Deferred()
+
+    def relay(result: Answer | None) -> Answer | None:
+        if not mine.called:
+            mine.callback(result)
+        return result
+
+    pending.addCallback(relay)
+    return mine
 
 
 def _drop(answer: Answer | None) -> None:

@@ -387,7 +387,7 @@ class ManifestCacheTests(SynchronousTestCase):
         self.mirror = MemoryMirror(
             self,
             Path(tempfile.mkdtemp()),
-            cache=CacheConfig(stale_max_age=3600),
+            cache=CacheConfig(stale_max_age=3600, tag_ttl=0),
         )
         self.hub = self.mirror.hub
         self.path = "/v2/library/alpine/manifests/latest"

@@ -154,6 +154,7 @@ class CrossRepositoryTests(SynchronousTestCase):
         only, and not once her verification has expired."""
         alice = self.alice_caches()
         anonymous = self.headers_for("library/alpine")
+        self.mirror.clock.advance(61)  # past tag_ttl: the tag is asked for again
         self.hub.outage = True
         path = "/v2/alice/private/manifests/latest"
         stale = self.mirror.get(path, alice)
@@ -162,6 +163,7 @@ class CrossRepositoryTests(SynchronousTestCase):
         self.assertNotEqual(self.mirror.get(path).code, 200)
         self.mirror.clock.advance(301)
         self.assertNotEqual(self.mirror.get(path, alice).code, 200)
+        self.assertEqual(self.mirror.get(path, anonymous).code, 503)
 
     def test_upstream_confirmation_opens_the_same_content_elsewhere(self) -> None:
         """A client the upstream gives the digest to, under a repository

@@ -24,7 +24,8 @@ from tests.support import images
 from tests.support.fakehub import ByHost, Cdn, HubState, hub_resource
 
 MIRROR = "https://mirror.test"
-DEFAULT_CACHE = CacheConfig()
+# Tags revalidated on every pull unless a test says otherwise (tag_ttl).
+DEFAULT_CACHE = CacheConfig(tag_ttl=0)
 
 
 @dataclass
