@@ -354,25 +354,52 @@ class EvictionTests(SynchronousTestCase):
         self.now[0] += 1
         return digest
 
+    def at(self, when: float, size: int, repository: str = "r") -> str:
+        """A blob stored (last used) at time ``when``."""
+        self.now[0] = when
+        return self.put(size, repository)
+
+    def assertOnDisk(self, expected: set[str]) -> None:
+        """The index, the size and the files on disk all hold exactly ``expected``."""
+        self.assertEqual(set(self.store.entries), expected)
+        on_disk = {
+            f"sha256:{data.parent.name}" for data in self.store.root.glob("blobs/*/*/*/data")
+        }
+        self.assertEqual(on_disk, expected)
+        self.assertEqual(self.store.size, sum(self.store.entries[d].size for d in expected))
+
     def test_lru_eviction_under_the_limit(self) -> None:
-        """Past the high watermark the least recently used go until under the low one."""
-        old, middle, recent = self.put(300), self.put(300), self.put(300)
+        """Past the high watermark the least recently used go, only until the low one is reached."""
+        old = self.at(1000, 100)
+        middle = self.at(1001, 300)
+        twins = {self.at(1002, 200), self.at(1002, 200)}  # the same age
+        self.assertEqual(self.store.evict(), [], "evicted under the high watermark")
+        self.now[0] = 1003
         self.store.get(old)  # used again: now the most recent
-        newest = self.put(200)
+        newest = self.at(1003, 200)
+        self.assertEqual(self.store.size, 1000)
         removed = self.store.evict()
-        self.assertEqual(removed, [middle, recent])
-        self.assertLessEqual(self.store.size, 500)
-        self.assertIsNotNone(self.store.get(old))
-        self.assertIsNotNone(self.store.get(newest))
-        self.assertFalse(self.store.data_path(middle).exists())
+        # 1000 - 300 - 200 reaches the low watermark (500) exactly: one twin
+        # goes, the other, just as old, unread and unpinned, must stay.
+        self.assertEqual(len(removed), 2, removed)
+        self.assertEqual(removed[0], middle)
+        self.assertIn(removed[1], twins)
+        [survivor] = twins - {removed[1]}
+        self.assertOnDisk({old, newest, survivor})
+        self.assertEqual(self.store.size, 500)
+        self.assertEqual(self.store.evict(), [])
 
     def test_blob_being_read_and_pinned_blobs_stay(self) -> None:
-        reading, pinned = self.put(400), self.put(400, "pinned/app")
+        """A blob being read and a pinned one stay; an unread unpinned one of the same age goes."""
+        reading = self.at(1000, 400)
+        pinned = self.at(1000, 400, "pinned/app")
+        loose = self.at(1000, 200)
+        later = self.at(1001, 100)
         self.store.entries[reading].readers = 1
-        self.put(300)
-        self.store.evict()
-        self.assertIsNotNone(self.store.get(reading))
-        self.assertIsNotNone(self.store.get(pinned))
+        self.assertEqual(self.store.size, 1100)
+        # The low watermark (500) cannot be reached: everything evictable goes.
+        self.assertEqual(self.store.evict(), [loose, later])
+        self.assertOnDisk({reading, pinned})
 
     def test_sizes(self) -> None:
         self.assertEqual(parse_size("50GiB"), 50 << 30)
