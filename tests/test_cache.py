@@ -164,16 +164,6 @@ class BlobFillTests(SynchronousTestCase):
         self.assertEqual(late_body.data, self.data)
         self.assertEqual(self.upstream.gets, 1)
 
-    def test_last_byte_waits_for_verification(self) -> None:
-        """While a fill is unverified, a follower never has the whole blob."""
-        self.upstream.hold_at = len(self.data) - 1
-        _, body = self.start()
-        self.mirror.settle()
-        self.assertEqual(len(body.data), len(self.data) - 1)
-        self.upstream.release()
-        self.mirror.settle()
-        self.assertEqual(body.data, self.data)
-
     def test_first_client_leaving_does_not_hurt_others(self) -> None:
         """The client that started the fill hangs up; the others and the cache still get it all."""
         self.upstream.hold_at = 100_000
@@ -276,17 +266,29 @@ class LateHashTests(SynchronousTestCase):
         return collector
 
     def test_last_byte_waits_for_the_hash(self) -> None:
-        body = self.start()
-        self.assertEqual(len(body.data), len(self.data) - 1, "sent whole before verification")
+        """With the whole body sent, no client gets the last byte until the hash answers."""
+        first = self.start()
         [hasher] = LateHasher.made
+        # The upstream body has ended: the fill has asked for its digest.
+        self.assertEqual(len(hasher.answers), 1, "the upstream body has not ended")
+        self.assertEqual(self.upstream.gets, 1)
+        follower = self.start()  # arrives with the whole body on disk
+        self.assertEqual(self.upstream.gets, 1)
+        for body in (first, follower):
+            self.assertEqual(body.data, self.data[:-1], "sent whole before verification")
+            self.assertIsNone(body.reason, "finished before verification")
         hasher.answer()
         self.mirror.settle()
-        self.assertEqual(body.data, self.data)
+        for body in (first, follower):
+            self.assertEqual(body.data, self.data)
+            self.assertIsNotNone(body.reason)
+            body.reason.trap(ResponseDone)
         self.mirror.clock.advance(1)  # publication
         reply = self.mirror.get(self.path)
         self.assertEqual((reply.header("x-mirrord-cache"), reply.body), ("HIT", self.data))
 
     def test_mismatch_found_late_aborts_the_reader(self) -> None:
+        """A mismatch found after the whole body arrived aborts the reader short of the end."""
         self.upstream.corrupt = True
         body = self.start()
         self.assertIsNone(body.reason)
