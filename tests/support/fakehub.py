@@ -284,18 +284,23 @@ class Cdn(Resource):
         request.setHeader(b"content-length", str(last - first + 1).encode())
         if request.method == b"HEAD":
             return b""
-        FileRangeProducer(request, path, first, last - first + 1).start()
+        FileRangeProducer(request, path, first, last - first + 1, self.state.counts).start()
         return NOT_DONE_YET
 
 
 @implementer(IPushProducer)
 class FileRangeProducer:
     """Writes part of a file to a request, honouring backpressure, with no
-    reactor of its own (so it also runs in memory)."""
+    reactor of its own (so it also runs in memory). Counts the bytes it has
+    handed to the connection in ``counts["cdn bytes"]``: what a test sees
+    of how far the upstream has got."""
 
     chunk = 256 * 1024
 
-    def __init__(self, request: Request, path: Path, offset: int, length: int) -> None:
+    def __init__(
+        self, request: Request, path: Path, offset: int, length: int, counts: Counter | None = None
+    ) -> None:
+        self.counts = counts
         self.request = request
         self.file = path.open("rb")
         self.file.seek(offset)
@@ -312,6 +317,8 @@ class FileRangeProducer:
         while not self.paused and not self.stopped and self.left > 0:
             data = self.file.read(min(self.chunk, self.left))
             self.left -= len(data)
+            if self.counts is not None:
+                self.counts["cdn bytes"] += len(data)
             self.request.write(data)
         if self.left == 0 and not self.stopped:
             self.stopped = True
