@@ -13,7 +13,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from mirrord import config
 from mirrord.config import Access, CacheConfig, ConfigError, Registry, Timeouts
 from mirrord.login import make_hash
-from mirrord.tap import Options, listen_description
+from mirrord.tap import Options, listen_description, reloader
+from mirrord.tls import ServerTLS, make_context
+from tests.support.fakehub import Cdn, HubState, hub_resource
+from tests.support.images import OCI_MANIFEST
+from tests.support.memory import MemoryMirror
+from tests.support.pki import make_pki
+
+ACCEPT = {"Accept": [OCI_MANIFEST]}
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "systemd" / "mirrord.toml"
 
@@ -280,3 +287,61 @@ class ReloadScopeTests(SynchronousTestCase):
             }
         )
         self.assertEqual(needs_restart(old, moved), ["listen", "access", "registries"])
+
+
+class ReloadTests(SynchronousTestCase):
+    """The reloader, run against a wired mirror in memory."""
+
+    def test_next_request_goes_to_the_reloaded_chain(self) -> None:
+        """After a reload with a new upstream chain the next pull asks the new
+        upstream; a broken reload keeps the chain in use."""
+        tmp = Path(tempfile.mkdtemp())
+        mirror = MemoryMirror(self, tmp, upstreams=("http://second.test",), cache=None)
+        third = HubState(cdn_base="http://cdn3.test", auth=False)
+        third.add("library/alpine", mirror.alpine)
+        mirror.add_host(b"third.test", hub_resource(third))
+        mirror.add_host(b"cdn3.test", Cdn(third))
+        pki = make_pki(tmp / "pki")
+
+        def chain_of(*upstreams: str) -> config.Config:
+            hub = Registry("docker.io", upstreams, "library")
+            return config.Config(
+                state_dir=str(tmp),
+                cert=str(pki.fullchain),
+                key=str(pki.privkey),
+                cache=CacheConfig(enabled=False),
+                registries={"docker.io": hub},
+            )
+
+        running = chain_of("http://second.test")
+        server_tls = ServerTLS(make_context(pki.fullchain, pki.privkey, "1.2", running.tls_ciphers))
+        chains = {name: target.chain for name, target in mirror.wiring.targets.items()}
+        next_load: list[config.Config] = [chain_of("http://third.test")]
+
+        def load() -> config.Config:
+            if not next_load:
+                raise ConfigError("mirrord.toml: not valid TOML")
+            return next_load.pop()
+
+        reload = reloader(load, running, server_tls, chains)
+        path = "/v2/alpine/manifests/latest"
+
+        def gets() -> tuple[int, int]:
+            return mirror.second.counts["GET manifests"], third.counts["GET manifests"]
+
+        self.assertEqual(mirror.get(path, ACCEPT).code, 200)
+        self.assertEqual(gets(), (1, 0))
+        old_context = server_tls.context
+        reload()
+        self.assertIsNot(server_tls.context, old_context, "the certificate was not re-read")
+        reply = mirror.get(path, ACCEPT)
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(reply.header("docker-content-digest"), mirror.alpine.manifest_digest)
+        self.assertEqual(
+            (mirror.second.counts["GET manifests"], third.counts["GET manifests"]), (1, 1)
+        )
+        reload()  # the file is now broken: keep the running chain
+        self.assertEqual(mirror.get(path, ACCEPT).code, 200)
+        self.assertEqual(
+            (mirror.second.counts["GET manifests"], third.counts["GET manifests"]), (1, 2)
+        )
