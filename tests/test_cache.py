@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -495,16 +496,45 @@ class ManifestCacheTests(SynchronousTestCase):
         self.assertEqual((reply.code, reply.header("x-mirrord-cache")), (200, "HIT"))
 
     def test_metrics(self) -> None:
-        """/metrics exports hits, misses, bytes, 429s and Hub's remaining quota."""
-        self.pull()
-        self.pull()
+        """/metrics exports hits, misses, the bytes served from upstream and from
+        the cache, each upstream's 429s and Hub's remaining quota."""
+        first, headers = self.pull()  # the manifest: MISS
+        self.pull()  # HIT
+        blob = next(d for d in self.mirror.alpine.blobs if d != self.mirror.alpine.manifest_digest)
+        size = len(self.mirror.alpine.blobs[blob])
+        blob_path = f"/v2/library/alpine/blobs/{blob}"
+        self.assertEqual(self.mirror.get(blob_path, headers).header("x-mirrord-cache"), "MISS")
+        self.mirror.clock.advance(1)  # the fill publishes
+        self.assertEqual(self.mirror.get(blob_path, headers).header("x-mirrord-cache"), "HIT")
+        part = self.mirror.get(blob_path, {**headers, "Range": "bytes=10-19"})
+        self.assertEqual((part.code, len(part.body)), (206, 10))
+        self.mirror.request("HEAD", blob_path, headers)  # no body, no bytes
+        self.hub.ratelimit = True
+        limited = self.mirror.get("/v2/library/alpine/manifests/other", {**ACCEPT, **headers})
+        self.assertEqual(limited.code, 429)
         text = self.mirror.get("/metrics").body.decode()
-        self.assertIn('mirrord_cache_results_total{result="HIT"} 1.0', text)
-        self.assertIn('mirrord_cache_results_total{result="MISS"} 1.0', text)
+        samples = dict(re.findall(r"(?m)^(mirrord_\S+) (\S+)$", text))
+        manifest = len(first.body)
+        self.assertEqual(
+            {name: float(value) for name, value in samples.items() if "served_bytes_total" in name},
+            {
+                'mirrord_served_bytes_total{source="upstream"}': manifest + size,
+                'mirrord_served_bytes_total{source="cache"}': manifest + size + 10,
+            },
+        )
+        self.assertEqual(
+            {name: float(value) for name, value in samples.items() if "rate_limited_total" in name},
+            {'mirrord_upstream_rate_limited_total{upstream="http://hub.test"}': 1.0},
+        )
+        self.assertEqual(samples['mirrord_cache_results_total{result="HIT"}'], "4.0")  # HEAD too
+        self.assertEqual(samples['mirrord_cache_results_total{result="MISS"}'], "2.0")
         self.assertIn('mirrord_upstream_ratelimit_remaining{upstream="http://hub.test"} 99.0', text)
-        self.assertIn("mirrord_cache_entries 1.0", text)
+        self.assertEqual(samples["mirrord_cache_entries"], "2.0")
         page = self.mirror.get("/").body.decode()
         self.assertIn("mirrord_cache_results_total{result=HIT}", page)
+        self.assertIn(
+            f"mirrord_served_bytes_total{{source=upstream}}</code></td><td>{manifest + size}<", page
+        )
 
 
 class RestartOrderTests(SynchronousTestCase):
