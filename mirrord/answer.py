@@ -53,24 +53,27 @@ async def write_answer(
     realms: RealmBook,
     clock: IReactorTime,
     timeouts: Timeouts,
-) -> None:
-    """Pass an upstream answer through to the client, body streamed."""
+) -> int:
+    """Pass an upstream answer through to the client, body streamed.
+    Returns the upstream body bytes the client was sent in full (0 when
+    cut off or answered locally), for the served-bytes metric."""
     note_upstream(request, answer)
     if answer.code == 416 and answer.body is None:
         # distribution 2.8 sends a short body with a whole-blob
         # Content-Length here: answer for it rather than relay it.
         discard_body(answer.response)
         write_error(request, errors.range_invalid(request.getHeader(b"range") or ""))
-        return
+        return 0
     copy_headers(request, answer, realms)
     if answer.body is not None:
         request.setHeader(b"Content-Length", b"%d" % len(answer.body))
         request.write(answer.body)
         request.finish()
-        return
+        return 0 if request.method == b"HEAD" else len(answer.body)
     try:
-        await relay_body(request, answer.response, clock, timeouts)
+        return await relay_body(request, answer.response, clock, timeouts)
     except TransferIncomplete as e:
         record = getattr(request, "access", None)
         if record is not None:
             record.outcome = f"incomplete: {e}"
+        return 0

@@ -26,6 +26,7 @@ from mirrord.answer import write_answer
 from mirrord.auth import RealmBook
 from mirrord.config import Registry, Timeouts
 from mirrord.headers import upstream_request_headers
+from mirrord.metrics import Metrics
 from mirrord.reference import Kind, Reference
 from mirrord.respond import client_address, write_error
 from mirrord.routing import Route, Router
@@ -54,12 +55,19 @@ class PassThrough:
     realms: RealmBook
     clock: IReactorTime
     timeouts: Timeouts
+    metrics: Metrics | None = None
 
     async def serve(
         self, request: Request, ref: Reference, name: str, path: str, headers: Headers
     ) -> None:
         answer = await self.chain.request(request.method, path, headers)
-        await write_answer(request, answer, self.realms, self.clock, self.timeouts)
+        if self.metrics is not None:
+            self.metrics.saw_upstream_headers(answer.upstream, answer.headers)
+            if answer.fell_back:
+                self.metrics.fallbacks.inc()
+        sent = await write_answer(request, answer, self.realms, self.clock, self.timeouts)
+        if self.metrics is not None and sent:
+            self.metrics.bytes_served.labels("upstream").inc(sent)
 
 
 def upstream_name(ref: Reference, registry: Registry) -> str:

@@ -160,7 +160,7 @@ def build_backend(
 ) -> Backend:
     """The cache in front of a registry's chain, or the chain alone."""
     if store is None:
-        return PassThrough(target.chain, target.realms, clock, config.timeouts)
+        return PassThrough(target.chain, target.realms, clock, config.timeouts, metrics)
     access = AccessChecks(target.chain, follower, clock, config.cache.auth_ttl)
     return PullThrough(
         target.registry,

@@ -537,6 +537,37 @@ class ManifestCacheTests(SynchronousTestCase):
         )
 
 
+class PassThroughMetricsTests(SynchronousTestCase):
+    def test_bytes_served_with_the_cache_off(self) -> None:
+        """With the cache off /metrics still counts the bytes served (all from
+        upstream), the upstream's remaining quota and the answers of a fallback."""
+        mirror = MemoryMirror(
+            self,
+            Path(tempfile.mkdtemp()),
+            upstreams=("http://hub.test", "http://second.test"),
+            cache=None,
+        )
+        probe = mirror.get("/v2/")  # the challenge: its body is served too
+        headers = mirror.pull_headers("library/alpine")  # probes once more
+        mirror.hub.ratelimit = True  # the manifest GET falls back to second.test
+        manifest = mirror.get("/v2/library/alpine/manifests/latest", {**ACCEPT, **headers})
+        self.assertEqual(manifest.code, 200)
+        blob = next(d for d in mirror.alpine.blobs if d != mirror.alpine.manifest_digest)
+        whole = mirror.get(f"/v2/library/alpine/blobs/{blob}")
+        part = mirror.get(f"/v2/library/alpine/blobs/{blob}", {"Range": "bytes=0-9"})
+        self.assertEqual((whole.code, part.code, len(part.body)), (200, 206, 10))
+        text = mirror.get("/metrics").body.decode()
+        samples = dict(re.findall(r"(?m)^(mirrord_served_bytes_total\S*) (\S+)$", text))
+        served = 2 * len(probe.body) + len(manifest.body) + len(whole.body) + 10
+        self.assertEqual(samples, {'mirrord_served_bytes_total{source="upstream"}': f"{served}.0"})
+        self.assertIn(
+            'mirrord_upstream_ratelimit_remaining{upstream="http://second.test"} 99.0', text
+        )
+        # hub.test rests after its 429: the manifest and both blob GETs fell back.
+        self.assertIn("mirrord_upstream_fallbacks_total 3.0", text)
+        self.assertIn('mirrord_upstream_rate_limited_total{upstream="http://hub.test"} 1.0', text)
+
+
 class RestartOrderTests(SynchronousTestCase):
     def test_access_order_survives_restart(self) -> None:
         """A blob used again outlives an untouched one in eviction, across a restart."""
