@@ -109,7 +109,9 @@ def _read_slowly(
             )
             head = b""
             while b"\r\n\r\n" not in head:
-                head += tls.recv(4096)
+                more = tls.recv(4096)
+                assert more, f"closed before the headers ended: {head!r}"
+                head += more
             head, _, body = head.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200"), head
             assert f"content-length: {size}".encode() in head.lower()
