@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -164,16 +165,6 @@ class BlobFillTests(SynchronousTestCase):
         self.assertEqual(late_body.data, self.data)
         self.assertEqual(self.upstream.gets, 1)
 
-    def test_last_byte_waits_for_verification(self) -> None:
-        """While a fill is unverified, a follower never has the whole blob."""
-        self.upstream.hold_at = len(self.data) - 1
-        _, body = self.start()
-        self.mirror.settle()
-        self.assertEqual(len(body.data), len(self.data) - 1)
-        self.upstream.release()
-        self.mirror.settle()
-        self.assertEqual(body.data, self.data)
-
     def test_first_client_leaving_does_not_hurt_others(self) -> None:
         """The client that started the fill hangs up; the others and the cache still get it all."""
         self.upstream.hold_at = 100_000
@@ -276,17 +267,29 @@ class LateHashTests(SynchronousTestCase):
         return collector
 
     def test_last_byte_waits_for_the_hash(self) -> None:
-        body = self.start()
-        self.assertEqual(len(body.data), len(self.data) - 1, "sent whole before verification")
+        """With the whole body sent, no client gets the last byte until the hash answers."""
+        first = self.start()
         [hasher] = LateHasher.made
+        # The upstream body has ended: the fill has asked for its digest.
+        self.assertEqual(len(hasher.answers), 1, "the upstream body has not ended")
+        self.assertEqual(self.upstream.gets, 1)
+        follower = self.start()  # arrives with the whole body on disk
+        self.assertEqual(self.upstream.gets, 1)
+        for body in (first, follower):
+            self.assertEqual(body.data, self.data[:-1], "sent whole before verification")
+            self.assertIsNone(body.reason, "finished before verification")
         hasher.answer()
         self.mirror.settle()
-        self.assertEqual(body.data, self.data)
+        for body in (first, follower):
+            self.assertEqual(body.data, self.data)
+            self.assertIsNotNone(body.reason)
+            body.reason.trap(ResponseDone)
         self.mirror.clock.advance(1)  # publication
         reply = self.mirror.get(self.path)
         self.assertEqual((reply.header("x-mirrord-cache"), reply.body), ("HIT", self.data))
 
     def test_mismatch_found_late_aborts_the_reader(self) -> None:
+        """A mismatch found after the whole body arrived aborts the reader short of the end."""
         self.upstream.corrupt = True
         body = self.start()
         self.assertIsNone(body.reason)
@@ -354,25 +357,52 @@ class EvictionTests(SynchronousTestCase):
         self.now[0] += 1
         return digest
 
+    def at(self, when: float, size: int, repository: str = "r") -> str:
+        """A blob stored (last used) at time ``when``."""
+        self.now[0] = when
+        return self.put(size, repository)
+
+    def assertOnDisk(self, expected: set[str]) -> None:
+        """The index, the size and the files on disk all hold exactly ``expected``."""
+        self.assertEqual(set(self.store.entries), expected)
+        on_disk = {
+            f"sha256:{data.parent.name}" for data in self.store.root.glob("blobs/*/*/*/data")
+        }
+        self.assertEqual(on_disk, expected)
+        self.assertEqual(self.store.size, sum(self.store.entries[d].size for d in expected))
+
     def test_lru_eviction_under_the_limit(self) -> None:
-        """Past the high watermark the least recently used go until under the low one."""
-        old, middle, recent = self.put(300), self.put(300), self.put(300)
+        """Past the high watermark the least recently used go, only until the low one is reached."""
+        old = self.at(1000, 100)
+        middle = self.at(1001, 300)
+        twins = {self.at(1002, 200), self.at(1002, 200)}  # the same age
+        self.assertEqual(self.store.evict(), [], "evicted under the high watermark")
+        self.now[0] = 1003
         self.store.get(old)  # used again: now the most recent
-        newest = self.put(200)
+        newest = self.at(1003, 200)
+        self.assertEqual(self.store.size, 1000)
         removed = self.store.evict()
-        self.assertEqual(removed, [middle, recent])
-        self.assertLessEqual(self.store.size, 500)
-        self.assertIsNotNone(self.store.get(old))
-        self.assertIsNotNone(self.store.get(newest))
-        self.assertFalse(self.store.data_path(middle).exists())
+        # 1000 - 300 - 200 reaches the low watermark (500) exactly: one twin
+        # goes, the other, just as old, unread and unpinned, must stay.
+        self.assertEqual(len(removed), 2, removed)
+        self.assertEqual(removed[0], middle)
+        self.assertIn(removed[1], twins)
+        [survivor] = twins - {removed[1]}
+        self.assertOnDisk({old, newest, survivor})
+        self.assertEqual(self.store.size, 500)
+        self.assertEqual(self.store.evict(), [])
 
     def test_blob_being_read_and_pinned_blobs_stay(self) -> None:
-        reading, pinned = self.put(400), self.put(400, "pinned/app")
+        """A blob being read and a pinned one stay; an unread unpinned one of the same age goes."""
+        reading = self.at(1000, 400)
+        pinned = self.at(1000, 400, "pinned/app")
+        loose = self.at(1000, 200)
+        later = self.at(1001, 100)
         self.store.entries[reading].readers = 1
-        self.put(300)
-        self.store.evict()
-        self.assertIsNotNone(self.store.get(reading))
-        self.assertIsNotNone(self.store.get(pinned))
+        self.assertEqual(self.store.size, 1100)
+        # The low watermark (500) cannot be reached: everything evictable goes.
+        self.assertEqual(self.store.evict(), [loose, later])
+        self.assertOnDisk({reading, pinned})
 
     def test_sizes(self) -> None:
         self.assertEqual(parse_size("50GiB"), 50 << 30)
@@ -466,16 +496,86 @@ class ManifestCacheTests(SynchronousTestCase):
         self.assertEqual((reply.code, reply.header("x-mirrord-cache")), (200, "HIT"))
 
     def test_metrics(self) -> None:
-        """/metrics exports hits, misses, bytes, 429s and Hub's remaining quota."""
-        self.pull()
-        self.pull()
+        """/metrics exports hits, misses, the bytes served from upstream and from
+        the cache, each upstream's 429s and Hub's remaining quota."""
+        headers = {**ACCEPT, **self.mirror.pull_headers("library/alpine")}
+        # The token flow's bodies came from upstream too: count from here.
+        before = self.mirror.metrics.value("mirrord_served_bytes_total", source="upstream")
+        first = self.mirror.get(self.path, headers)  # the manifest: MISS
+        self.mirror.get(self.path, headers)  # HIT
+        blob = next(d for d in self.mirror.alpine.blobs if d != self.mirror.alpine.manifest_digest)
+        size = len(self.mirror.alpine.blobs[blob])
+        blob_path = f"/v2/library/alpine/blobs/{blob}"
+        self.assertEqual(self.mirror.get(blob_path, headers).header("x-mirrord-cache"), "MISS")
+        self.mirror.clock.advance(1)  # the fill publishes
+        self.assertEqual(self.mirror.get(blob_path, headers).header("x-mirrord-cache"), "HIT")
+        part = self.mirror.get(blob_path, {**headers, "Range": "bytes=10-19"})
+        self.assertEqual((part.code, len(part.body)), (206, 10))
+        self.mirror.request("HEAD", blob_path, headers)  # no body, no bytes
+        self.hub.ratelimit = True
+        limited = self.mirror.get("/v2/library/alpine/manifests/other", {**ACCEPT, **headers})
+        self.assertEqual(limited.code, 429)
         text = self.mirror.get("/metrics").body.decode()
-        self.assertIn('mirrord_cache_results_total{result="HIT"} 1.0', text)
-        self.assertIn('mirrord_cache_results_total{result="MISS"} 1.0', text)
+        samples = dict(re.findall(r"(?m)^(mirrord_\S+) (\S+)$", text))
+        manifest = len(first.body)
+        self.assertEqual(
+            {name: float(value) for name, value in samples.items() if "served_bytes_total" in name},
+            {
+                # The 429's JSON body is relayed from upstream as well.
+                'mirrord_served_bytes_total{source="upstream"}': before
+                + manifest
+                + size
+                + len(limited.body),
+                'mirrord_served_bytes_total{source="cache"}': manifest + size + 10,
+            },
+        )
+        self.assertEqual(
+            {name: float(value) for name, value in samples.items() if "rate_limited_total" in name},
+            {'mirrord_upstream_rate_limited_total{upstream="http://hub.test"}': 1.0},
+        )
+        self.assertEqual(samples['mirrord_cache_results_total{result="HIT"}'], "4.0")  # HEAD too
+        self.assertEqual(samples['mirrord_cache_results_total{result="MISS"}'], "2.0")
         self.assertIn('mirrord_upstream_ratelimit_remaining{upstream="http://hub.test"} 99.0', text)
-        self.assertIn("mirrord_cache_entries 1.0", text)
+        self.assertEqual(samples["mirrord_cache_entries"], "2.0")
         page = self.mirror.get("/").body.decode()
         self.assertIn("mirrord_cache_results_total{result=HIT}", page)
+        upstream = int(float(samples['mirrord_served_bytes_total{source="upstream"}']))
+        self.assertIn(
+            f"mirrord_served_bytes_total{{source=upstream}}</code></td><td>{upstream}<", page
+        )
+
+
+class PassThroughMetricsTests(SynchronousTestCase):
+    def test_bytes_served_with_the_cache_off(self) -> None:
+        """With the cache off /metrics still counts the bytes served (all from
+        upstream), the upstream's remaining quota and the answers of a fallback."""
+        mirror = MemoryMirror(
+            self,
+            Path(tempfile.mkdtemp()),
+            upstreams=("http://hub.test", "http://second.test"),
+            cache=None,
+        )
+        probe = mirror.get("/v2/")  # the challenge: its body is served too
+        token = mirror.get("/token?service=fakehub&scope=repository:library/alpine:pull")
+        headers = {"Authorization": f"Bearer {token.json()['token']}"}
+        mirror.hub.ratelimit = True  # the manifest GET falls back to second.test
+        manifest = mirror.get("/v2/library/alpine/manifests/latest", {**ACCEPT, **headers})
+        self.assertEqual(manifest.code, 200)
+        blob = next(d for d in mirror.alpine.blobs if d != mirror.alpine.manifest_digest)
+        whole = mirror.get(f"/v2/library/alpine/blobs/{blob}")
+        part = mirror.get(f"/v2/library/alpine/blobs/{blob}", {"Range": "bytes=0-9"})
+        self.assertEqual((whole.code, part.code, len(part.body)), (200, 206, 10))
+        text = mirror.get("/metrics").body.decode()
+        samples = dict(re.findall(r"(?m)^(mirrord_served_bytes_total\S*) (\S+)$", text))
+        # Every body came from upstream: the probe's, the token's, the content's.
+        served = len(probe.body) + len(token.body) + len(manifest.body) + len(whole.body) + 10
+        self.assertEqual(samples, {'mirrord_served_bytes_total{source="upstream"}': f"{served}.0"})
+        self.assertIn(
+            'mirrord_upstream_ratelimit_remaining{upstream="http://second.test"} 99.0', text
+        )
+        # hub.test rests after its 429: the manifest and both blob GETs fell back.
+        self.assertIn("mirrord_upstream_fallbacks_total 3.0", text)
+        self.assertIn('mirrord_upstream_rate_limited_total{upstream="http://hub.test"} 1.0', text)
 
 
 class RestartOrderTests(SynchronousTestCase):

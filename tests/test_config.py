@@ -3,14 +3,26 @@ one-line errors an operator sees for a bad file."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config
-from mirrord.config import ConfigError, Timeouts
-from mirrord.tap import Options, listen_description
+from mirrord.config import Access, CacheConfig, ConfigError, Registry, Timeouts
+from mirrord.login import make_hash
+from mirrord.tap import Options, listen_description, reloader
+from mirrord.tls import ServerTLS, make_context
+from tests.support.fakehub import Cdn, HubState, hub_resource
+from tests.support.images import OCI_MANIFEST
+from tests.support.memory import MemoryMirror
+from tests.support.pki import make_pki
+
+ACCEPT = {"Accept": [OCI_MANIFEST]}
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "systemd" / "mirrord.toml"
 
 
 class ConfigTests(SynchronousTestCase):
@@ -28,20 +40,143 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(defaults.tls_min_version, "1.2")
 
     def test_full_file(self) -> None:
-        """Every documented key is read with its type."""
+        """Every key is read, with its type, into the record; none keeps its default."""
+        users = {"ops": make_hash("s3cret")}
         path = self.write(
             'listen = [8443, "tcp6:9443"]\ncert = "/c.pem"\nkey = "/k.pem"\n'
-            'state_dir = "/tmp/s"\ntls_min_version = "1.3"\nmax_redirects = 3\n'
-            "rate_limit_seconds = 30\npool_size = 4\n"
+            'state_dir = "/tmp/s"\ntls_min_version = "1.3"\ntls_ciphers = "ECDHE+AESGCM"\n'
+            'upstream_ca = "/ca.pem"\nmax_redirects = 3\nrate_limit_seconds = 30\n'
+            'pool_size = 4\ngrace_period = 7.5\naccess_log = "/tmp/access.log"\n'
+            'default_registry = "ghcr.io"\n'
             "[timeouts]\nconnect = 2\nresponse = 3.5\nbody_idle = 4\nclient_idle = 5\n"
+            '[cache]\nenabled = false\nmax_size = "2MB"\nhigh_watermark = 0.9\n'
+            "low_watermark = 0.5\nstale_max_age = 60\nfill_timeout = 70\nauth_ttl = 80\n"
+            "tag_ttl = 5\n"
+            'pinned = ["library/*"]\n'
+            '[access]\nblock_user_agents = ["^curl/"]\nallow_clients = ["10.0.0.0/8"]\n'
+            'trusted_proxies = ["127.0.0.1"]\nmax_connections_per_client = 3\n'
+            "max_requests_per_client = 4\nretry_after = 5\n"
+            f'[access.users]\nops = "{users["ops"]}"\n'
             '[registries."docker.io"]\nupstreams = ["https://a.example", "https://b.example/"]\n'
+            'official_prefix = "lib"\nhosts = ["Hub.Example"]\nallow = ["lib/*"]\n'
+            'deny = ["lib/secret*"]\n'
+            '[registries."ghcr.io"]\n'
         )
-        loaded = config.load(path)
-        self.assertEqual(loaded.listen, ("8443", "tcp6:9443"))
-        self.assertEqual(loaded.timeouts, Timeouts(2, 3.5, 4, 5))
-        self.assertEqual(loaded.default.upstreams, ("https://a.example", "https://b.example"))
-        self.assertEqual(loaded.default.official_prefix, "library")
-        self.assertEqual((loaded.max_redirects, loaded.pool_size), (3, 4))
+        expected = config.Config(
+            listen=("8443", "tcp6:9443"),
+            cert="/c.pem",
+            key="/k.pem",
+            state_dir="/tmp/s",
+            tls_min_version="1.3",
+            tls_ciphers="ECDHE+AESGCM",
+            upstream_ca="/ca.pem",
+            max_redirects=3,
+            rate_limit_seconds=30,
+            pool_size=4,
+            grace_period=7.5,
+            access_log="/tmp/access.log",
+            default_registry="ghcr.io",
+            timeouts=Timeouts(2, 3.5, 4, 5),
+            cache=CacheConfig(False, 2_000_000, 0.9, 0.5, 60, 70, 80, 5, ("library/*",)),
+            access=Access(("^curl/",), ("10.0.0.0/8",), ("127.0.0.1",), 3, 4, 5, users),
+            registries={
+                "docker.io": Registry(
+                    "docker.io",
+                    ("https://a.example", "https://b.example"),
+                    "lib",
+                    ("hub.example",),
+                    ("lib/*",),
+                    ("lib/secret*",),
+                ),
+                "ghcr.io": Registry("ghcr.io", ("https://ghcr.io",)),
+            },
+        )
+        # The file sets every key: a key added to a record must be added here.
+        defaults = config.Config()
+        for record, default in (
+            (expected, defaults),
+            (expected.timeouts, defaults.timeouts),
+            (expected.cache, defaults.cache),
+            (expected.access, defaults.access),
+        ):
+            for f in dataclasses.fields(record):
+                self.assertNotEqual(getattr(record, f.name), getattr(default, f.name), f.name)
+        self.assertRecord(config.load(path), expected)
+
+    def assertRecord(self, loaded: config.Config, expected: config.Config) -> None:
+        """Field by field (for a readable failure), then the whole record."""
+        for f in dataclasses.fields(config.Config):
+            with self.subTest(key=f.name):
+                self.assertEqual(getattr(loaded, f.name), getattr(expected, f.name))
+        self.assertEqual(loaded, expected)
+
+    def test_shipped_example_uncommented(self) -> None:
+        """The shipped example with every key uncommented loads to exactly the values it shows."""
+        text = EXAMPLE.read_text()
+        # The users example elides its hash; put in a real one.
+        ops_hash = make_hash("example")
+        text = text.replace('#ops = "scrypt$16384$8$1$..."', f'#ops = "{ops_hash}"')
+        uncommented = re.sub(r"(?m)^#(?=[^\s#])", "", text)
+        self.assertNotRegex(uncommented, r"(?m)^#\S", "a commented key was left")
+        loaded = config.load(self.write(uncommented))
+        expected = config.Config(
+            listen=("443",),
+            cert="/etc/letsencrypt/live/mirror.example.com/fullchain.pem",
+            key="/etc/letsencrypt/live/mirror.example.com/privkey.pem",
+            state_dir="/var/lib/mirrord",
+            tls_min_version="1.2",
+            tls_ciphers="ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS",
+            upstream_ca="",
+            max_redirects=5,
+            rate_limit_seconds=60.0,
+            pool_size=16,
+            grace_period=30.0,
+            access_log="/var/log/mirrord/access.log",
+            default_registry="docker.io",
+            timeouts=Timeouts(connect=10.0, response=30.0, body_idle=60.0, client_idle=300.0),
+            cache=CacheConfig(
+                enabled=True,
+                max_size=50 << 30,
+                high_watermark=0.95,
+                low_watermark=0.85,
+                stale_max_age=604800.0,
+                fill_timeout=600.0,
+                auth_ttl=300.0,
+                tag_ttl=60.0,
+                pinned=("library/*", "myorg/app:1.*"),
+            ),
+            access=Access(
+                block_user_agents=(),
+                allow_clients=(),
+                trusted_proxies=(),
+                max_connections_per_client=0,
+                max_requests_per_client=0,
+                retry_after=10,
+                users={"ops": ops_hash},
+            ),
+            registries={
+                "docker.io": Registry(
+                    "docker.io",
+                    ("https://registry-1.docker.io", "https://mirror.gcr.io"),
+                    official_prefix="library",
+                    hosts=(),
+                    allow=("library/*", "myorg/*"),
+                    deny=(),
+                ),
+                "ghcr.io": Registry(
+                    "ghcr.io", ("https://ghcr.io",), hosts=("ghcr.mirror.example.com",)
+                ),
+            },
+        )
+        self.assertRecord(loaded, expected)
+
+    def test_shipped_example_documents_every_key(self) -> None:
+        """Every key the loader accepts appears in the shipped example."""
+        shown = set(re.findall(r"(?m)^#?([a-z_]+) = ", EXAMPLE.read_text()))
+        records = (config.Config, Timeouts, CacheConfig, Access, Registry)
+        keys = {f.name for record in records for f in dataclasses.fields(record)}
+        keys -= {"timeouts", "cache", "access", "registries", "users", "name"}  # tables
+        self.assertEqual(keys - shown, set())
 
     def test_unknown_key_is_named_with_file(self) -> None:
         path = self.write('listne = ["443"]\n')
@@ -154,3 +289,61 @@ class ReloadScopeTests(SynchronousTestCase):
             }
         )
         self.assertEqual(needs_restart(old, moved), ["listen", "access", "registries"])
+
+
+class ReloadTests(SynchronousTestCase):
+    """The reloader, run against a wired mirror in memory."""
+
+    def test_next_request_goes_to_the_reloaded_chain(self) -> None:
+        """After a reload with a new upstream chain the next pull asks the new
+        upstream; a broken reload keeps the chain in use."""
+        tmp = Path(tempfile.mkdtemp())
+        mirror = MemoryMirror(self, tmp, upstreams=("http://second.test",), cache=None)
+        third = HubState(cdn_base="http://cdn3.test", auth=False)
+        third.add("library/alpine", mirror.alpine)
+        mirror.add_host(b"third.test", hub_resource(third))
+        mirror.add_host(b"cdn3.test", Cdn(third))
+        pki = make_pki(tmp / "pki")
+
+        def chain_of(*upstreams: str) -> config.Config:
+            hub = Registry("docker.io", upstreams, "library")
+            return config.Config(
+                state_dir=str(tmp),
+                cert=str(pki.fullchain),
+                key=str(pki.privkey),
+                cache=CacheConfig(enabled=False),
+                registries={"docker.io": hub},
+            )
+
+        running = chain_of("http://second.test")
+        server_tls = ServerTLS(make_context(pki.fullchain, pki.privkey, "1.2", running.tls_ciphers))
+        chains = {name: target.chain for name, target in mirror.wiring.targets.items()}
+        next_load: list[config.Config] = [chain_of("http://third.test")]
+
+        def load() -> config.Config:
+            if not next_load:
+                raise ConfigError("mirrord.toml: not valid TOML")
+            return next_load.pop()
+
+        reload = reloader(load, running, server_tls, chains)
+        path = "/v2/alpine/manifests/latest"
+
+        def gets() -> tuple[int, int]:
+            return mirror.second.counts["GET manifests"], third.counts["GET manifests"]
+
+        self.assertEqual(mirror.get(path, ACCEPT).code, 200)
+        self.assertEqual(gets(), (1, 0))
+        old_context = server_tls.context
+        reload()
+        self.assertIsNot(server_tls.context, old_context, "the certificate was not re-read")
+        reply = mirror.get(path, ACCEPT)
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(reply.header("docker-content-digest"), mirror.alpine.manifest_digest)
+        self.assertEqual(
+            (mirror.second.counts["GET manifests"], third.counts["GET manifests"]), (1, 1)
+        )
+        reload()  # the file is now broken: keep the running chain
+        self.assertEqual(mirror.get(path, ACCEPT).code, 200)
+        self.assertEqual(
+            (mirror.second.counts["GET manifests"], third.counts["GET manifests"]), (1, 2)
+        )

@@ -24,6 +24,9 @@ class GuardTests(SynchronousTestCase):
             Path(tempfile.mkdtemp()),
             upstreams=("http://second.test",),  # anonymous: no token dance needed
             access=Access(**access),  # type: ignore[arg-type]
+            # Each request its own upstream request (the cache would share
+            # a tag's HEAD between them).
+            cache=None,
         )
 
     def assertRefused(self, reply, status: int, code: str) -> None:
@@ -48,21 +51,42 @@ class GuardTests(SynchronousTestCase):
         self.assertEqual(headers["x-real-ip"], ["10.1.2.3"])
 
     def test_requests_in_flight_per_address(self) -> None:
-        """Over the limit an address gets 429 with Retry-After; another address is unaffected."""
+        """Over the limit an address gets 429 with Retry-After until one of its
+        requests ends; another address is unaffected."""
         mirror = self.mirror(
-            max_requests_per_client=1, trusted_proxies=("127.0.0.1",), retry_after=7
+            max_requests_per_client=2, trusted_proxies=("127.0.0.1",), retry_after=7
         )
-        mirror.second.hang = True
         busy = {"X-Forwarded-For": "10.0.0.1"}
-        pending = mirror.client.get("https://mirror.test" + OK, headers=busy)
-        mirror.settle()
-        self.assertNoResult(pending)
+
+        def start():
+            d = mirror.client.get("https://mirror.test" + OK, headers=busy)
+            mirror.settle()
+            self.assertNoResult(d)
+            return d
+
+        mirror.second.hang = True
+        first, second = start(), start()
+        self.assertEqual(len(mirror.second.hanging), 2)
         refused = mirror.get(OK, busy)
         self.assertRefused(refused, 429, "TOOMANYREQUESTS")
         self.assertEqual(refused.header("retry-after"), "7")
+        self.assertEqual(len(mirror.second.hanging), 2, "a refused request went upstream")
         mirror.second.hang = False
         self.assertEqual(mirror.get(OK, {"X-Forwarded-For": "10.0.0.2"}).code, 200)
-        self.assertNoResult(pending)
+        # One of the two ends: the next request from that address is admitted.
+        held = mirror.second.hanging.pop(0)
+        held.setResponseCode(503)
+        held.finish()
+        mirror.settle()
+        self.assertEqual(self.successResultOf(first).code, 503)
+        self.assertNoResult(second)
+        self.assertEqual(mirror.get(OK, busy).code, 200)
+        # Still one in flight: one more is admitted, and the one after refused.
+        mirror.second.hang = True
+        third = start()
+        self.assertRefused(mirror.get(OK, busy), 429, "TOOMANYREQUESTS")
+        self.assertNoResult(second)
+        self.assertNoResult(third)
 
     def test_health_check_is_never_refused(self) -> None:
         mirror = self.mirror(allow_clients=("10.0.0.0/8",))

@@ -4,13 +4,34 @@ resources (usage page, health check), in memory."""
 from __future__ import annotations
 
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from mirrord import config
 from tests.support.memory import MemoryMirror
+
+# Every element the usage page itself writes.
+PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "b", "small"}
+PAGE_TAGS |= {"pre", "code", "ol", "li", "table", "tr", "td"}
+
+
+class PageText(HTMLParser):
+    """The elements of an HTML page and its text as a browser would show it."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: set[str] = set()
+        self.text = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
 
 
 class Redirector(Resource):
@@ -141,10 +162,27 @@ class SmallResourceTests(SynchronousTestCase):
         self.assertIn("http://hub.test", page)
 
     def test_usage_page_escapes_host(self) -> None:
-        """A hostile Host header never reaches the page unescaped."""
-        reply = self.mirror.get("/", {"Host": '"><script>alert(1)</script>'})
+        """A hostile Host header and hostile configured names reach the page only as text."""
+        name = '"><script>alert(1)</script>'
+        alias = "<img src=x onerror=alert(2)>"
+        upstream = "http://second.test/<script>alert(3)</script>"
+        hostile = config.from_mapping(
+            {"registries": {name: {"upstreams": [upstream], "hosts": [alias]}}}
+        ).registries[name]
+        mirror = MemoryMirror(self, Path(tempfile.mkdtemp()), registries={name: hostile})
+        host = '"><script>alert(4)</script>'
+        reply = mirror.get("/", {"Host": host})
         self.assertEqual(reply.code, 200)
-        self.assertNotIn(b"<script>", reply.body)
+        page = PageText()
+        page.feed(reply.body.decode())
+        page.close()
+        self.assertLessEqual(page.tags, PAGE_TAGS, "a value became markup")
+        # Each configured value is on the page, as text.
+        for value in (name, alias, upstream):
+            self.assertIn(value, page.text)
+        # The Host header is not sane: the page names the mirror's own address.
+        self.assertNotIn("alert(4)", page.text)
+        self.assertIn("mirrord at ", page.text)
 
     def test_hostile_host_not_in_challenge(self) -> None:
         """The token realm never carries an unsanitised Host."""

@@ -223,8 +223,12 @@ class Mirror(Process):
         return ssl.create_default_context(cafile=str(pki.ca))
 
 
-def start_mirror(workdir: Path, pki: Pki, upstreams: list[str], name: str, *extra: str) -> Mirror:
+def start_mirror(
+    workdir: Path, pki: Pki, upstreams: list[str], name: str, *extra: str, config: str = ""
+) -> Mirror:
+    """A twistd mirrord on loopback; ``config`` is its TOML file's text."""
     port = free_port()
+    config_path = workdir / (f"{name}.toml" if config else "empty.toml")
     argv = [
         *mirrord_argv(),
         "--listen",
@@ -236,11 +240,11 @@ def start_mirror(workdir: Path, pki: Pki, upstreams: list[str], name: str, *extr
         "--state-dir",
         str(workdir / f"state-{name}"),
         "--config",
-        str(workdir / "empty.toml"),
+        str(config_path),
         *[arg for url in upstreams for arg in ("--upstream", url)],
         *extra,
     ]
-    (workdir / "empty.toml").write_text("")
+    config_path.write_text(config)
     return Mirror(name, argv, port, workdir / f"mirror-{name}.log").start()
 
 

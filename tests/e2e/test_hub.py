@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.e2e.conftest import Images, Mirror, Skopeo, start_mirror, verify_dir_copy
@@ -83,36 +85,88 @@ def _get_token(mirror: Mirror, pki: Pki, scope: str) -> str:
     return json.loads(response.read())["token"]
 
 
-def test_slow_client_big_blob_memory_stays_flat(hub_mirror: Mirror, hubs, pki: Pki) -> None:
-    """A slow client reading a 256 MiB blob gets every byte; daemon RSS stays under 100 MiB."""
-    hub, _ = hubs
-    token = _get_token(hub_mirror, pki, "repository:library/alpine:pull")
-    context = hub_mirror.tls_context(pki)
-    digest = hashlib.sha256()
+MiB = 1 << 20
+SLOW = 40e6  # bytes per second
+
+
+def _read_slowly(
+    mirror: Mirror, pki: Pki, token: str, digest: str, size: int, at: int, seen: Callable[[], None]
+) -> str:
+    """Read a blob at 40 MB/s (far slower than the upstream can send),
+    through a 64 KiB receive buffer; call ``seen`` once ``at`` bytes are in.
+    Returns the digest of what arrived."""
+    context = mirror.tls_context(pki)
+    hashed = hashlib.sha256()
     received = 0
-    deadline = time.monotonic() + 120
-    with socket.create_connection(("127.0.0.1", hub_mirror.port), timeout=30) as raw:
+    started = time.monotonic()
+    deadline = started + 120
+    with socket.create_connection(("127.0.0.1", mirror.port), timeout=30) as raw:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             tls.sendall(
-                f"GET /v2/library/alpine/blobs/{hub.big_digest} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"GET /v2/library/alpine/blobs/{digest} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode()
             )
             head = b""
             while b"\r\n\r\n" not in head:
-                head += tls.recv(4096)
+                more = tls.recv(4096)
+                assert more, f"closed before the headers ended: {head!r}"
+                head += more
             head, _, body = head.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200"), head
-            assert f"content-length: {hub.big_size}".encode() in head.lower()
-            digest.update(body)
+            assert f"content-length: {size}".encode() in head.lower()
+            hashed.update(body)
             received += len(body)
-            while received < hub.big_size and time.monotonic() < deadline:
+            while received < size and time.monotonic() < deadline:
                 data = tls.recv(65536)
                 if not data:
                     break
-                digest.update(data)
+                hashed.update(data)
+                if received < at <= received + len(data):
+                    seen()
                 received += len(data)
-                time.sleep(0.0015)  # about 40 MB/s: far slower than the CDN can send
-    assert received == hub.big_size
-    assert "sha256:" + digest.hexdigest() == hub.big_digest
+                time.sleep(max(0.0, received / SLOW - (time.monotonic() - started)))
+    assert received == size
+    return "sha256:" + hashed.hexdigest()
+
+
+def test_slow_client_big_blob_memory_stays_flat(hub_mirror: Mirror, hubs, pki: Pki) -> None:
+    """A slow client reading a 256 MiB blob gets every byte; daemon RSS stays under 100 MiB."""
+    hub, _ = hubs
+    token = _get_token(hub_mirror, pki, "repository:library/alpine:pull")
+    got = _read_slowly(hub_mirror, pki, token, hub.big_digest, hub.big_size, 0, lambda: None)
+    assert got == hub.big_digest
     assert hub_mirror.peak_rss_kib() < 100 * 1024
+
+
+def test_slow_client_holds_the_upstream_back_with_the_cache_off(
+    hubs, pki: Pki, workdir: Path
+) -> None:
+    """With no cache to fill, a slow client pauses the upstream: it has sent little more
+    than the client has read, and the daemon's RSS stays under 100 MiB."""
+    hub, second = hubs
+    mirror = start_mirror(
+        workdir, pki, [hub.url, second.url], "relay", config="[cache]\nenabled = false\n"
+    )
+    try:
+        token = _get_token(mirror, pki, "repository:library/alpine:pull")
+        before = hub.control()["counts"].get("cdn bytes", 0)
+        sent_when_read: list[int] = []
+
+        def seen() -> None:
+            sent_when_read.append(hub.control()["counts"]["cdn bytes"] - before)
+
+        got = _read_slowly(mirror, pki, token, hub.big_digest, hub.big_size, 64 * MiB, seen)
+        peak = mirror.peak_rss_kib()
+        sent = hub.control()["counts"]["cdn bytes"] - before
+    finally:
+        mirror.stop()
+    assert got == hub.big_digest
+    # Socket buffers on both hops and the daemon's own hold a few MiB; an
+    # upstream that was not paused would be done (256 MiB) long before.
+    [ahead] = sent_when_read
+    assert ahead < (64 + 32) * MiB, f"upstream sent {ahead / MiB:.0f} MiB by 64 MiB read"
+    assert sent == hub.big_size
+    assert peak < 100 * 1024, f"peak RSS {peak} KiB"
+    served = f"GET /v2/library/alpine/blobs/{hub.big_digest} -> 200 bytes={hub.big_size}"
+    assert re.search(re.escape(served) + r" .* cache=- ok", mirror.output())

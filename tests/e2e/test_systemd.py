@@ -144,12 +144,35 @@ class SlowDownload:
         return "sha256:" + self.hash.hexdigest()
 
 
+def _manifest_status(port: int, ca: Path, token: str) -> int:
+    """GET library/alpine:latest through the mirror; the status."""
+    import http.client
+
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        conn.request(
+            "GET",
+            "/v2/library/alpine/manifests/latest",
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/vnd.oci.image.manifest.v1+json",
+            },
+        )
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
 def test_unit_command_line_reload_and_graceful_stop(workdir: Path, pki: Pki, hubs) -> None:
-    """The unit's command line runs; SIGHUP swaps the certificate under a running download;
-    a broken certificate is refused; SIGTERM lets a transfer finish and exits 0."""
+    """The unit's command line runs; SIGHUP swaps the certificate and the upstream chain
+    under a running download; a broken certificate is refused; SIGTERM lets a transfer
+    finish and exits 0."""
     from tests.e2e.test_hub import _get_token
 
-    hub, _ = hubs
+    hub, second = hubs
     tls_dir = workdir / "reload-tls"
     tls_dir.mkdir()
     cert, key = tls_dir / "fullchain.pem", tls_dir / "privkey.pem"
@@ -157,11 +180,12 @@ def test_unit_command_line_reload_and_graceful_stop(workdir: Path, pki: Pki, hub
     shutil.copy(pki.privkey, key)
     port = free_port()
     config = workdir / "unit.toml"
-    config.write_text(
+    settings = (
         f'listen = ["tcp:{port}:interface=127.0.0.1"]\ncert = "{cert}"\nkey = "{key}"\n'
         f'state_dir = "{workdir / "state-unit"}"\ngrace_period = 60\n'
-        f'[registries."docker.io"]\nupstreams = ["{hub.url}"]\n'
+        '[registries."docker.io"]\nupstreams = ["{upstream}"]\n'
     )
+    config.write_text(settings.replace("{upstream}", hub.url))
     argv = shlex.split(_unit_value("ExecStart"))
     assert argv[0] == "/opt/mirrord/bin/twistd" and argv[-1] == "/etc/mirrord/mirrord.toml"
     argv = [twistd(), *argv[1:-1], str(config)]
@@ -180,12 +204,19 @@ def test_unit_command_line_reload_and_graceful_stop(workdir: Path, pki: Pki, hub
         other = make_pki(workdir / "pki-renewed", "renewed")
         shutil.copy(other.fullchain, cert)
         shutil.copy(other.privkey, key)
+        config.write_text(settings.replace("{upstream}", second.url))
+        hub_before = hub.control()["counts"].get("GET manifests", 0)
+        second_before = second.control()["counts"].get("GET manifests", 0)
         os.kill(daemon.pid, signal.SIGHUP)
         notifications.expect("RELOADING=1")
         notifications.expect("READY=1")
         _serving_certificate(port, other.ca)
         with pytest.raises(ssl.SSLError):
             _serving_certificate(port, pki.ca)
+        # The next pull asks the new chain, not the old one.
+        assert _manifest_status(port, other.ca, token) == 200
+        assert second.control()["counts"].get("GET manifests", 0) == second_before + 1
+        assert hub.control()["counts"].get("GET manifests", 0) == hub_before
 
         cert.write_text("not a certificate\n")
         os.kill(daemon.pid, signal.SIGHUP)

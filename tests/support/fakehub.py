@@ -110,7 +110,7 @@ class HubState:
         held, self.cdn_held = self.cdn_held, []
         for request, path, offset, length in held:
             if not request._disconnected:
-                FileRangeProducer(request, path, offset, length).start()
+                FileRangeProducer(request, path, offset, length, self.counts).start()
 
     def token_for(self, user: str | None, repos: list[str]) -> str:
         payload = json.dumps({"user": user, "repos": repos}).encode()
@@ -323,18 +323,23 @@ class Cdn(Resource):
                 request.write(f.read(hold))
             self.state.cdn_held.append((request, path, first + hold, last - first + 1 - hold))
             return NOT_DONE_YET
-        FileRangeProducer(request, path, first, last - first + 1).start()
+        FileRangeProducer(request, path, first, last - first + 1, self.state.counts).start()
         return NOT_DONE_YET
 
 
 @implementer(IPushProducer)
 class FileRangeProducer:
     """Writes part of a file to a request, honouring backpressure, with no
-    reactor of its own (so it also runs in memory)."""
+    reactor of its own (so it also runs in memory). Counts the bytes it has
+    handed to the connection in ``counts["cdn bytes"]``: what a test sees
+    of how far the upstream has got."""
 
     chunk = 256 * 1024
 
-    def __init__(self, request: Request, path: Path, offset: int, length: int) -> None:
+    def __init__(
+        self, request: Request, path: Path, offset: int, length: int, counts: Counter | None = None
+    ) -> None:
+        self.counts = counts
         self.request = request
         self.file = path.open("rb")
         self.file.seek(offset)
@@ -351,6 +356,8 @@ class FileRangeProducer:
         while not self.paused and not self.stopped and self.left > 0:
             data = self.file.read(min(self.chunk, self.left))
             self.left -= len(data)
+            if self.counts is not None:
+                self.counts["cdn bytes"] += len(data)
             self.request.write(data)
         if self.left == 0 and not self.stopped:
             self.stopped = True
