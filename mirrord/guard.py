@@ -7,21 +7,34 @@ against the block patterns, and its connections and requests in flight
 against the per-address limits. A refusal is a registry JSON error: 403
 ``DENIED``, or 429 ``TOOMANYREQUESTS`` with ``Retry-After``; other clients'
 requests are never touched.
+
+Then, on ``/v2/`` and ``/token``, the mirror login. A password check runs
+in a thread, so a request whose credentials are not remembered waits for it
+in ``_AwaitLogin`` and goes on down the tree once they are right. An
+address with too many failed logins is refused (429), even with the right
+password, until its window has passed: otherwise guessing would only cost
+the guesser some retries.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from twisted.web.resource import Resource
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord import errors
 from mirrord.config import Access
-from mirrord.login import MirrorLogin
-from mirrord.respond import peer_address, write_error
+from mirrord.expiring import Expiring
+from mirrord.login import LoginBusy, MirrorLogin
+from mirrord.respond import client_address, peer_address, write_error
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -41,14 +54,90 @@ def _in(address: str, networks: list[Network]) -> bool:
 
 
 BASIC_CHALLENGE = (b"WWW-Authenticate", b'Basic realm="mirrord"')
+# Remembered addresses with failed logins; past this the oldest are dropped.
+MAX_FAILED_ADDRESSES = 10_000
+
+
+def _failure_key(address: str) -> str:
+    """Failures count per IPv4 address, and per /64 for IPv6: one host
+    usually has a whole /64 to pick its addresses from."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+@dataclass
+class _Failures:
+    count: int
+    until: float  # when the address's record is forgotten
+
+
+class FailedLogins:
+    """Failed logins per client address over a window of ``window`` seconds
+    from the first; at ``limit`` the address is refused for ``window``
+    seconds from its last failure. The map is bounded (``Expiring``).
+
+    Checks already running when the limit is reached still count, so a
+    guesser gets at most a few checks (the worker's queue) past the limit.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        now: Callable[[], float],
+        max_addresses: int = MAX_FAILED_ADDRESSES,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._now = now
+        self._failures: Expiring[str, _Failures] = Expiring(now, max_addresses)
+
+    def failed(self, address: str) -> None:
+        if not self.limit:
+            return
+        key, now = _failure_key(address), self._now()
+        record = self._failures.get(key) or _Failures(0, now + self.window)
+        record.count += 1
+        if record.count >= self.limit:
+            record.until = now + self.window
+        self._failures.put(key, record, record.until - now)
+
+    def refused_for(self, address: str) -> int | None:
+        """Seconds until the address may try again, or None if it may now."""
+        if not self.limit:
+            return None
+        record = self._failures.get(_failure_key(address))
+        if record is None or record.count < self.limit:
+            return None
+        return max(1, math.ceil(record.until - self._now()))
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+
+Decision = errors.RegistryError | None
 
 
 class Guard:
     """The access policy and the per-address counters it keeps."""
 
-    def __init__(self, access: Access, login: MirrorLogin | None = None) -> None:
+    def __init__(
+        self,
+        access: Access,
+        login: MirrorLogin | None = None,
+        *,
+        now: Callable[[], float],
+    ) -> None:
         self.access = access
         self.login = login
+        self.failed_logins = FailedLogins(access.max_failed_logins, access.failed_login_window, now)
         self._allowed = _networks(access.allow_clients)
         self._trusted = _networks(access.trusted_proxies)
         self._blocked = [re.compile(p) for p in access.block_user_agents]
@@ -94,23 +183,49 @@ class Guard:
             return busy
         return None
 
-    def authenticate(self, request: Request, path: bytes) -> errors.RegistryError | None:
-        """Mirror login on /v2/ and /token; see ``mirrord.login``."""
+    def authenticate(self, request: Request, path: bytes) -> Decision | Deferred[Decision]:
+        """Mirror login on /v2/ and /token; see ``mirrord.login``. A Deferred
+        when the credentials must be checked (in the login worker)."""
         login = self.login
         if login is None or not login.enabled or path not in (b"v2", b"token"):
             return None
         header = request.getHeader(b"authorization") or b""
         scheme = header[:7].lower()
         if scheme.startswith(b"basic "):
-            if not login.basic_ok(header):
-                return errors.RegistryError(401, "UNAUTHORIZED", "wrong mirror credentials")
-            # The mirror's credentials are never sent upstream.
-            request.requestHeaders.removeHeader(b"authorization")
-            request.mirror_login = True  # type: ignore[attr-defined]
-            return None
+            client = client_address(request)
+            wait = self.failed_logins.refused_for(client)
+            if wait is not None:
+                return errors.RegistryError(
+                    429,
+                    "TOOMANYREQUESTS",
+                    "too many failed logins from your address; retry later",
+                    retry_after=wait,
+                )
+            known = login.known(header)
+            if known is not None:
+                return self._logged_in(known, request, client)
+            checked = login.check(header)
+            checked.addCallback(self._logged_in, request, client)
+            checked.addErrback(self._check_refused)
+            return checked
         if path == b"v2" and scheme == b"bearer " and login.token_ok(header[7:].strip()):
             return None
         return errors.RegistryError(401, "UNAUTHORIZED", "log in to this mirror first")
+
+    def _logged_in(self, ok: bool, request: Request, client: str) -> Decision:
+        if not ok:
+            self.failed_logins.failed(client)
+            return errors.RegistryError(401, "UNAUTHORIZED", "wrong mirror credentials")
+        # The mirror's credentials are never sent upstream.
+        request.requestHeaders.removeHeader(b"authorization")
+        request.mirror_login = True  # type: ignore[attr-defined]
+        return None
+
+    def _check_refused(self, failure: Failure) -> Decision:
+        failure.trap(LoginBusy)
+        return errors.RegistryError(
+            503, "UNAVAILABLE", "too many logins being checked; retry shortly", retry_after=1
+        )
 
 
 class _Refusal(Resource):
@@ -127,6 +242,38 @@ class _Refusal(Resource):
         return NOT_DONE_YET
 
 
+class _AwaitLogin(Resource):
+    """Holds a request while its credentials are checked, then hands it on
+    down the tree (or refuses it). A client that leaves cancels the check;
+    nothing is written after it left."""
+
+    isLeaf = True
+
+    def __init__(self, decision: Deferred[Decision], proceed: Callable[[], Resource]) -> None:
+        super().__init__()
+        self._decision = decision
+        self._proceed = proceed
+
+    def render(self, request: Request) -> int:
+        decision = self._decision
+        request.notifyFinish().addErrback(lambda _: decision.cancel())
+        decision.addCallback(self._decided, request)
+        decision.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    def _decided(self, refusal: Decision, request: Request) -> None:
+        if refusal is not None:
+            _Refusal(refusal).render(request)
+            return
+        # The rest of the path, as Site.getResourceFor would have walked it.
+        request.render(getChildForRequest(self._proceed(), request))
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(CancelledError):
+            return
+        request.processingFailed(failure)
+
+
 class GuardedRoot(Resource):
     """Wraps the root resource: every request passes the guard first."""
 
@@ -140,6 +287,8 @@ class GuardedRoot(Resource):
         if path in self._exempt:
             return self._root.getChildWithDefault(path, request)
         refusal = self._admit(request) or self._guard.authenticate(request, path)
+        if isinstance(refusal, Deferred):
+            return _AwaitLogin(refusal, lambda: self._root.getChildWithDefault(path, request))
         if refusal is not None:
             return _Refusal(refusal)
         return self._root.getChildWithDefault(path, request)
