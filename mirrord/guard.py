@@ -111,8 +111,6 @@ class FailedLogins:
 
     def refused_for(self, address: str) -> int | None:
         """Seconds until the address may try again, or None if it may now."""
-        if not self.limit:
-            return None
         record = self._failures.get(_failure_key(address))
         if record is None or record.count < self.limit:
             return None
