@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mirrord.config import Access, ConfigError, from_mapping
 from mirrord.guard import FailedLogins
 from mirrord.login import LoginWorker, MirrorLogin, make_hash, run_inline
+from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MIRROR, MemoryMirror, Reply
 from tests.test_hashing import ThreadedReactor
 
@@ -144,6 +145,27 @@ class WorkerTests(SynchronousTestCase):
         self.assertEqual(login.finish(pending).code, 200)
         self.assertEqual(len(calls), 1)
         self.assertNotEqual(calls[0], threading.get_ident())
+
+    def test_token_after_a_checked_login_works_on_v2(self) -> None:
+        """/token with checked credentials hands out a token the mirror then accepts on /v2/."""
+        worker, pool = held_worker(self)
+        mirror = MemoryMirror(
+            self, Path(tempfile.mkdtemp()), access=Access(users=USERS), login_checks=worker.run
+        )
+        url = MIRROR + "/token?service=fakehub&scope=repository:alpine:pull"
+        pending = mirror.client.get(url, headers=basic("ops", "s3cret"))
+        mirror.settle()
+        self.assertNoResult(pending)
+        pool.run_all()
+        mirror.settle()
+        response = self.successResultOf(pending)
+        self.assertEqual(response.code, 200)
+        body = treq.json_content(response)
+        mirror.settle()
+        token = self.successResultOf(body)["token"]
+        reply = mirror.get(OK, {"Authorization": f"Bearer {token}", "Accept": [OCI_MANIFEST]})
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual(pool.jobs, [])
 
     def test_full_queue_is_refused_at_once(self) -> None:
         """With the worker full, another login is 503 with Retry-After at once, not queued."""
