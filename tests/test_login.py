@@ -13,7 +13,7 @@ from typing import Any
 
 import treq
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -224,6 +224,14 @@ class WorkerTests(SynchronousTestCase):
         login = LoginMirror(self, worker.run)
         self.assertEqual(login.get(OK, "10.0.0.1", "s3cret").code, 503)
         self.assertEqual(pool.jobs, [])
+
+    def test_a_check_that_breaks_is_a_registry_error(self) -> None:
+        """A check that raises gives the client a JSON 500 and a logged failure, not a hang."""
+        login = LoginMirror(self, lambda check: fail(RuntimeError("scrypt broke")))
+        reply = login.get(OK, "10.0.0.1", "s3cret")
+        self.assertEqual(reply.code, 500)
+        self.assertEqual(reply.json()["errors"][0]["code"], "UNKNOWN")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class FailedLoginTests(SynchronousTestCase):
