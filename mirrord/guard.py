@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
@@ -35,6 +36,8 @@ from mirrord.config import Access
 from mirrord.expiring import Expiring
 from mirrord.login import LoginBusy, MirrorLogin
 from mirrord.respond import client_address, peer_address, write_error
+
+log = Logger()
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -83,8 +86,9 @@ class FailedLogins:
     from the first; at ``limit`` the address is refused for ``window``
     seconds from its last failure. The map is bounded (``Expiring``).
 
-    Checks already running when the limit is reached still count, so a
-    guesser gets at most a few checks (the worker's queue) past the limit.
+    Credentials still being checked count as failures to come: a guesser
+    gets ``limit`` guesses per window however many it sends at once, while
+    requests bringing credentials already being checked wait for that check.
     """
 
     def __init__(
@@ -98,6 +102,9 @@ class FailedLogins:
         self.window = window
         self._now = now
         self._failures: Expiring[str, _Failures] = Expiring(now, max_addresses)
+        # Requests waiting for a check, per address and credentials: as many
+        # entries at most as requests in flight.
+        self._checking: dict[str, Counter[bytes]] = {}
 
     def failed(self, address: str) -> None:
         if not self.limit:
@@ -109,12 +116,34 @@ class FailedLogins:
             record.until = now + self.window
         self._failures.put(key, record, record.until - now)
 
-    def refused_for(self, address: str) -> int | None:
-        """Seconds until the address may try again, or None if it may now."""
-        record = self._failures.get(_failure_key(address))
-        if record is None or record.count < self.limit:
+    def refused_for(self, address: str, credentials: bytes = b"") -> int | None:
+        """Seconds until the address may try ``credentials``, or None if it may now."""
+        if not self.limit:
             return None
-        return max(1, math.ceil(record.until - self._now()))
+        key = _failure_key(address)
+        record = self._failures.get(key)
+        failures = record.count if record is not None else 0
+        if record is not None and failures >= self.limit:
+            return max(1, math.ceil(record.until - self._now()))
+        checking = self._checking.get(key, {})
+        if credentials not in checking and failures + len(checking) >= self.limit:
+            return 1  # the checks under way decide; they take well under a second
+        return None
+
+    def checking(self, address: str, credentials: bytes) -> None:
+        if self.limit:
+            self._checking.setdefault(_failure_key(address), Counter())[credentials] += 1
+
+    def checked(self, address: str, credentials: bytes) -> None:
+        key = _failure_key(address)
+        checking = self._checking.get(key)
+        if checking is None:
+            return
+        checking[credentials] -= 1
+        if checking[credentials] <= 0:
+            del checking[credentials]
+        if not checking:
+            del self._checking[key]
 
     def __len__(self) -> int:
         return len(self._failures)
@@ -191,7 +220,8 @@ class Guard:
         scheme = header[:7].lower()
         if scheme.startswith(b"basic "):
             client = client_address(request)
-            wait = self.failed_logins.refused_for(client)
+            failed_logins = self.failed_logins
+            wait = failed_logins.refused_for(client, header)
             if wait is not None:
                 return errors.RegistryError(
                     429,
@@ -202,7 +232,14 @@ class Guard:
             known = login.known(header)
             if known is not None:
                 return self._logged_in(known, request, client)
+            failed_logins.checking(client, header)
             checked = login.check(header)
+
+            def done(result: object) -> object:
+                failed_logins.checked(client, header)
+                return result
+
+            checked.addBoth(done)
             checked.addCallback(self._logged_in, request, client)
             checked.addErrback(self._check_refused)
             return checked
@@ -269,7 +306,15 @@ class _AwaitLogin(Resource):
     def _failed(self, failure: Failure, request: Request) -> None:
         if failure.check(CancelledError):
             return
-        request.processingFailed(failure)
+        if request.startedWriting:
+            # The resource below failed mid-answer: as Twisted's own
+            # Request.process would handle it.
+            request.processingFailed(failure)
+            return
+        log.failure("checking mirror credentials failed", failure)
+        write_error(
+            request, errors.RegistryError(500, "UNKNOWN", "could not check the mirror credentials")
+        )
 
 
 class GuardedRoot(Resource):

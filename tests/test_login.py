@@ -255,6 +255,25 @@ class FailedLoginTests(SynchronousTestCase):
         clock.advance(0.5)
         self.assertEqual(login.get(OK, "10.0.0.1", "s3cret").code, 200)
 
+    def test_guesses_sent_at_once_count_as_they_are_checked(self) -> None:
+        """Many guesses at once from one address: only the limit's worth is checked."""
+        worker, pool = held_worker(self)
+        login = LoginMirror(self, worker.run, max_failed_logins=3, failed_login_window=60)
+        waiting = [login.start(OK, "10.0.0.1", f"guess{i}") for i in range(3)]
+        for i in range(3, 6):
+            refused = login.get(OK, "10.0.0.1", f"guess{i}")
+            self.assertEqual((refused.code, refused.header("retry-after")), (429, "1"))
+        self.assertEqual(len(pool.jobs), 3)
+        same = login.start(OK, "10.0.0.1", "guess0")  # joins the check under way
+        pool.run_all()
+        self.assertEqual([login.finish(d).code for d in [*waiting, same]], [401] * 4)
+        self.assertEqual(login.get(OK, "10.0.0.1", "s3cret").header("retry-after"), "60")
+        self.assertEqual(pool.jobs, [])
+        other = login.start(OK, "10.0.0.2", "s3cret")
+        pool.run_all()
+        self.assertEqual(login.finish(other).code, 200)
+        self.assertEqual(login.mirror.wiring.site.guard.failed_logins._checking, {})
+
     def test_failures_spread_over_more_than_the_window_never_add_up(self) -> None:
         """Failures count over a window from the first: old ones are forgotten."""
         login = LoginMirror(self, max_failed_logins=3, failed_login_window=60)
