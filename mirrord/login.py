@@ -30,7 +30,7 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -218,9 +218,9 @@ class MirrorLogin:
             del self._checking[key]
         waiters, shared.waiters = shared.waiters, []
         if isinstance(outcome, Failure):
-            if not outcome.check(CancelledError):
-                for waiter in waiters:
-                    waiter.errback(outcome)
+            # Cancelled only once nobody waited (see _leave): then this is no one.
+            for waiter in waiters:
+                waiter.errback(outcome)
             return None
         self._answers.put(key, outcome, self._ttl)
         for waiter in waiters:
