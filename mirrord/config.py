@@ -66,6 +66,8 @@ class Access:
     max_requests_per_client: int = 0
     retry_after: int = 10
     users: Mapping[str, str] = field(default_factory=dict)
+    max_failed_logins: int = 10
+    failed_login_window: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ _ACCESS_TYPES: dict[str, type | tuple[type, ...]] = {
     "max_requests_per_client": int,
     "retry_after": int,
     "users": dict,
+    "max_failed_logins": int,
+    "failed_login_window": (int, float),
 }
 _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
     "enabled": bool,
@@ -251,9 +255,18 @@ def _access(where: str, table: Mapping[str, Any]) -> Access:
             raise ConfigError(
                 f"{where} [access.users]: {user!r} needs a hash from `python -m mirrord.login`"
             )
-    for key in ("max_connections_per_client", "max_requests_per_client", "retry_after"):
+    for key in (
+        "max_connections_per_client",
+        "max_requests_per_client",
+        "retry_after",
+        "max_failed_logins",
+    ):
         if values.get(key, 0) < 0:
             raise ConfigError(f"{where}: key {key!r} must be >= 0")
+    if "failed_login_window" in values:
+        if values["failed_login_window"] <= 0:
+            raise ConfigError(f"{where}: key 'failed_login_window' must be positive")
+        values["failed_login_window"] = float(values["failed_login_window"])
     return Access(**values)
 
 

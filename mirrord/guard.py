@@ -7,21 +7,37 @@ against the block patterns, and its connections and requests in flight
 against the per-address limits. A refusal is a registry JSON error: 403
 ``DENIED``, or 429 ``TOOMANYREQUESTS`` with ``Retry-After``; other clients'
 requests are never touched.
+
+Then, on ``/v2/`` and ``/token``, the mirror login. A password check runs
+in a thread, so a request whose credentials are not remembered waits for it
+in ``_AwaitLogin`` and goes on down the tree once they are right. An
+address with too many failed logins is refused (429), even with the right
+password, until its window has passed: otherwise guessing would only cost
+the guesser some retries.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from twisted.web.resource import Resource
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord import errors
 from mirrord.config import Access
-from mirrord.login import MirrorLogin
-from mirrord.respond import peer_address, write_error
+from mirrord.expiring import Expiring
+from mirrord.login import LoginBusy, MirrorLogin
+from mirrord.respond import client_address, peer_address, write_error
+
+log = Logger()
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -41,14 +57,114 @@ def _in(address: str, networks: list[Network]) -> bool:
 
 
 BASIC_CHALLENGE = (b"WWW-Authenticate", b'Basic realm="mirrord"')
+# Remembered addresses with failed logins; past this the oldest are dropped.
+MAX_FAILED_ADDRESSES = 10_000
+
+
+def _failure_key(address: str) -> str:
+    """Failures count per IPv4 address, and per /64 for IPv6: one host
+    usually has a whole /64 to pick its addresses from."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+@dataclass
+class _Failures:
+    count: int
+    until: float  # when the address's record is forgotten
+
+
+class FailedLogins:
+    """Failed logins per client address over a window of ``window`` seconds
+    from the first; at ``limit`` the address is refused for ``window``
+    seconds from its last failure. The map is bounded (``Expiring``).
+
+    Credentials still being checked count as failures to come: a guesser
+    gets ``limit`` guesses per window however many it sends at once, while
+    requests bringing credentials already being checked wait for that check.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        now: Callable[[], float],
+        max_addresses: int = MAX_FAILED_ADDRESSES,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._now = now
+        self._failures: Expiring[str, _Failures] = Expiring(now, max_addresses)
+        # Requests waiting for a check, per address and credentials: as many
+        # entries at most as requests in flight.
+        self._checking: dict[str, Counter[bytes]] = {}
+
+    def failed(self, address: str) -> None:
+        if not self.limit:
+            return
+        key, now = _failure_key(address), self._now()
+        record = self._failures.get(key) or _Failures(0, now + self.window)
+        record.count += 1
+        if record.count >= self.limit:
+            record.until = now + self.window
+        self._failures.put(key, record, record.until - now)
+
+    def refused_for(self, address: str, credentials: bytes = b"") -> int | None:
+        """Seconds until the address may try ``credentials``, or None if it may now."""
+        if not self.limit:
+            return None
+        key = _failure_key(address)
+        record = self._failures.get(key)
+        failures = record.count if record is not None else 0
+        if record is not None and failures >= self.limit:
+            return max(1, math.ceil(record.until - self._now()))
+        checking = self._checking.get(key, {})
+        if credentials not in checking and failures + len(checking) >= self.limit:
+            return 1  # the checks under way decide; they take well under a second
+        return None
+
+    def checking(self, address: str, credentials: bytes) -> None:
+        if self.limit:
+            self._checking.setdefault(_failure_key(address), Counter())[credentials] += 1
+
+    def checked(self, address: str, credentials: bytes) -> None:
+        key = _failure_key(address)
+        checking = self._checking.get(key)
+        if checking is None:
+            return
+        checking[credentials] -= 1
+        if checking[credentials] <= 0:
+            del checking[credentials]
+        if not checking:
+            del self._checking[key]
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+
+Decision = errors.RegistryError | None
 
 
 class Guard:
     """The access policy and the per-address counters it keeps."""
 
-    def __init__(self, access: Access, login: MirrorLogin | None = None) -> None:
+    def __init__(
+        self,
+        access: Access,
+        login: MirrorLogin | None = None,
+        *,
+        now: Callable[[], float],
+    ) -> None:
         self.access = access
         self.login = login
+        self.failed_logins = FailedLogins(access.max_failed_logins, access.failed_login_window, now)
         self._allowed = _networks(access.allow_clients)
         self._trusted = _networks(access.trusted_proxies)
         self._blocked = [re.compile(p) for p in access.block_user_agents]
@@ -94,23 +210,57 @@ class Guard:
             return busy
         return None
 
-    def authenticate(self, request: Request, path: bytes) -> errors.RegistryError | None:
-        """Mirror login on /v2/ and /token; see ``mirrord.login``."""
+    def authenticate(self, request: Request, path: bytes) -> Decision | Deferred[Decision]:
+        """Mirror login on /v2/ and /token; see ``mirrord.login``. A Deferred
+        when the credentials must be checked (in the login worker)."""
         login = self.login
         if login is None or not login.enabled or path not in (b"v2", b"token"):
             return None
         header = request.getHeader(b"authorization") or b""
         scheme = header[:7].lower()
         if scheme.startswith(b"basic "):
-            if not login.basic_ok(header):
-                return errors.RegistryError(401, "UNAUTHORIZED", "wrong mirror credentials")
-            # The mirror's credentials are never sent upstream.
-            request.requestHeaders.removeHeader(b"authorization")
-            request.mirror_login = True  # type: ignore[attr-defined]
-            return None
+            client = client_address(request)
+            failed_logins = self.failed_logins
+            wait = failed_logins.refused_for(client, header)
+            if wait is not None:
+                return errors.RegistryError(
+                    429,
+                    "TOOMANYREQUESTS",
+                    "too many failed logins from your address; retry later",
+                    retry_after=wait,
+                )
+            known = login.known(header)
+            if known is not None:
+                return self._logged_in(known, request, client)
+            failed_logins.checking(client, header)
+            checked = login.check(header)
+
+            def done(result: object) -> object:
+                failed_logins.checked(client, header)
+                return result
+
+            checked.addBoth(done)
+            checked.addCallback(self._logged_in, request, client)
+            checked.addErrback(self._check_refused)
+            return checked
         if path == b"v2" and scheme == b"bearer " and login.token_ok(header[7:].strip()):
             return None
         return errors.RegistryError(401, "UNAUTHORIZED", "log in to this mirror first")
+
+    def _logged_in(self, ok: bool, request: Request, client: str) -> Decision:
+        if not ok:
+            self.failed_logins.failed(client)
+            return errors.RegistryError(401, "UNAUTHORIZED", "wrong mirror credentials")
+        # The mirror's credentials are never sent upstream.
+        request.requestHeaders.removeHeader(b"authorization")
+        request.mirror_login = True  # type: ignore[attr-defined]
+        return None
+
+    def _check_refused(self, failure: Failure) -> Decision:
+        failure.trap(LoginBusy)
+        return errors.RegistryError(
+            503, "UNAVAILABLE", "too many logins being checked; retry shortly", retry_after=1
+        )
 
 
 class _Refusal(Resource):
@@ -127,6 +277,46 @@ class _Refusal(Resource):
         return NOT_DONE_YET
 
 
+class _AwaitLogin(Resource):
+    """Holds a request while its credentials are checked, then hands it on
+    down the tree (or refuses it). A client that leaves cancels the check;
+    nothing is written after it left."""
+
+    isLeaf = True
+
+    def __init__(self, decision: Deferred[Decision], proceed: Callable[[], Resource]) -> None:
+        super().__init__()
+        self._decision = decision
+        self._proceed = proceed
+
+    def render(self, request: Request) -> int:
+        decision = self._decision
+        request.notifyFinish().addErrback(lambda _: decision.cancel())
+        decision.addCallback(self._decided, request)
+        decision.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    def _decided(self, refusal: Decision, request: Request) -> None:
+        if refusal is not None:
+            _Refusal(refusal).render(request)
+            return
+        # The rest of the path, as Site.getResourceFor would have walked it.
+        request.render(getChildForRequest(self._proceed(), request))
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(CancelledError):
+            return
+        if request.startedWriting:
+            # The resource below failed mid-answer: as Twisted's own
+            # Request.process would handle it.
+            request.processingFailed(failure)
+            return
+        log.failure("checking mirror credentials failed", failure)
+        write_error(
+            request, errors.RegistryError(500, "UNKNOWN", "could not check the mirror credentials")
+        )
+
+
 class GuardedRoot(Resource):
     """Wraps the root resource: every request passes the guard first."""
 
@@ -140,6 +330,8 @@ class GuardedRoot(Resource):
         if path in self._exempt:
             return self._root.getChildWithDefault(path, request)
         refusal = self._admit(request) or self._guard.authenticate(request, path)
+        if isinstance(refusal, Deferred):
+            return _AwaitLogin(refusal, lambda: self._root.getChildWithDefault(path, request))
         if refusal is not None:
             return _Refusal(refusal)
         return self._root.getChildWithDefault(path, request)

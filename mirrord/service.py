@@ -8,7 +8,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -22,8 +22,8 @@ log = Logger()
 
 
 class MirrordService(MultiService):
-    """Owns the connection pool and the hash worker; the listeners are its
-    child services."""
+    """Owns the connection pool and the hash and login workers; the
+    listeners are its child services."""
 
     def __init__(
         self,
@@ -33,6 +33,7 @@ class MirrordService(MultiService):
         grace_period: float,
         reload: Callable[[], None] = lambda: None,
         hash_worker: HashWorker | None = None,
+        login_worker: Service | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -41,6 +42,7 @@ class MirrordService(MultiService):
         self.grace_period = grace_period
         self.reload = reload
         self.hash_worker = hash_worker
+        self.login_worker = login_worker
 
     def privilegedStartService(self) -> None:
         # Listeners bind here, before the reactor runs (and before privileges
@@ -53,8 +55,9 @@ class MirrordService(MultiService):
             ) from None
 
     def startService(self) -> None:
-        if self.hash_worker is not None:
-            self.hash_worker.startService()
+        for worker in (self.hash_worker, self.login_worker):
+            if worker is not None:
+                worker.startService()
         super().startService()
         # twistd starts services before the reactor installs its own signal
         # handlers; ours must come after to replace them.
@@ -99,9 +102,10 @@ class MirrordService(MultiService):
         listeners = super().stopService()  # stop accepting connections
         d = DeferredList([listeners, self._drained()], consumeErrors=True)
         d.addBoth(lambda _: self.pool.closeCachedConnections())
-        if self.hash_worker is not None:
-            # After the drain: the transfers still running needed it.
-            d.addBoth(lambda _: self.hash_worker.stopService())
+        # After the drain: the transfers still running needed them.
+        for worker in (self.hash_worker, self.login_worker):
+            if worker is not None:
+                d.addBoth(lambda _, worker=worker: worker.stopService())
         return d
 
     def _drained(self) -> Deferred[None]:

@@ -26,7 +26,7 @@ from mirrord.config import Config, ConfigError, Registry
 from mirrord.guard import Guard
 from mirrord.hashing import Hasher, HashWorker, InlineHasher
 from mirrord.inflight import InFlight
-from mirrord.login import MirrorLogin
+from mirrord.login import LoginWorker, MirrorLogin, Runner, run_inline
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.privacy import AccessChecks
 from mirrord.proxy import Backend, PassThrough, RegistryProxy
@@ -258,12 +258,14 @@ def wire(
     reactor: Any,
     note: CertificateNote,
     hashers: Callable[[str], Hasher] = InlineHasher,
+    login_checks: Runner = run_inline,
 ) -> Wiring:
     """Registries, their upstream chains and backends, the resource tree.
-    ``hashers`` makes a fill's hasher: a ``HashWorker``'s in the daemon."""
+    ``hashers`` makes a fill's hasher: a ``HashWorker``'s in the daemon;
+    ``login_checks`` runs password checks: a ``LoginWorker``'s there."""
     clock: IReactorTime = reactor
     metrics = Metrics()
-    login = MirrorLogin(config.access.users, clock.seconds)
+    login = MirrorLogin(config.access.users, clock.seconds, run=login_checks)
     follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
     store = open_store(config, clock)
 
@@ -296,7 +298,7 @@ def wire(
         metrics=MetricsResource(metrics),
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
-        guard=Guard(config.access, login),
+        guard=Guard(config.access, login, now=clock.seconds),
     )
     site.count_body = lambda source, size: metrics.bytes_served.labels(source).inc(size)
     if config.access_log:
@@ -315,11 +317,14 @@ def build_service(
     raise_mmap_threshold()
     endpoints = UpstreamEndpoints(reactor, upstream_policy(config), config.timeouts.connect)
     hash_worker = HashWorker(reactor)
+    login_worker = LoginWorker(reactor)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    wiring = wire(config, agent, reactor, note, hash_worker.hasher)
+    wiring = wire(config, agent, reactor, note, hash_worker.hasher, login_worker.run)
     chains = {name: target.chain for name, target in wiring.targets.items()}
     reload = reloader(load or (lambda: config), config, server_tls, chains)
-    service = MirrordService(reactor, pool, wiring.site, config.grace_period, reload, hash_worker)
+    service = MirrordService(
+        reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker
+    )
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))
         listener = StreamServerEndpointService(

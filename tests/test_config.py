@@ -56,6 +56,7 @@ class ConfigTests(SynchronousTestCase):
             '[access]\nblock_user_agents = ["^curl/"]\nallow_clients = ["10.0.0.0/8"]\n'
             'trusted_proxies = ["127.0.0.1"]\nmax_connections_per_client = 3\n'
             "max_requests_per_client = 4\nretry_after = 5\n"
+            "max_failed_logins = 6\nfailed_login_window = 90\n"
             f'[access.users]\nops = "{users["ops"]}"\n'
             '[registries."docker.io"]\nupstreams = ["https://a.example", "https://b.example/"]\n'
             'official_prefix = "lib"\nhosts = ["Hub.Example"]\nallow = ["lib/*"]\n'
@@ -78,7 +79,17 @@ class ConfigTests(SynchronousTestCase):
             default_registry="ghcr.io",
             timeouts=Timeouts(2, 3.5, 4, 5),
             cache=CacheConfig(False, 2_000_000, 0.9, 0.5, 60, 70, 80, 5, ("library/*",)),
-            access=Access(("^curl/",), ("10.0.0.0/8",), ("127.0.0.1",), 3, 4, 5, users),
+            access=Access(
+                ("^curl/",),
+                ("10.0.0.0/8",),
+                ("127.0.0.1",),
+                3,
+                4,
+                5,
+                users,
+                max_failed_logins=6,
+                failed_login_window=90,
+            ),
             registries={
                 "docker.io": Registry(
                     "docker.io",

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 
 from mirrord.config import Access, CacheConfig, Config, Registry, Timeouts
 from mirrord.hashing import Hasher, InlineHasher
+from mirrord.login import Runner, run_inline
 from mirrord.tap import wire
 from mirrord.usage import CertificateNote
 from tests.support import images
@@ -58,6 +59,7 @@ class MemoryMirror:
         registries: dict[str, Registry] | None = None,
         access: Access | None = None,
         hashers: Callable[[str], Hasher] = InlineHasher,
+        login_checks: Runner = run_inline,
     ) -> None:
         self.test = test
         timeouts = timeouts or Timeouts()
@@ -91,7 +93,7 @@ class MemoryMirror:
             },
         )
         note = CertificateNote("/x.crt", False, "")
-        self.wiring = wire(config, self.upstream, self.clock, note, hashers)
+        self.wiring = wire(config, self.upstream, self.clock, note, hashers, login_checks)
         self.store = self.wiring.store
         self.metrics = self.wiring.metrics
         self.client = StubTreq(self.wiring.site.resource)
