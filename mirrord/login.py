@@ -75,6 +75,11 @@ def check_hash(password: str, stored: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
+def _refuse_after(check: Callable[[str, str], bool], password: str, stored: str) -> bool:
+    check(password, stored)
+    return False
+
+
 def valid_hash(stored: str) -> bool:
     parts = stored.split("$")
     return len(parts) == 6 and parts[0] == "scrypt" and all(x.isdigit() for x in parts[1:4])
@@ -175,6 +180,9 @@ class MirrorLogin:
         self._answers: Expiring[bytes, bool] = Expiring(now)
         self._tokens: Expiring[bytes, bool] = Expiring(now)
         self._checking: dict[bytes, _SharedCheck] = {}
+        # An unknown user costs the same scrypt as a known one, so the time
+        # of a refusal does not tell which user names exist.
+        self._decoy = make_hash(os.urandom(16).hex()) if users else ""
 
     @property
     def enabled(self) -> bool:
@@ -205,12 +213,14 @@ class MirrorLogin:
         if known is not None:
             return succeed(known)
         try:
-            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return succeed(False)
+        if not user:
+            return succeed(False)  # not a name anyone could have
         stored = self.users.get(user)
         if stored is None:
-            return succeed(False)
+            return self._run(partial(_refuse_after, check_hash, password, self._decoy))
         return self._run(partial(check_hash, password, stored))
 
     def _checked(self, outcome: bool | Failure, key: bytes, shared: _SharedCheck) -> None:
