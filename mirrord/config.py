@@ -17,11 +17,27 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mirrord.cache import parse_size
-from mirrord.login import valid_hash
+from mirrord.passwords import valid_hash
 
 DEFAULT_CONFIG_PATH = Path("/etc/mirrord/mirrord.toml")
 DOCKER_HUB = "docker.io"
+
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_size(text: str | int) -> int:
+    """``"50GiB"``, ``"500MB"``, ``1024`` → bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.fullmatch(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    base = unit[:1]
+    factor = 1024 ** "bkmgt".index(base) if "i" in unit and base else _UNITS[base]
+    return int(number * factor)
 
 
 class ConfigError(Exception):
@@ -253,7 +269,7 @@ def _access(where: str, table: Mapping[str, Any]) -> Access:
         _check_type(f"{where} [access.users]", user, stored, str)
         if not valid_hash(stored):
             raise ConfigError(
-                f"{where} [access.users]: {user!r} needs a hash from `python -m mirrord.login`"
+                f"{where} [access.users]: {user!r} needs a hash from `python -m mirrord.passwords`"
             )
     for key in (
         "max_connections_per_client",

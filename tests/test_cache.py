@@ -21,10 +21,10 @@ from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mirrord.cache import BlobStore, Meta, TagRecord, TagStore, parse_size
-from mirrord.config import CacheConfig
-from mirrord.fill import HASH_BACKLOG, Fill
-from mirrord.hashing import InlineHasher
+from mirrord.config import CacheConfig, parse_size
+from mirrord.store.disk import BlobStore, Meta, TagRecord, TagStore
+from mirrord.store.fill import HASH_BACKLOG, Fill
+from mirrord.store.worker import InlineHasher
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
 

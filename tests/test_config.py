@@ -12,9 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config
 from mirrord.config import Access, CacheConfig, ConfigError, Registry, Timeouts
-from mirrord.login import make_hash
-from mirrord.tap import Options, listen_description, reloader
-from mirrord.tls import ServerTLS, make_context
+from mirrord.daemon.tap import Options, listen_description, reloader
+from mirrord.daemon.tls import ServerTLS, make_context
+from mirrord.passwords import make_hash
 from tests.support.fakehub import Cdn, HubState, hub_resource
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
@@ -279,7 +279,7 @@ class ReloadScopeTests(SynchronousTestCase):
     def test_reload_applies_tls_and_chains_and_names_the_rest(self) -> None:
         """A reload applies certificates, TLS settings and upstream chains; other
         changes are named as waiting for a restart."""
-        from mirrord.tap import needs_restart
+        from mirrord.daemon.tap import needs_restart
 
         old = config.from_mapping({"listen": [443]})
         new = config.from_mapping(

@@ -9,7 +9,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord.config import Access, Registry
-from mirrord.login import check_hash, make_hash
+from mirrord.passwords import check_hash, make_hash
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mirrord.hashing import BATCH, HashingStopped, HashWorker
+from mirrord.store.worker import BATCH, HashingStopped, HashWorker
 
 
 class ThreadedReactor:

@@ -21,8 +21,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord.config import Access, ConfigError, from_mapping
-from mirrord.guard import FailedLogins
-from mirrord.login import LoginWorker, MirrorLogin, make_hash, run_inline
+from mirrord.front.guard import FailedLogins
+from mirrord.front.login import LoginWorker, MirrorLogin, run_inline
+from mirrord.passwords import make_hash
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MIRROR, MemoryMirror, Reply
 from tests.test_hashing import ThreadedReactor

@@ -11,10 +11,11 @@ from pathlib import Path
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from mirrord import config, logs, ufw
+from mirrord import config
+from mirrord.daemon import logs, ufw
+from mirrord.daemon.systemd import notify
 from mirrord.expiring import Expiring
-from mirrord.respond import plain_address
-from mirrord.systemd import notify
+from mirrord.registry.respond import plain_address
 
 
 class NotifyTests(SynchronousTestCase):

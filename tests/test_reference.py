@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mirrord import reference
-from mirrord.auth import RealmBook, official_scope, parse_challenge, rewrite_challenges
-from mirrord.errors import RegistryError
-from mirrord.reference import Kind
+from mirrord.registry import reference
+from mirrord.registry.challenges import (
+    RealmBook,
+    official_scope,
+    parse_challenge,
+    rewrite_challenges,
+)
+from mirrord.registry.errors import RegistryError
+from mirrord.registry.reference import Kind
 
 
 class ReferenceTests(SynchronousTestCase):

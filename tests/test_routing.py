@@ -9,8 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config
 from mirrord.config import Registry
-from mirrord.errors import RegistryError
-from mirrord.routing import Router
+from mirrord.registry.errors import RegistryError
+from mirrord.registry.routing import Router
 from tests.support import images
 from tests.support.memory import MemoryMirror
 

@@ -13,7 +13,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from mirrord.streaming import BodyRelay, BodyTooLarge, BoundedReader, TransferIncomplete
+from mirrord.upstream.bodies import BodyRelay, BodyTooLarge, BoundedReader, TransferIncomplete
 
 
 class _RelayResource(Resource):

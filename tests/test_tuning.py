@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 
 from mirrord import tuning
-from mirrord.tls import ServerTLS, ensure_self_signed, make_context
+from mirrord.daemon.tls import ServerTLS, ensure_self_signed, make_context
 from tests.support.pki import make_pki
 
 

@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from mirrord.login import make_hash
+from mirrord.passwords import make_hash
 from tests.e2e.conftest import Images, Skopeo, start_mirror
 from tests.e2e.test_pull import _raw_tls
 from tests.support.pki import Pki

@@ -8,7 +8,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mirrord.login import make_hash
+from mirrord.passwords import make_hash
 from tests.e2e.conftest import Mirror, start_mirror
 from tests.e2e.test_pull import _raw_tls
 from tests.support.pki import Pki

@@ -17,10 +17,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from mirrord.config import Access, CacheConfig, Config, Registry, Timeouts
-from mirrord.hashing import Hasher, InlineHasher
-from mirrord.login import Runner, run_inline
-from mirrord.tap import wire
-from mirrord.usage import CertificateNote
+from mirrord.daemon.tap import wire
+from mirrord.front.login import Runner, run_inline
+from mirrord.front.usage import CertificateNote
+from mirrord.store.worker import Hasher, InlineHasher
 from tests.support import images
 from tests.support.fakehub import ByHost, Cdn, HubState, hub_resource
 

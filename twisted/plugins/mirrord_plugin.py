@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 mirrord = ServiceMaker(
     "mirrord",
-    "mirrord.tap",
+    "mirrord.daemon.tap",
     "A streaming TLS pull-through mirror for Docker Hub and other registries.",
     "mirrord",
 )

@@ -22,15 +22,15 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mirrord import errors, reference
-from mirrord.answer import write_answer
-from mirrord.auth import RealmBook
 from mirrord.config import Registry, Timeouts
-from mirrord.headers import upstream_request_headers
-from mirrord.reference import Kind, Reference
-from mirrord.respond import client_address, write_error
-from mirrord.routing import Route, Router
-from mirrord.upstream import UpstreamChain
+from mirrord.registry import errors, reference
+from mirrord.registry.challenges import RealmBook
+from mirrord.registry.headers import upstream_request_headers
+from mirrord.registry.reference import Kind, Reference
+from mirrord.registry.respond import client_address, write_error
+from mirrord.registry.routing import Route, Router
+from mirrord.serve.answer import write_answer
+from mirrord.upstream.chain import UpstreamChain
 
 log = Logger()
 

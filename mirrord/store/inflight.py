@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from mirrord.fill import Fill
+from mirrord.store.fill import Fill
 
 T = TypeVar("T")
 

@@ -22,14 +22,13 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mirrord import errors
-from mirrord.answer import note_source
-from mirrord.auth import RealmBook, official_scope, rewrite_challenges
 from mirrord.config import Registry, Timeouts
-from mirrord.login import MirrorLogin
-from mirrord.respond import client_host, write_error
-from mirrord.streaming import TransferIncomplete, discard_body, read_small_body, relay_body
-from mirrord.upstream import RedirectFollower, UpstreamChain
+from mirrord.registry import errors
+from mirrord.registry.challenges import RealmBook, official_scope, rewrite_challenges
+from mirrord.registry.respond import client_host, write_error
+from mirrord.serve.answer import note_source
+from mirrord.upstream.bodies import TransferIncomplete, discard_body, read_small_body, relay_body
+from mirrord.upstream.chain import RedirectFollower, UpstreamChain
 
 log = Logger()
 
@@ -58,12 +57,14 @@ class TokenProxy(Resource):
         follower: RedirectFollower,
         clock: IReactorTime,
         timeouts: Timeouts,
-        login: MirrorLogin | None = None,
+        issued: Callable[[str, float], object] | None = None,
         count: Callable[[str], object] = lambda kind: None,
     ) -> None:
         super().__init__()
         self._count = count
-        self._login = login
+        # Told of each token handed to a client logged in to the mirror
+        # (the front door accepts those tokens on /v2/ afterwards).
+        self._issued = issued
         self._targets = targets
         self._follower = follower
         self._clock = clock
@@ -121,7 +122,7 @@ class TokenProxy(Resource):
             values = response.headers.getRawHeaders(name)
             if values:
                 request.responseHeaders.setRawHeaders(name, values)
-        if self._login is not None and getattr(request, "mirror_login", False):
+        if self._issued is not None and getattr(request, "mirror_login", False):
             await self._issue(request, response)
             return
         try:
@@ -131,14 +132,14 @@ class TokenProxy(Resource):
 
     async def _issue(self, request: Request, response: IResponse) -> None:
         """A logged-in client's token: remember it so /v2/ accepts it."""
-        assert self._login is not None
+        assert self._issued is not None
         body = await read_small_body(response)
         if response.code == 200:
             try:
                 document = json.loads(body)
                 token = document.get("token") or document.get("access_token")
                 if token:
-                    self._login.issued(token, float(document.get("expires_in") or 60))
+                    self._issued(token, float(document.get("expires_in") or 60))
             except (ValueError, AttributeError):
                 pass
         request.setHeader(b"Content-Length", b"%d" % len(body))

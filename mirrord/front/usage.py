@@ -12,7 +12,7 @@ from twisted.web.server import Request
 from mirrord import __version__
 from mirrord.config import Config, Registry
 from mirrord.metrics import Metrics
-from mirrord.respond import client_host
+from mirrord.registry.respond import client_host
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import re
 
 from twisted.web.server import Request
 
-from mirrord.errors import RegistryError
+from mirrord.registry.errors import RegistryError
 
 API_VERSION = (b"Docker-Distribution-Api-Version", b"registry/2.0")
 _HOST_RE = re.compile(rb"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
@@ -60,3 +60,12 @@ def client_address(request: Request) -> str:
     """The client's address: as the guard established it (trusted proxies
     resolved), else the peer's."""
     return getattr(request, "client_ip", None) or peer_address(request)
+
+
+def abort_client(request: Request) -> None:
+    """Cut the client connection so a partial body can never look complete."""
+    transport = request.channel.transport if request.channel else None
+    if transport is None:
+        return
+    abort = getattr(transport, "abortConnection", None)
+    (abort or transport.loseConnection)()

@@ -27,9 +27,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from mirrord.cache import BlobStore, DigestMismatch, Entry, Meta
-from mirrord.hashing import Hasher
-from mirrord.streaming import abort_client
+from mirrord.registry.respond import abort_client
+from mirrord.store.disk import BlobStore, DigestMismatch, Entry, Meta
+from mirrord.store.worker import Hasher
 
 log = Logger()
 

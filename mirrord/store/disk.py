@@ -21,28 +21,11 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-
-
-def parse_size(text: str | int) -> int:
-    """``"50GiB"``, ``"500MB"``, ``1024`` → bytes."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE_RE.fullmatch(text)
-    if not match:
-        raise ValueError(f"not a size: {text!r}")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    base = unit[:1]
-    factor = 1024 ** "bkmgt".index(base) if "i" in unit and base else _UNITS[base]
-    return int(number * factor)
 
 
 class DigestMismatch(Exception):
@@ -97,7 +80,7 @@ TAG_REFRESH_EVERY = 60.0
 
 class TempBlob:
     """A blob being written to a temporary file. Its hash is the caller's
-    (see ``mirrord.hashing``): publishing needs the hex digest."""
+    (see ``mirrord.store.worker``): publishing needs the hex digest."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

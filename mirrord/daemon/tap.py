@@ -19,22 +19,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from mirrord import config as configuration
-from mirrord.accesslog import CombinedLog
-from mirrord.auth import RealmBook
-from mirrord.cache import BlobStore, TagStore
 from mirrord.config import Config, ConfigError, Registry
-from mirrord.guard import Guard
-from mirrord.hashing import Hasher, HashWorker, InlineHasher
-from mirrord.inflight import InFlight
-from mirrord.login import LoginWorker, MirrorLogin, Runner, run_inline
-from mirrord.metrics import Metrics, MetricsResource
-from mirrord.privacy import AccessChecks
-from mirrord.proxy import Backend, PassThrough, RegistryProxy
-from mirrord.pullthrough import PullThrough
-from mirrord.routing import Router
-from mirrord.service import MirrordService
-from mirrord.site import MirrordSite, build_site
-from mirrord.tls import (
+from mirrord.daemon.service import MirrordService
+from mirrord.daemon.tls import (
     CertificateError,
     ServerTLS,
     ensure_self_signed,
@@ -42,10 +29,23 @@ from mirrord.tls import (
     make_context,
     upstream_policy,
 )
-from mirrord.token import TokenProxy, TokenTarget
+from mirrord.front.accesslog import CombinedLog
+from mirrord.front.guard import Guard
+from mirrord.front.login import LoginWorker, MirrorLogin, Runner, run_inline
+from mirrord.front.site import MirrordSite, build_site
+from mirrord.front.usage import CertificateNote, render_usage
+from mirrord.metrics import Metrics, MetricsResource
+from mirrord.registry.challenges import RealmBook
+from mirrord.registry.routing import Router
+from mirrord.serve.privacy import AccessChecks
+from mirrord.serve.pullthrough import PullThrough
+from mirrord.serve.token import TokenProxy, TokenTarget
+from mirrord.serve.v2 import Backend, PassThrough, RegistryProxy
+from mirrord.store.disk import BlobStore, TagStore
+from mirrord.store.inflight import InFlight
+from mirrord.store.worker import Hasher, HashWorker, InlineHasher
 from mirrord.tuning import LargeWriteTLSFactory, UpstreamEndpoints, raise_mmap_threshold
-from mirrord.upstream import RedirectFollower, UpstreamChain
-from mirrord.usage import CertificateNote, render_usage
+from mirrord.upstream.chain import RedirectFollower, UpstreamChain
 
 log = Logger()
 
@@ -292,7 +292,12 @@ def wire(
     site = build_site(
         registry_proxy=RegistryProxy(Router(served, config.default_registry), count_request),
         token_proxy=TokenProxy(
-            list(targets.values()), follower, clock, config.timeouts, login, count_request
+            list(targets.values()),
+            follower,
+            clock,
+            config.timeouts,
+            login.issued if login.enabled else None,
+            count_request,
         ),
         usage=lambda request: render_usage(config, note, request, metrics),
         metrics=MetricsResource(metrics),

@@ -30,11 +30,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from mirrord.auth import parse_challenge
-from mirrord.cache import Meta
 from mirrord.expiring import Expiring
-from mirrord.streaming import discard_body, read_small_body
-from mirrord.upstream import Answer, RedirectFollower, UpstreamChain
+from mirrord.registry.challenges import parse_challenge
+from mirrord.store.disk import Meta
+from mirrord.upstream.bodies import discard_body, read_small_body
+from mirrord.upstream.chain import Answer, RedirectFollower, UpstreamChain
 
 log = Logger()
 

@@ -14,17 +14,14 @@ of wrong passwords would otherwise stall every transfer. The worker takes a
 bounded number of checks (queued and running); past that a check is refused
 at once (``LoginBusy``) instead of queueing work and memory without bound.
 
-``python -m mirrord.login`` makes a hash for the configuration.
+Hashes are made and checked by ``mirrord.passwords``.
 """
 
 from __future__ import annotations
 
 import base64
-import getpass
 import hashlib
-import hmac
 import os
-import sys
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -35,8 +32,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mirrord.expiring import Expiring
+from mirrord.passwords import check_hash, make_hash
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 # One thread: on a small machine the other core stays the reactor's however
 # many wrong passwords arrive. Eight checks at most, queued and running: a
 # client waits at most about 8 x 50 ms for its answer, never longer.
@@ -47,42 +44,9 @@ MAX_CHECKS = 8
 Runner = Callable[[Callable[[], bool]], "Deferred[bool]"]
 
 
-def make_hash(password: str, salt: bytes | None = None) -> str:
-    salt = salt or os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
-    encode = base64.b64encode
-    return (
-        f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${encode(salt).decode()}${encode(digest).decode()}"
-    )
-
-
-def check_hash(password: str, stored: str) -> bool:
-    try:
-        scheme, n, r, p, salt, digest = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        expected = base64.b64decode(digest)
-        actual = hashlib.scrypt(
-            password.encode(),
-            salt=base64.b64decode(salt),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            dklen=len(expected),
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(actual, expected)
-
-
 def _refuse_after(check: Callable[[str, str], bool], password: str, stored: str) -> bool:
     check(password, stored)
     return False
-
-
-def valid_hash(stored: str) -> bool:
-    parts = stored.split("$")
-    return len(parts) == 6 and parts[0] == "scrypt" and all(x.isdigit() for x in parts[1:4])
 
 
 class LoginBusy(Exception):
@@ -250,14 +214,3 @@ class MirrorLogin:
 
     def token_ok(self, token: bytes) -> bool:
         return self._tokens.get(hashlib.sha256(token).digest()) is not None
-
-
-def main() -> None:
-    password = getpass.getpass("password: ")
-    if password != getpass.getpass("again: "):
-        sys.exit("mirrord: the passwords differ")
-    print(make_hash(password))
-
-
-if __name__ == "__main__":
-    main()

@@ -31,11 +31,11 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mirrord import errors
 from mirrord.config import Access
 from mirrord.expiring import Expiring
-from mirrord.login import LoginBusy, MirrorLogin
-from mirrord.respond import client_address, peer_address, write_error
+from mirrord.front.login import LoginBusy, MirrorLogin
+from mirrord.registry import errors
+from mirrord.registry.respond import client_address, peer_address, write_error
 
 log = Logger()
 
@@ -211,7 +211,7 @@ class Guard:
         return None
 
     def authenticate(self, request: Request, path: bytes) -> Decision | Deferred[Decision]:
-        """Mirror login on /v2/ and /token; see ``mirrord.login``. A Deferred
+        """Mirror login on /v2/ and /token; see ``mirrord.front.login``. A Deferred
         when the credentials must be checked (in the login worker)."""
         login = self.login
         if login is None or not login.enabled or path not in (b"v2", b"token"):

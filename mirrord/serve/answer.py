@@ -6,13 +6,13 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from mirrord import errors
-from mirrord.auth import RealmBook, rewrite_challenges
 from mirrord.config import Timeouts
-from mirrord.headers import client_response_headers
-from mirrord.respond import API_VERSION, client_host, write_error
-from mirrord.streaming import TransferIncomplete, discard_body, relay_body
-from mirrord.upstream import Answer
+from mirrord.registry import errors
+from mirrord.registry.challenges import RealmBook, rewrite_challenges
+from mirrord.registry.headers import client_response_headers
+from mirrord.registry.respond import API_VERSION, client_host, write_error
+from mirrord.upstream.bodies import TransferIncomplete, discard_body, relay_body
+from mirrord.upstream.chain import Answer
 
 CACHE_HEADER = b"X-Mirrord-Cache"
 

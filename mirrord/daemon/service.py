@@ -14,9 +14,9 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
-from mirrord.hashing import HashWorker
-from mirrord.site import MirrordSite
-from mirrord.systemd import notify
+from mirrord.daemon.systemd import notify
+from mirrord.front.site import MirrordSite
+from mirrord.store.worker import HashWorker
 
 log = Logger()
 

@@ -23,6 +23,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from mirrord.config import Timeouts
+from mirrord.registry.respond import abort_client
 
 log = Logger()
 
@@ -33,15 +34,6 @@ class BodyTooLarge(Exception):
 
 class TransferIncomplete(Exception):
     """The upstream body ended early or stalled; the client was cut off."""
-
-
-def abort_client(request: Request) -> None:
-    """Cut the client connection so a partial body can never look complete."""
-    transport = request.channel.transport if request.channel else None
-    if transport is None:
-        return
-    abort = getattr(transport, "abortConnection", None)
-    (abort or transport.loseConnection)()
 
 
 @implementer(IPushProducer)

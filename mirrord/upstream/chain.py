@@ -23,9 +23,9 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
-from mirrord import errors
-from mirrord.headers import without_credentials
-from mirrord.streaming import BodyTooLarge, BytesProducer, discard_body, read_small_body
+from mirrord.registry import errors
+from mirrord.registry.headers import without_credentials
+from mirrord.upstream.bodies import BodyTooLarge, BytesProducer, discard_body, read_small_body
 
 log = Logger()
 

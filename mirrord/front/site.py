@@ -16,10 +16,11 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mirrord import accesslog, errors
-from mirrord.errors import error_body
-from mirrord.guard import Guard, GuardedRoot
-from mirrord.respond import client_address, plain_address, write_error
+from mirrord.front import accesslog
+from mirrord.front.guard import Guard, GuardedRoot
+from mirrord.registry import errors
+from mirrord.registry.errors import error_body
+from mirrord.registry.respond import client_address, plain_address, write_error
 
 # The mirror takes no uploads; the largest body it reads is a /token form.
 MAX_REQUEST_BODY = 64 * 1024

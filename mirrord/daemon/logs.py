@@ -1,7 +1,7 @@
 """Log output: readable text on a terminal, one JSON object per line
 otherwise (journald, files), with every structured field of the event.
 
-Used by ``twistd --logger=mirrord.logs.observer``."""
+Used by ``twistd --logger=mirrord.daemon.logs.observer``."""
 
 from __future__ import annotations
 

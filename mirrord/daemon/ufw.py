@@ -1,7 +1,7 @@
 """The ufw application profile for the configured listeners, so that
 ``ufw allow mirrord`` opens exactly those ports.
 
-``python -m mirrord.ufw [CONFIG]`` prints it; ``systemd/install`` writes it
+``python -m mirrord.daemon.ufw [CONFIG]`` prints it; ``systemd/install`` writes it
 to ``/etc/ufw/applications.d/mirrord``."""
 
 from __future__ import annotations

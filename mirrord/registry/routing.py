@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from mirrord import errors
 from mirrord.config import DOCKER_HUB, Registry
+from mirrord.registry import errors
 
 T = TypeVar("T")
 

@@ -1,0 +1,205 @@
+"""Blobs by digest: from the store when present and the client may see
+them; otherwise fetched once per daemon (``mirrord.store.inflight``), with
+every client of the digest, the first included, following that one fill
+from disk (``mirrord.store.fill``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.server import Request
+
+from mirrord.registry import errors
+from mirrord.registry.respond import API_VERSION, abort_client, write_error
+from mirrord.serve.answer import note_cache, note_upstream, write_answer
+from mirrord.serve.cached import OCTET_STREAM, CacheContext, drop
+from mirrord.store.disk import Entry, Meta
+from mirrord.store.fill import Fill, FillFailed, stream_file
+from mirrord.store.inflight import Starting
+from mirrord.upstream.chain import Answer
+
+log = Logger()
+
+
+@dataclass
+class Blobs(CacheContext):
+    """The blob path of one registry's cache."""
+
+    async def serve(
+        self, request: Request, digest: str, name: str, path: str, headers: Headers
+    ) -> None:
+        # Each turn looks at the store and the in-flight table afresh: a
+        # start we waited for may have become a fill, a hit, or nothing.
+        while True:
+            entry = self.store.get(digest)
+            if entry is not None:
+                if await self._refused(request, entry.meta, headers, path):
+                    return
+                # Evicted while the privacy check waited: a miss after all.
+                entry = self.store.get(digest)
+                if entry is None:
+                    continue
+                await self._send_blob(
+                    request, entry.digest, entry.size, entry.meta, "HIT", entry=entry
+                )
+                return
+            current = self.in_flight.get(digest)
+            if isinstance(current, Starting):
+                await current.wait()
+                continue
+            if current is not None:
+                fill = current
+                if await self._refused(request, fill.meta, headers, path):
+                    return
+                if fill.error is None:
+                    await self._send_blob(
+                        request, digest, fill.expected_size, fill.meta, "COALESCED", fill=fill
+                    )
+                    return
+                continue
+            if request.method == b"HEAD" or request.getHeader(b"range") is not None:
+                await self._pass(request, path, headers)
+                return
+            await self._lead_fill(request, digest, name, path, headers)
+            return
+
+    async def _lead_fill(
+        self, request: Request, digest: str, name: str, path: str, headers: Headers
+    ) -> None:
+        """Start the one upstream fetch of ``digest`` and follow it. The
+        start belongs to the in-flight table: leaving does not cancel it."""
+        work = ensureDeferred(self._start_fill(digest, name, path, headers))
+        starting = self.in_flight.start(digest, work, _fill_in, _drop_outcome)
+        outcome = await starting.lead()
+        if isinstance(outcome, Answer):
+            note_cache(request, "MISS")
+            await write_answer(request, outcome, self.realms, self.clock, self.timeouts)
+            return
+        fill, answer = outcome
+        note_upstream(request, answer)
+        await self._send_blob(request, digest, fill.expected_size, fill.meta, "MISS", fill=fill)
+
+    async def _start_fill(
+        self, digest: str, name: str, path: str, headers: Headers
+    ) -> tuple[Fill, Answer] | Answer:
+        """GET upstream; a 200 becomes a running ``Fill``, anything else is
+        the leader's answer."""
+        answer = await self.chain.request(b"GET", path, headers)
+        if answer.code != 200 or answer.body is not None:
+            return answer
+        length = answer.response.length
+        content_type = answer.headers.getRawHeaders(b"content-type", [OCTET_STREAM.encode()])[-1]
+        meta = Meta(
+            content_type.decode("latin-1"),
+            name,
+            not headers.hasHeader(b"authorization"),
+            self.registry.name,
+        )
+        try:
+            fill = Fill(
+                self.store,
+                self.hashers(digest.split(":", 1)[0]),
+                digest,
+                meta,
+                None if length is UNKNOWN_LENGTH else length,
+                self.clock,
+                self.timeouts.body_idle,
+                self.config.fill_timeout,
+                on_mismatch=lambda _: self.metrics.mismatches.inc(),
+            )
+        except OSError as e:
+            # A full disk or no free descriptor: the client still gets the
+            # blob, passed through; nothing is cached.
+            log.warn("not caching {digest}: {error}", digest=digest, error=str(e))
+            return answer
+        answer.response.deliverBody(fill)
+        # Bounded even if nobody ever reads it (the leader may have gone).
+        fill.add_reader()
+        fill.remove_reader()
+        self.access.remember(headers, name)
+        if not meta.public:
+            ensureDeferred(self._settle_publicity(fill, name, path)).addErrback(
+                lambda f: log.failure("publicity check failed", f)
+            )
+        return fill, answer
+
+    async def _settle_publicity(self, fill: Fill, name: str, path: str) -> None:
+        # Before publication the meta is written with the blob; after, update it.
+        fill.meta.public = await self.access.is_public(name, path)
+        if fill.entry is not None:
+            self.store.update_meta(fill.digest, fill.meta)
+
+    async def _send_blob(
+        self,
+        request: Request,
+        digest: str,
+        size: int | None,
+        meta: Meta,
+        status: str,
+        entry: Entry | None = None,
+        fill: Fill | None = None,
+    ) -> None:
+        self.metrics.cache.labels(status).inc()
+        note_cache(request, status)
+        request.setHeader(*API_VERSION)
+        request.setHeader(b"Docker-Content-Digest", digest.encode())
+        request.setHeader(b"ETag", f'"{digest}"'.encode())
+        request.setHeader(b"Content-Type", meta.media_type.encode())
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        offset, length = 0, size
+        if size is not None:
+            span = _byte_range(request.getHeader(b"range"), size)
+            if span is not None:
+                first, last = span
+                if first >= size:
+                    request.setHeader(b"Content-Range", f"bytes */{size}".encode())
+                    write_error(request, errors.range_invalid(request.getHeader(b"range") or ""))
+                    return
+                request.setResponseCode(206)
+                request.setHeader(b"Content-Range", f"bytes {first}-{last}/{size}".encode())
+                offset, length = first, last - first + 1
+            request.setHeader(b"Content-Length", b"%d" % length)
+        if request.method == b"HEAD":
+            request.finish()
+            return
+        if fill is not None and fill.error is not None:
+            abort_client(request)
+            return
+        following = fill if fill is not None and fill.entry is None else None
+        path = following.temp.path if following is not None else self.store.data_path(digest)
+        if entry is not None:
+            entry.readers += 1
+        try:
+            await stream_file(request, path, offset, length, following)
+        except FillFailed as e:
+            record = getattr(request, "access", None)
+            if record is not None:
+                record.outcome = f"incomplete: {e}"
+        finally:
+            if entry is not None:
+                entry.readers -= 1
+
+
+def _byte_range(value: bytes | None, size: int) -> tuple[int, int] | None:
+    """(first, last) of a ``bytes=`` range already checked for syntax."""
+    if value is None:
+        return None
+    first, _, last = value.strip()[6:].decode().partition("-")
+    if not first:
+        return max(0, size - int(last)), size - 1
+    return int(first), min(int(last), size - 1) if last else size - 1
+
+
+def _fill_in(outcome: tuple[Fill, Answer] | Answer) -> Fill | None:
+    return None if isinstance(outcome, Answer) else outcome[0]
+
+
+def _drop_outcome(outcome: tuple[Fill, Answer] | Answer) -> None:
+    """The leader left before the upstream answered: nobody reads an
+    answer that did not become a fill."""
+    if isinstance(outcome, Answer):
+        drop(outcome)

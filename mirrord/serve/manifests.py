@@ -1,0 +1,292 @@
+"""Manifests: by digest local-first; by tag revalidated with a HEAD
+(free on Docker Hub, shared by concurrent pulls, skipped within
+``tag_ttl``), an unchanged digest served from the store, and the last known
+digest served stale when the upstream chain fails."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+
+from mirrord.expiring import Expiring
+from mirrord.registry import errors
+from mirrord.registry.respond import API_VERSION
+from mirrord.serve.answer import copy_headers, note_cache, note_upstream, write_answer
+from mirrord.serve.cached import OCTET_STREAM, CacheContext, accepts, drop
+from mirrord.serve.privacy import credential_of
+from mirrord.store.disk import Entry, Meta, TagRecord
+from mirrord.upstream.bodies import BodyTooLarge, read_small_body
+from mirrord.upstream.chain import FAILOVER_CODES, Answer
+
+log = Logger()
+
+MAX_MANIFEST = 4 << 20
+
+
+@dataclass
+class Manifests(CacheContext):
+    """The manifest path of one registry's cache."""
+
+    def __post_init__(self) -> None:
+        # Tags revalidated within tag_ttl: (repository, tag) -> its record.
+        self._fresh: Expiring[tuple[str, str], TagRecord] = Expiring(self.clock.seconds)
+        # HEADs of a tag on their way upstream, shared by whoever may see
+        # their answer: (repository, tag, credential or "" when public).
+        self._revalidating: dict[tuple[str, str, str], Deferred[Answer | None]] = {}
+
+    async def by_digest(
+        self, request: Request, digest: str, name: str, path: str, headers: Headers
+    ) -> None:
+        cached = self._cached_manifest(digest)
+        if cached is not None:
+            entry, body = cached
+            if await self._refused(request, entry.meta, headers, path):
+                return
+            self._send_manifest(request, digest, body, entry.meta.media_type, "HIT")
+            return
+        if request.method == b"HEAD":
+            await self._pass(request, path, headers)
+            return
+        await self._fetch_manifest(request, name, path, headers, expected=digest)
+
+    async def by_tag(
+        self, request: Request, tag: str, name: str, path: str, headers: Headers
+    ) -> None:
+        if self._serve_recent(request, tag, name, headers, self._fresh.get((name, tag)), "HIT"):
+            return
+        failure: errors.RegistryError | None = None
+        head: Answer | None = None
+        try:
+            head = await self._head_tag(tag, name, path, headers)
+        except CancelledError:
+            raise
+        except errors.RegistryError as e:
+            failure = e
+        if head is None or head.code in FAILOVER_CODES:
+            if self._serve_stale(request, tag, name, headers):
+                drop(head)
+                return
+            if failure is not None:
+                raise failure
+            assert head is not None
+        if head.code != 200:
+            if request.method == b"HEAD":
+                note_cache(request, "MISS")
+                await write_answer(request, head, self.realms, self.clock, self.timeouts)
+            else:
+                # The client wants the error's body, which a HEAD lacks.
+                drop(head)
+                await self._pass(request, path, headers)
+            return
+        self.access.remember(headers, name)
+        digest = head.headers.getRawHeaders(b"docker-content-digest", [b""])[-1].decode("latin-1")
+        cached = self._cached_manifest(digest) if digest else None
+        if cached is not None:
+            entry, body = cached
+            self._record_tag(
+                name,
+                tag,
+                TagRecord(
+                    digest,
+                    entry.meta.media_type,
+                    entry.size,
+                    self.clock.seconds(),
+                    entry.meta.public,
+                ),
+            )
+            drop(head)
+            self._send_manifest(request, digest, body, entry.meta.media_type, "HIT", head)
+            return
+        if request.method == b"HEAD":
+            note_cache(request, "MISS")
+            await write_answer(request, head, self.realms, self.clock, self.timeouts)
+            return
+        drop(head)
+        await self._fetch_manifest(request, name, path, headers, tag=tag)
+
+    def _send_manifest(
+        self,
+        request: Request,
+        digest: str,
+        body: bytes,
+        media_type: str,
+        status: str,
+        upstream: Answer | None = None,
+    ) -> None:
+        if upstream is not None:
+            # Keep what the upstream said about itself (rate-limit headers).
+            note_upstream(request, upstream)
+            copy_headers(request, upstream, self.realms)
+            request.setResponseCode(200)
+        self.metrics.cache.labels(status).inc()
+        note_cache(request, status)
+        request.setHeader(*API_VERSION)
+        request.setHeader(b"Docker-Content-Digest", digest.encode())
+        request.setHeader(b"ETag", f'"{digest}"'.encode())
+        request.setHeader(b"Content-Type", media_type.encode())
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        if status == "STALE":
+            request.setHeader(b"Warning", b'110 mirrord "Response is Stale"')
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    def _cached_manifest(self, digest: str) -> tuple[Entry, bytes] | None:
+        entry = self.store.get(digest)
+        if entry is None:
+            return None
+        body = self.store.read(digest)
+        return (entry, body) if body is not None else None
+
+    async def _fetch_manifest(
+        self,
+        request: Request,
+        name: str,
+        path: str,
+        headers: Headers,
+        expected: str | None = None,
+        tag: str | None = None,
+    ) -> None:
+        """GET a manifest upstream, verify it, store it, send it."""
+        answer = await self._get_or_pass(request, path, headers)
+        if answer is None:
+            return
+        note_upstream(request, answer)
+        try:
+            body = await read_small_body(answer.response, MAX_MANIFEST)
+        except BodyTooLarge:
+            raise errors.bad_gateway(
+                f"upstream manifest larger than {MAX_MANIFEST} bytes"
+            ) from None
+        announced = answer.headers.getRawHeaders(b"docker-content-digest", [b""])[-1].decode(
+            "latin-1"
+        )
+        digest = expected or announced or _digest_of(body)
+        if digest.startswith("sha256:") and _digest_of(body) != digest:
+            self.metrics.mismatches.inc()
+            raise errors.RegistryError(
+                502, "DIGEST_INVALID", f"upstream sent a manifest that does not match {digest}"
+            )
+        media_type = answer.headers.getRawHeaders(b"content-type", [b""])[-1].decode("latin-1")
+        if not media_type:
+            media_type = _declared_media_type(body)
+        self.access.remember(headers, name)
+        if digest.startswith("sha256:"):
+            public = await self._publicity(headers, name, path)
+            try:
+                self.store.put_bytes(
+                    digest, body, Meta(media_type, name, public, self.registry.name)
+                )
+                self.store.evict()
+            except OSError as e:
+                # The client still gets the manifest; only the cache misses out.
+                log.warn("cannot cache manifest {digest}: {error}", digest=digest, error=str(e))
+            self._update_gauges()
+            if tag is not None:
+                self._record_tag(
+                    name,
+                    tag,
+                    TagRecord(digest, media_type, len(body), self.clock.seconds(), public),
+                )
+        self._send_manifest(request, digest, body, media_type, "MISS", answer)
+
+    def _record_tag(self, name: str, tag: str, record: TagRecord) -> None:
+        """Remember a tag's digest: for ``tag_ttl`` in memory, on disk for
+        stale serving (failing to write is no reason to fail the pull)."""
+        if self.config.tag_ttl > 0:
+            self._fresh.put((name, tag), record, self.config.tag_ttl)
+        try:
+            self.tags.put(self.registry.name, name, tag, record)
+        except OSError as e:
+            log.warn("cannot record tag {name}:{tag}: {error}", name=name, tag=tag, error=str(e))
+
+    async def _head_tag(self, tag: str, name: str, path: str, headers: Headers) -> Answer:
+        """HEAD a tag upstream, sharing one HEAD between concurrent pulls
+        that may all see its answer: the same credentials, or anyone when
+        the tag is known to be public. Only a 200 is shared."""
+        known = self.tags.get(self.registry.name, name, tag)
+        key = (name, tag, "" if known is not None and known.public else credential_of(headers))
+        pending = self._revalidating.get(key)
+        if pending is not None:
+            shared = await _follow(pending)
+            if shared is not None:
+                return dataclasses.replace(shared, body=b"")  # its body is the leader's
+        mine: Deferred[Answer | None] = Deferred()
+        self._revalidating[key] = mine
+        try:
+            head = await self.chain.request(b"HEAD", path, headers)
+        except BaseException:
+            mine.callback(None)
+            raise
+        finally:
+            if self._revalidating.get(key) is mine:
+                del self._revalidating[key]
+        mine.callback(head if head.code == 200 else None)
+        return head
+
+    def _serve_stale(self, request: Request, tag: str, name: str, headers: Headers) -> bool:
+        record = self.tags.get(self.registry.name, name, tag)
+        if record is None or self.clock.seconds() - record.fetched > self.config.stale_max_age:
+            return False
+        return self._serve_recent(request, tag, name, headers, record, "STALE")
+
+    def _serve_recent(
+        self,
+        request: Request,
+        tag: str,
+        name: str,
+        headers: Headers,
+        record: TagRecord | None,
+        status: str,
+    ) -> bool:
+        """Serve a tag from what the cache last learned of it, if this
+        client may see it and takes its media type."""
+        if record is None:
+            return False
+        if not (record.public or self.access.verified(headers, name)):
+            return False
+        if not accepts(request, record.media_type):
+            return False
+        cached = self._cached_manifest(record.digest)
+        if cached is None:
+            return False
+        self._send_manifest(request, record.digest, cached[1], record.media_type, status)
+        return True
+
+
+def _digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _declared_media_type(body: bytes) -> str:
+    """A manifest sent without a Content-Type: its own ``mediaType``, if it is one."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise errors.RegistryError(
+            502, "MANIFEST_INVALID", "upstream sent a manifest that is not a JSON object"
+        )
+    media_type = document.get("mediaType")
+    return media_type if isinstance(media_type, str) and media_type else OCTET_STREAM
+
+
+def _follow(pending: Deferred[Answer | None]) -> Deferred[Answer | None]:
+    """Wait for a shared HEAD without letting our cancellation cancel it."""
+    mine: Deferred[Answer | None] = Deferred()
+
+    def relay(result: Answer | None) -> Answer | None:
+        if not mine.called:
+            mine.callback(result)
+        return result
+
+    pending.addCallback(relay)
+    return mine
