@@ -24,7 +24,7 @@ from tests.e2e.conftest import Mirror, start_mirror
 from tests.support.pki import Pki, make_pki
 from tests.support.processes import REPO, Process, free_port, run, twistd
 
-UNIT = REPO / "systemd" / "mirrord.daemon.service"
+UNIT = REPO / "systemd" / "mirrord.service"
 
 
 def _unit_value(key: str) -> str:
@@ -43,7 +43,7 @@ def test_install_into_throwaway_root(tmp_path: Path) -> None:
     """The installer lays down venv, unit, config, ufw profile; a rerun keeps an edited config."""
     root = tmp_path / "root"
     _install(root)
-    unit = root / "etc/systemd/system/mirrord.daemon.service"
+    unit = root / "etc/systemd/system/mirrord.service"
     config = root / "etc/mirrord/mirrord.toml"
     profile = root / "etc/ufw/applications.d/mirrord"
     expected = {
@@ -71,12 +71,12 @@ def test_install_into_throwaway_root(tmp_path: Path) -> None:
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
 def test_unit_verifies_and_scores_ok(tmp_path: Path) -> None:
     """systemd-analyze verify passes and the security exposure is 2.0 or lower."""
-    copy = tmp_path / "mirrord.daemon.service"
+    copy = tmp_path / "mirrord.service"
     copy.write_text(UNIT.read_text().replace("/opt/mirrord/bin/twistd", twistd()))
     run(["systemd-analyze", "verify", str(copy)])
     report = run(["systemd-analyze", "security", "--offline=true", str(copy)], check=False)
     score = re.search(
-        r"Overall exposure level for mirrord.daemon.service: ([0-9.]+)", report.stdout
+        r"Overall exposure level for mirrord.service: ([0-9.]+)", report.stdout
     )
     assert score, report.stdout[-500:]
     assert float(score.group(1)) <= 2.0
