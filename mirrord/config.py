@@ -96,6 +96,24 @@ class Registry:
     hosts: tuple[str, ...] = ()
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    # The mirror's own account with the first upstream: tokens for anonymous
+    # clients are fetched with it. The password (or a Docker Hub access
+    # token) comes from ``password`` or, better, ``password_file``.
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+
+    def account_password(self) -> str:
+        """The password, read from ``password_file`` when one is set."""
+        if not self.password_file:
+            return self.password
+        try:
+            return Path(self.password_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"registry {self.name!r}: cannot read password_file {self.password_file}: "
+                f"{e.strerror or e}"
+            ) from None
 
 
 PRESET_UPSTREAMS: Mapping[str, Registry] = {
@@ -187,6 +205,9 @@ _REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
     "hosts": list,
     "allow": list,
     "deny": list,
+    "username": str,
+    "password": str,
+    "password_file": str,
 }
 TLS_VERSIONS = ("1.2", "1.3")
 
@@ -233,14 +254,27 @@ def _registry(where: str, name: str, table: Mapping[str, Any]) -> Registry:
     prefix = table.get("official_prefix", preset.official_prefix if preset else "")
     lists = {key: _strings(where, key, table.get(key, [])) for key in ("hosts", "allow", "deny")}
     chain = tuple(check_upstream_url(where, u) for u in upstreams)
-    return Registry(
+    for key in ("username", "password", "password_file"):
+        _check_type(where, key, table.get(key, ""), str)
+    username = table.get("username", "")
+    if bool(username) != bool(table.get("password") or table.get("password_file")):
+        raise ConfigError(f"{where}: 'username' needs 'password' or 'password_file', and back")
+    if table.get("password") and table.get("password_file"):
+        raise ConfigError(f"{where}: set 'password' or 'password_file', not both")
+    registry = Registry(
         name,
         chain,
         prefix,
         tuple(h.lower() for h in lists["hosts"]),
         lists["allow"],
         lists["deny"],
+        username,
+        table.get("password", ""),
+        table.get("password_file", ""),
     )
+    if registry.password_file:
+        registry.account_password()  # unreadable: say so now, not at the first pull
+    return registry
 
 
 def _strings(where: str, key: str, values: list[Any]) -> tuple[str, ...]:

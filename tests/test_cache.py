@@ -455,7 +455,9 @@ class ManifestCacheTests(SynchronousTestCase):
         stale = self.mirror.get(self.path, headers)
         self.assertEqual((stale.code, stale.header("x-mirrord-cache")), (200, "STALE"))
         self.assertEqual(stale.body, first.body)
-        self.assertEqual(self.mirror.get("/v2/").code, 200)
+        # /v2/ answers as it does when the upstream is up.
+        self.assertEqual(self.mirror.get("/v2/").code, 401)
+        self.assertEqual(self.mirror.get("/v2/", headers).code, 200)
 
     def test_stale_has_an_age_limit(self) -> None:
         _, headers = self.pull()
@@ -492,8 +494,11 @@ class ManifestCacheTests(SynchronousTestCase):
         self.assertEqual(self.mirror.get(path, headers).header("x-mirrord-cache"), "MISS")
         self.mirror.clock.advance(1)  # the fill publishes
         self.hub.outage = True
-        reply = self.mirror.get(path)
+        # The whole token flow works with every upstream down: the mirror
+        # answers /v2/ and signs the token itself.
+        reply = self.mirror.get(path, self.mirror.pull_headers("library/alpine"))
         self.assertEqual((reply.code, reply.header("x-mirrord-cache")), (200, "HIT"))
+        self.assertEqual(self.mirror.get(path).code, 401)
 
     def test_metrics(self) -> None:
         """/metrics exports hits, misses, the bytes served from upstream and from
@@ -562,13 +567,14 @@ class PassThroughMetricsTests(SynchronousTestCase):
         manifest = mirror.get("/v2/library/alpine/manifests/latest", {**ACCEPT, **headers})
         self.assertEqual(manifest.code, 200)
         blob = next(d for d in mirror.alpine.blobs if d != mirror.alpine.manifest_digest)
-        whole = mirror.get(f"/v2/library/alpine/blobs/{blob}")
-        part = mirror.get(f"/v2/library/alpine/blobs/{blob}", {"Range": "bytes=0-9"})
+        whole = mirror.get(f"/v2/library/alpine/blobs/{blob}", headers)
+        part = mirror.get(f"/v2/library/alpine/blobs/{blob}", {**headers, "Range": "bytes=0-9"})
         self.assertEqual((whole.code, part.code, len(part.body)), (200, 206, 10))
         text = mirror.get("/metrics").body.decode()
         samples = dict(re.findall(r"(?m)^(mirrord_served_bytes_total\S*) (\S+)$", text))
-        # Every body came from upstream: the probe's, the token's, the content's.
-        served = len(probe.body) + len(token.body) + len(manifest.body) + len(whole.body) + 10
+        # Every body came from upstream (the probe's, the content's) but the
+        # token's, which the mirror signed itself.
+        served = len(probe.body) + len(manifest.body) + len(whole.body) + 10
         self.assertEqual(samples, {'mirrord_served_bytes_total{source="upstream"}': f"{served}.0"})
         self.assertIn(
             'mirrord_upstream_ratelimit_remaining{upstream="http://second.test"} 99.0', text

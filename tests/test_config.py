@@ -127,6 +127,8 @@ class ConfigTests(SynchronousTestCase):
         # The users example elides its hash; put in a real one.
         ops_hash = make_hash("example")
         text = text.replace('#ops = "scrypt$16384$8$1$..."', f'#ops = "{ops_hash}"')
+        secret = self.write("hub-access-token\n")
+        text = text.replace('"/etc/mirrord/dockerhub.token"', f'"{secret}"')
         uncommented = re.sub(r"(?m)^#(?=[^\s#])", "", text)
         self.assertNotRegex(uncommented, r"(?m)^#\S", "a commented key was left")
         loaded = config.load(self.write(uncommented))
@@ -173,6 +175,8 @@ class ConfigTests(SynchronousTestCase):
                     hosts=(),
                     allow=("library/*", "myorg/*"),
                     deny=(),
+                    username="mirroruser",
+                    password_file=str(secret),
                 ),
                 "ghcr.io": Registry(
                     "ghcr.io", ("https://ghcr.io",), hosts=("ghcr.mirror.example.com",)

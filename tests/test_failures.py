@@ -182,10 +182,10 @@ class RetryAfterTests(SynchronousTestCase):
         )
         self.hub = self.mirror.hub
         self.hub.ratelimit = True
-        self.headers = {**ACCEPT, **self.mirror.pull_headers("library/alpine")}
 
     def pull(self) -> None:
-        reply = self.mirror.get("/v2/library/alpine/manifests/latest", self.headers)
+        headers = {**ACCEPT, **self.mirror.pull_headers("library/alpine")}
+        reply = self.mirror.get("/v2/library/alpine/manifests/latest", headers)
         self.assertEqual(reply.code, 200)
 
     def test_absurd_retry_after_is_capped_at_an_hour(self) -> None:

@@ -137,15 +137,19 @@ class ProxyTests(SynchronousTestCase):
         self.assertIn("access_token", reply.json())
 
     def test_token_for_unknown_service_is_refused(self) -> None:
-        """The mirror relays only to realms its upstreams announced."""
-        reply = self.mirror.get("/token?service=evil.example&scope=x")
+        """The mirror relays credentials only to realms its upstreams announced."""
+        reply = self.mirror.get("/token?service=evil.example&scope=x", auth=("alice", "secret"))
         self.assertEqual(reply.code, 403)
         self.assertEqual(reply.json()["errors"][0]["code"], "DENIED")
 
     def test_token_discovers_realm_after_restart(self) -> None:
-        """A token request before any challenge was relayed still finds the realm."""
-        reply = self.mirror.get("/token?service=fakehub&scope=repository:alpine:pull")
+        """A token request with credentials before any challenge was relayed
+        still finds the realm."""
+        reply = self.mirror.get(
+            "/token?service=fakehub&scope=repository:alpine:pull", auth=("alice", "secret")
+        )
         self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual(self.mirror.hub.counts["token"], 1)
         self.assertEqual(self.mirror.hub.counts["GET base"], 1)
 
 
@@ -248,7 +252,7 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(reply.code, 429)
         self.assertEqual(reply.json()["errors"][0]["code"], "TOOMANYREQUESTS")
         self.assertEqual(reply.header("retry-after"), "30")
-        again = self.mirror.get("/v2/alpine/manifests/latest")
+        again = self.manifest()
         self.assertEqual(again.code, 429)
         self.assertEqual(again.json()["errors"][0]["code"], "TOOMANYREQUESTS")
         self.assertEqual(int(again.header("retry-after")), 30)

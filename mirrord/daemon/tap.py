@@ -37,6 +37,7 @@ from mirrord.front.usage import CertificateNote, render_usage
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.registry.challenges import RealmBook
 from mirrord.registry.routing import Router
+from mirrord.serve.clients import ClientAuth
 from mirrord.serve.privacy import AccessChecks
 from mirrord.serve.pullthrough import PullThrough
 from mirrord.serve.token import TokenProxy, TokenTarget
@@ -44,8 +45,10 @@ from mirrord.serve.v2 import Backend, PassThrough, RegistryProxy
 from mirrord.store.disk import BlobStore, TagStore
 from mirrord.store.inflight import InFlight
 from mirrord.store.worker import Hasher, HashWorker, InlineHasher
+from mirrord.tokens import MirrorTokens
 from mirrord.tuning import LargeWriteTLSFactory, UpstreamEndpoints, raise_mmap_threshold
 from mirrord.upstream.chain import RedirectFollower, UpstreamChain
+from mirrord.upstream.identity import Account
 
 log = Logger()
 
@@ -187,6 +190,13 @@ def build_backend(
 RELOADED = frozenset({"cert", "key", "tls_min_version", "tls_ciphers"})
 
 
+def account_of(registry: Registry) -> Account | None:
+    """The mirror's account with a registry (its password file read now)."""
+    if not registry.username:
+        return None
+    return Account(registry.username, registry.account_password())
+
+
 def needs_restart(old: Config, new: Config) -> list[str]:
     """The changed settings a reload cannot apply (upstream chains it can)."""
     changed = [
@@ -194,12 +204,14 @@ def needs_restart(old: Config, new: Config) -> list[str]:
         for f in dataclasses.fields(Config)
         if f.name not in RELOADED | {"registries"} and getattr(old, f.name) != getattr(new, f.name)
     ]
-    chains_only = {
-        name: dataclasses.replace(registry, upstreams=())
-        for name, registry in new.registries.items()
-    } == {
-        name: dataclasses.replace(registry, upstreams=())
-        for name, registry in old.registries.items()
+
+    def unreloadable(registry: Registry) -> Registry:
+        return dataclasses.replace(
+            registry, upstreams=(), username="", password="", password_file=""
+        )
+
+    chains_only = {name: unreloadable(r) for name, r in new.registries.items()} == {
+        name: unreloadable(r) for name, r in old.registries.items()
     }
     return changed if chains_only else [*changed, "registries"]
 
@@ -226,7 +238,8 @@ def reloader(
         server_tls.context = context
         for name, chain in chains.items():
             if name in config.registries:
-                chain.set_urls(config.registries[name].upstreams)
+                registry = config.registries[name]
+                chain.set_urls(registry.upstreams, account_of(registry))
         for key_name in needs_restart(current[0], config):
             log.warn("{key} changed: takes effect on restart", key=key_name)
         current[0] = config
@@ -268,6 +281,7 @@ def wire(
     login = MirrorLogin(config.access.users, clock.seconds, run=login_checks)
     follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
     store = open_store(config, clock)
+    tokens = MirrorTokens.from_state(Path(config.state_dir), clock.seconds)
 
     def count_request(kind: str) -> None:
         metrics.requests.labels(kind).inc()
@@ -283,6 +297,7 @@ def wire(
             clock,
             on_rate_limited=lambda upstream: metrics.upstream_429.labels(upstream).inc(),
             on_answer=metrics.saw_answer,
+            account=account_of(registry),
         )
         targets[name] = TokenTarget(registry, chain, RealmBook())
         backend = build_backend(
@@ -290,20 +305,24 @@ def wire(
         )
         served[name] = (registry, backend)
     site = build_site(
-        registry_proxy=RegistryProxy(Router(served, config.default_registry), count_request),
+        registry_proxy=RegistryProxy(
+            Router(served, config.default_registry),
+            count_request,
+            ClientAuth(tokens, {name: target.realms for name, target in targets.items()}),
+        ),
         token_proxy=TokenProxy(
             list(targets.values()),
             follower,
             clock,
             config.timeouts,
-            login.issued if login.enabled else None,
+            tokens,
             count_request,
         ),
         usage=lambda request: render_usage(config, note, request, metrics),
         metrics=MetricsResource(metrics),
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
-        guard=Guard(config.access, login, now=clock.seconds),
+        guard=Guard(config.access, login, now=clock.seconds, tokens=tokens),
     )
     site.count_body = lambda source, size: metrics.bytes_served.labels(source).inc(size)
     if config.access_log:

@@ -18,6 +18,7 @@ the guesser some retries.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import math
 import re
@@ -36,6 +37,7 @@ from mirrord.expiring import Expiring
 from mirrord.front.login import LoginBusy, MirrorLogin
 from mirrord.registry import errors
 from mirrord.registry.respond import client_address, peer_address, write_error
+from mirrord.tokens import MirrorTokens
 
 log = Logger()
 
@@ -161,9 +163,12 @@ class Guard:
         login: MirrorLogin | None = None,
         *,
         now: Callable[[], float],
+        tokens: MirrorTokens | None = None,
     ) -> None:
         self.access = access
         self.login = login
+        # Tokens /token signed for logged-in clients are accepted on /v2/.
+        self.tokens = tokens
         self.failed_logins = FailedLogins(access.max_failed_logins, access.failed_login_window, now)
         self._allowed = _networks(access.allow_clients)
         self._trusted = _networks(access.trusted_proxies)
@@ -243,7 +248,7 @@ class Guard:
             checked.addCallback(self._logged_in, request, client)
             checked.addErrback(self._check_refused)
             return checked
-        if path == b"v2" and scheme == b"bearer " and login.token_ok(header[7:].strip()):
+        if path == b"v2" and scheme == b"bearer " and self._token_ok(header[7:].strip()):
             return None
         return errors.RegistryError(401, "UNAUTHORIZED", "log in to this mirror first")
 
@@ -252,9 +257,20 @@ class Guard:
             self.failed_logins.failed(client)
             return errors.RegistryError(401, "UNAUTHORIZED", "wrong mirror credentials")
         # The mirror's credentials are never sent upstream.
+        header = request.getHeader(b"authorization") or b""
         request.requestHeaders.removeHeader(b"authorization")
-        request.mirror_login = True  # type: ignore[attr-defined]
+        request.mirror_login = _user_of(header)  # type: ignore[attr-defined]
         return None
+
+    def _token_ok(self, token: bytes) -> bool:
+        """A token handed to a logged-in client: signed by the mirror for a
+        login, or (from before) relayed and remembered."""
+        assert self.login is not None
+        if self.tokens is not None:
+            grant = self.tokens.check(token.decode("latin-1"))
+            if grant is not None:
+                return bool(grant.login)
+        return self.login.token_ok(token)
 
     def _check_refused(self, failure: Failure) -> Decision:
         failure.trap(LoginBusy)
@@ -360,3 +376,11 @@ class GuardedRoot(Resource):
 
             request.notifyFinish().addBoth(done)
         return refusal
+
+
+def _user_of(header: bytes) -> str:
+    """The user name of a Basic header already checked (never empty)."""
+    try:
+        return base64.b64decode(header[6:]).decode().partition(":")[0] or "-"
+    except (ValueError, UnicodeDecodeError):
+        return "-"

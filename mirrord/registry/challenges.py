@@ -83,6 +83,13 @@ class RealmBook:
     def __contains__(self, service: str) -> bool:
         return service in self._realms
 
+    @property
+    def service(self) -> str | None:
+        """The service of the registry's token realm, once one is known:
+        then the registry uses tokens, and the mirror answers ``/v2/`` and
+        anonymous token requests itself."""
+        return next(iter(self._realms), None)
+
 
 def rewrite_challenges(values: list[bytes], book: RealmBook, token_url: str) -> list[bytes]:
     """Point Bearer realms at the mirror's ``/token`` and remember the real ones."""

@@ -96,7 +96,7 @@ class Blobs(CacheContext):
         meta = Meta(
             content_type.decode("latin-1"),
             name,
-            not headers.hasHeader(b"authorization"),
+            self._surely_public(headers),
             self.registry.name,
         )
         try:

@@ -16,12 +16,14 @@ from mirrord.metrics import Metrics
 from mirrord.registry import errors
 from mirrord.registry.challenges import RealmBook
 from mirrord.serve.answer import copy_headers, note_cache, note_upstream, write_answer
-from mirrord.serve.privacy import AccessChecks
+from mirrord.serve.clients import challenge_anonymous
+from mirrord.serve.privacy import AccessChecks, AnonymousRefusal
 from mirrord.store.disk import BlobStore, Meta, TagStore
 from mirrord.store.inflight import InFlight
 from mirrord.store.worker import Hasher, InlineHasher
 from mirrord.upstream.bodies import discard_body
 from mirrord.upstream.chain import Answer, UpstreamChain
+from mirrord.upstream.identity import is_mirror, scope_for
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -61,9 +63,16 @@ class CacheContext:
         await write_answer(request, answer, self.realms, self.clock, self.timeouts)
         return None
 
+    def _surely_public(self, headers: Headers) -> bool:
+        """Did the upstream serve this to no credentials at all? (The
+        mirror's own requests count as none only without an account.)"""
+        if is_mirror(headers):
+            return self.chain.account is None
+        return not headers.hasHeader(b"authorization")
+
     async def _publicity(self, headers: Headers, name: str, path: str) -> bool:
-        if not headers.hasHeader(b"authorization"):
-            return True  # the upstream served it to a client with no credentials
+        if self._surely_public(headers):
+            return True
         return await self.access.is_public(name, path)
 
     def _update_gauges(self) -> None:
@@ -74,6 +83,9 @@ class CacheContext:
         refusal = await self.access.check(headers, meta, path)
         if refusal is None:
             return False
+        if isinstance(refusal, AnonymousRefusal):
+            challenge_anonymous(request, self.realms, scope_for(path))
+            return True
         note_cache(request, "MISS")
         note_upstream(request, refusal)
         copy_headers(request, refusal, self.realms)

@@ -35,13 +35,27 @@ from mirrord.registry.challenges import parse_challenge
 from mirrord.store.disk import Meta
 from mirrord.upstream.bodies import discard_body, read_small_body
 from mirrord.upstream.chain import Answer, RedirectFollower, UpstreamChain
+from mirrord.upstream.identity import is_mirror, scope_for
 
 log = Logger()
 
 
 def credential_of(headers: Headers) -> str:
+    """Who is asking, as far as the upstream can tell: a hash of the
+    credentials, "mirror" for clients that go upstream as the mirror, ""
+    for none."""
+    if is_mirror(headers):
+        return "mirror"
     value = headers.getRawHeaders(b"authorization", [b""])[-1]
     return hashlib.sha256(value).hexdigest() if value else ""
+
+
+class AnonymousRefusal:
+    """A client going upstream as the mirror asked for content that is not
+    public: it is told what an anonymous client is told (401)."""
+
+
+ANONYMOUS = AnonymousRefusal()
 
 
 @dataclass
@@ -62,19 +76,32 @@ class AccessChecks:
         self._public = Expiring(self.clock.seconds)
 
     def remember(self, headers: Headers, repository: str) -> None:
-        """The upstream just accepted these credentials for this repository."""
-        self._verified.put((credential_of(headers), repository), True, self.ttl)
+        """The upstream just accepted these credentials for this repository.
+        The mirror's own acceptance is never remembered: it may be its
+        account's, which anonymous clients do not share."""
+        if not is_mirror(headers):
+            self._verified.put((credential_of(headers), repository), True, self.ttl)
 
     def verified(self, headers: Headers, repository: str) -> bool:
+        if is_mirror(headers):
+            return False
         return self._verified.get((credential_of(headers), repository)) is not None
 
-    async def check(self, headers: Headers, meta: Meta, path: str) -> Answer | None:
+    async def check(
+        self, headers: Headers, meta: Meta, path: str
+    ) -> Answer | AnonymousRefusal | None:
         """May this client read cached content described by ``meta`` at
         ``path``? ``None`` if so; otherwise the upstream's refusal (a
-        HEAD answer, body already let go) to pass on. Upstream failures
-        raise ``RegistryError``."""
+        HEAD answer, body already let go) to pass on, or ``ANONYMOUS`` for
+        a client that goes upstream as the mirror. Upstream failures raise
+        ``RegistryError``."""
         if meta.public:
             return None
+        if is_mirror(headers) and self.chain.account is not None:
+            # The mirror's account may read what anonymous clients may not:
+            # ask as nobody instead.
+            name = scope_for(path).removeprefix("repository:").removesuffix(":pull")
+            return None if name and await self.is_public(name, path) else ANONYMOUS
         if meta.registry == self.registry and self.verified(headers, meta.repository):
             return None
         credential = credential_of(headers)

@@ -1,14 +1,23 @@
-"""``/token``: the auth proxy for the realms the upstreams announced.
+"""``/token``: tokens for clients, signed here or relayed.
 
-Clients were told (by the rewritten challenge) to fetch tokens here. The
-request goes, query and credentials intact, to the real realm that a
-configured upstream announced for the requested ``service``; any other
-realm is refused, so the mirror cannot be used to reach arbitrary hosts.
+Clients were told (by the mirror's challenges) to fetch tokens here.
+
+- A client without credentials (and one logged in to the mirror) gets a
+  token the mirror signs itself (``mirrord.tokens``), for the scopes it
+  asked for, without asking any upstream: pulls of cached content then
+  work through a complete upstream outage, and each pull saves a round
+  trip to the token service. Its requests go upstream as the mirror.
+- A client with credentials of its own (``Basic``, or the OAuth2 password
+  or refresh-token form) is relayed, query and credentials intact, to the
+  real realm that a configured upstream announced for the requested
+  ``service``; any other realm is refused, so the mirror cannot be used to
+  reach arbitrary hosts.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
@@ -18,7 +27,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -27,7 +35,8 @@ from mirrord.registry import errors
 from mirrord.registry.challenges import RealmBook, official_scope, rewrite_challenges
 from mirrord.registry.respond import client_host, write_error
 from mirrord.serve.answer import note_source
-from mirrord.upstream.bodies import TransferIncomplete, discard_body, read_small_body, relay_body
+from mirrord.tokens import MirrorTokens
+from mirrord.upstream.bodies import TransferIncomplete, discard_body, relay_body
 from mirrord.upstream.chain import RedirectFollower, UpstreamChain
 
 log = Logger()
@@ -57,14 +66,12 @@ class TokenProxy(Resource):
         follower: RedirectFollower,
         clock: IReactorTime,
         timeouts: Timeouts,
-        issued: Callable[[str, float], object] | None = None,
+        tokens: MirrorTokens,
         count: Callable[[str], object] = lambda kind: None,
     ) -> None:
         super().__init__()
         self._count = count
-        # Told of each token handed to a client logged in to the mirror
-        # (the front door accepts those tokens on /v2/ afterwards).
-        self._issued = issued
+        self._tokens = tokens
         self._targets = targets
         self._follower = follower
         self._clock = clock
@@ -93,6 +100,16 @@ class TokenProxy(Resource):
     async def _serve(self, request: Request) -> None:
         query = request.uri.partition(b"?")[2].decode("latin-1")
         pairs = parse_qsl(query, keep_blank_values=True)
+        form = b""
+        if request.method == b"POST":
+            form = request.content.read(MAX_TOKEN_FORM + 1)
+            if len(form) > MAX_TOKEN_FORM:
+                raise errors.RegistryError(413, "SIZE_INVALID", "token form too large")
+        fields = parse_qsl(form.decode("latin-1"), keep_blank_values=True)
+        login = getattr(request, "mirror_login", "")
+        if login or not _credentials(request, fields):
+            self._sign(request, [v for k, v in [*pairs, *fields] if k == "scope"], login)
+            return
         service = next((v for k, v in pairs if k == "service"), None)
         found = self._find(service)
         if found is None:
@@ -109,12 +126,7 @@ class TokenProxy(Resource):
             values = request.requestHeaders.getRawHeaders(name)
             if values:
                 headers.setRawHeaders(name, values)
-        body = None
-        if request.method == b"POST":
-            form = request.content.read(MAX_TOKEN_FORM + 1)
-            if len(form) > MAX_TOKEN_FORM:
-                raise errors.RegistryError(413, "SIZE_INVALID", "token form too large")
-            body = form
+        body = form if request.method == b"POST" else None
         response, _, _ = await self._follower.fetch(request.method, url, headers, realm, body=body)
         note_source(request, "upstream")
         request.setResponseCode(response.code)
@@ -122,26 +134,25 @@ class TokenProxy(Resource):
             values = response.headers.getRawHeaders(name)
             if values:
                 request.responseHeaders.setRawHeaders(name, values)
-        if self._issued is not None and getattr(request, "mirror_login", False):
-            await self._issue(request, response)
-            return
         try:
             await relay_body(request, response, self._clock, self._timeouts)
         except TransferIncomplete:
             pass
 
-    async def _issue(self, request: Request, response: IResponse) -> None:
-        """A logged-in client's token: remember it so /v2/ accepts it."""
-        assert self._issued is not None
-        body = await read_small_body(response)
-        if response.code == 200:
-            try:
-                document = json.loads(body)
-                token = document.get("token") or document.get("access_token")
-                if token:
-                    self._issued(token, float(document.get("expires_in") or 60))
-            except (ValueError, AttributeError):
-                pass
+    def _sign(self, request: Request, scopes: list[str], login: str) -> None:
+        """A mirror token for ``scopes``: no upstream involved."""
+        token, lifetime = self._tokens.issue(scopes, login)
+        issued_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock.seconds()))
+        body = json.dumps(
+            {
+                "token": token,
+                "access_token": token,
+                "expires_in": int(lifetime),
+                "issued_at": issued_at,
+            }
+        ).encode()
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()
@@ -168,3 +179,11 @@ class TokenProxy(Resource):
         log.failure("token request failed", failure)
         write_error(request, errors.bad_gateway("token service unreachable"))
         return None
+
+
+def _credentials(request: Request, form: list[tuple[str, str]]) -> bool:
+    """Does the client bring credentials of its own for the upstream?"""
+    if request.getHeader(b"authorization") is not None:
+        return True
+    grant = next((v for k, v in form if k == "grant_type"), "")
+    return grant in ("password", "refresh_token")

@@ -30,6 +30,7 @@ from mirrord.registry.reference import Kind, Reference
 from mirrord.registry.respond import client_address, write_error
 from mirrord.registry.routing import Route, Router
 from mirrord.serve.answer import write_answer
+from mirrord.serve.clients import ClientAuth
 from mirrord.upstream.chain import UpstreamChain
 
 log = Logger()
@@ -95,11 +96,15 @@ class RegistryProxy(Resource):
     isLeaf = True
 
     def __init__(
-        self, router: Router[Backend], count: Callable[[str], object] = lambda kind: None
+        self,
+        router: Router[Backend],
+        count: Callable[[str], object] = lambda kind: None,
+        clients: ClientAuth | None = None,
     ) -> None:
         super().__init__()
         self._router = router
         self._count = count  # each valid request, by kind, cache on or off
+        self._clients = clients
 
     def render(self, request: Request) -> bytes | int:
         try:
@@ -140,6 +145,11 @@ class RegistryProxy(Resource):
         headers = upstream_request_headers(
             request.requestHeaders, client_address(request), request.isSecure()
         )
+        if self._clients is not None:
+            admitted = self._clients.admit(request, route.registry.name, ref, name, headers)
+            if admitted is None:
+                return  # answered here: /v2/ itself, or a challenge
+            headers = admitted
         await route.target.serve(request, ref, name, path, headers)
 
     def _query(self, request: Request, ref: Reference) -> str:

@@ -26,6 +26,13 @@ from twisted.web.iweb import IAgent, IResponse
 from mirrord.registry import errors
 from mirrord.registry.headers import without_credentials
 from mirrord.upstream.bodies import BodyTooLarge, BytesProducer, discard_body, read_small_body
+from mirrord.upstream.identity import (
+    MIRROR_IDENTITY,
+    Account,
+    MirrorIdentity,
+    bearer_challenge,
+    is_mirror,
+)
 
 log = Logger()
 
@@ -182,16 +189,23 @@ class UpstreamChain:
     on_rate_limited: Callable[[str], None] = lambda upstream: None
     # Every answer an upstream gives (metrics: quota headers, fallbacks).
     on_answer: Callable[[Answer], None] = lambda answer: None
+    # The mirror's own account with the first upstream, if any.
+    account: Account | None = None
     upstreams: list[Upstream] = field(init=False)
+    identity: MirrorIdentity = field(init=False)
 
     def __post_init__(self) -> None:
         self.upstreams = [Upstream(url) for url in self.urls]
+        self.identity = MirrorIdentity(self.follower, self.wall_clock)
+        self.identity.set_primary(self.urls[0] if self.urls else "", self.account)
 
-    def set_urls(self, urls: Sequence[str]) -> None:
+    def set_urls(self, urls: Sequence[str], account: Account | None = None) -> None:
         """A new chain (on reload); upstreams kept keep their rest."""
         known = {u.url: u for u in self.upstreams}
         self.urls = tuple(urls)
         self.upstreams = [known.get(url) or Upstream(url) for url in urls]
+        self.account = account
+        self.identity.set_primary(self.urls[0] if self.urls else "", account)
 
     async def request(self, method: bytes, path: str, headers: Headers) -> Answer:
         """The first good answer along the chain, or the last failed one."""
@@ -205,9 +219,7 @@ class UpstreamChain:
         for index, upstream in enumerate(candidates):
             fell_back = upstream is not self.upstreams[0]
             try:
-                response, url, hops = await self.follower.fetch(
-                    method, upstream.url + path, headers, upstream.url
-                )
+                response, url, hops = await self._fetch(upstream, method, path, headers)
             except CancelledError:
                 raise
             except errors.RegistryError as e:
@@ -253,6 +265,40 @@ class UpstreamChain:
             return last
         assert failure is not None
         raise failure
+
+    async def _fetch(
+        self, upstream: Upstream, method: bytes, path: str, headers: Headers
+    ) -> tuple[IResponse, str, int]:
+        """One upstream's answer; as the mirror, with the mirror's token for
+        it, fetched (once more after a refusal) when the upstream asks."""
+        tokens = self.identity.tokens(upstream.url)
+        if not is_mirror(headers):
+            found = await self.follower.fetch(method, upstream.url + path, headers, upstream.url)
+            if found[0].code == 401 and tokens.challenge is None:
+                # Learn where this upstream's tokens come from, for the
+                # mirror's own requests: they need not be refused first.
+                challenge = bearer_challenge(found[0].headers)
+                if challenge is not None:
+                    tokens.learn(challenge)
+            return found
+        sent = headers.copy()
+        sent.removeHeader(MIRROR_IDENTITY)
+        token = tokens.cached(path)
+        if token is None and tokens.challenge is not None:
+            token = await tokens.fetch(path)
+        for attempt in range(2):
+            if token:
+                sent.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
+            response, url, hops = await self.follower.fetch(
+                method, upstream.url + path, sent, upstream.url
+            )
+            challenge = bearer_challenge(response.headers) if response.code == 401 else None
+            if challenge is None or attempt == 1:
+                return response, url, hops
+            tokens.refused(challenge, path)
+            discard_body(response)
+            token = await tokens.fetch(path)
+        raise AssertionError("unreachable")
 
     def _rest(self, upstream: Upstream, headers: Headers) -> None:
         now = self.wall_clock.seconds()

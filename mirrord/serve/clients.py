@@ -1,0 +1,104 @@
+"""Who a ``/v2/`` request comes from, once its registry is known to use
+tokens (its upstream announced a token service):
+
+- a holder of a mirror token (``mirrord.tokens``): anonymous; its requests
+  go upstream as the mirror (``mirrord.upstream.identity``) and it is
+  served public content only;
+- a client with credentials of its own (an upstream token from a relayed
+  ``/token``, or ``Basic``): passed upstream as it is;
+- nobody: answered here with a ``401`` and a challenge pointing at the
+  mirror's ``/token``, as the registry would, without asking it.
+
+``/v2/`` itself is answered here too, the same whatever state the
+upstreams are in: a client told 200 during an outage and 401 afterwards
+would skip the token flow and fail once the upstream is back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+
+from mirrord.registry import errors
+from mirrord.registry.challenges import Challenge, RealmBook
+from mirrord.registry.reference import Kind, Reference
+from mirrord.registry.respond import API_VERSION, client_host
+from mirrord.tokens import MirrorTokens, bearer
+from mirrord.upstream.identity import as_mirror
+
+
+@dataclass
+class ClientAuth:
+    tokens: MirrorTokens
+    realms: Mapping[str, RealmBook]  # by registry name
+
+    def admit(
+        self, request: Request, registry: str, ref: Reference, name: str, headers: Headers
+    ) -> Headers | None:
+        """The headers to send upstream for this request, or ``None`` when
+        it was answered here."""
+        book = self.realms.get(registry)
+        service = book.service if book is not None else None
+        authorization = request.getHeader(b"authorization")
+        token = bearer(authorization)
+        grant = self.tokens.check(token) if token else None
+        if grant is not None:
+            if ref.name and not grant.allows_pull(ref.name, name):
+                self._challenge(request, service or registry, ref, "insufficient_scope")
+                return None
+            if ref.kind is Kind.BASE:
+                _welcome(request)
+                return None
+            return as_mirror(headers)
+        if service is None:
+            return headers  # the upstream decides (it may need no tokens at all)
+        if authorization is None:
+            self._challenge(request, service, ref)
+            return None
+        if ref.kind is Kind.BASE:
+            _welcome(request)
+            return None
+        return headers
+
+    def _challenge(self, request: Request, service: str, ref: Reference, error: str = "") -> None:
+        params = {"realm": f"https://{client_host(request)}/token", "service": service}
+        if ref.name:
+            params["scope"] = f"repository:{ref.name}:pull"
+        if error:
+            params["error"] = error
+        _unauthorized(request, params)
+
+
+def challenge_anonymous(request: Request, realms: RealmBook, scope: str) -> None:
+    """What an anonymous client is told of content it may not read: 401
+    and a challenge for the scope (from the mirror's ``/token``)."""
+    params = {"realm": f"https://{client_host(request)}/token"}
+    if realms.service:
+        params["service"] = realms.service
+    if scope:
+        params["scope"] = scope
+    _unauthorized(request, params)
+
+
+def _unauthorized(request: Request, params: dict[str, str]) -> None:
+    body = errors.error_body("UNAUTHORIZED", "authentication required")
+    request.setResponseCode(401)
+    request.setHeader(b"WWW-Authenticate", Challenge("Bearer", params).render())
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.setHeader(*API_VERSION)
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def _welcome(request: Request) -> None:
+    request.setHeader(*API_VERSION)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"2")
+    if request.method != b"HEAD":
+        request.write(b"{}")
+    request.finish()
