@@ -162,14 +162,15 @@ def build_backend(
     metrics: Metrics,
     hashers: Callable[[str], Hasher] = InlineHasher,
     in_flight: InFlight | None = None,
+    access: AccessChecks | None = None,
 ) -> Backend:
     """The cache in front of a registry's chain, or the chain alone.
-    ``in_flight`` is the store's table of fetches, shared by every registry."""
+    ``in_flight`` is the store's table of fetches, shared by every registry;
+    ``access`` the registry's privacy checks."""
     if store is None:
         return PassThrough(target.chain, target.realms, clock, config.timeouts)
-    access = AccessChecks(
-        target.chain, follower, clock, config.cache.auth_ttl, registry=target.registry.name
-    )
+    if access is None:
+        access = access_checks(config, target, follower, clock)
     return PullThrough(
         target.registry,
         target.chain,
@@ -183,6 +184,16 @@ def build_backend(
         metrics,
         hashers,
         in_flight,
+    )
+
+
+def access_checks(
+    config: Config, target: TokenTarget, follower: RedirectFollower, clock: IReactorTime
+) -> AccessChecks:
+    """Who may read what of a registry: the cache's privacy rule, and what
+    anonymous clients may read when the mirror has an account."""
+    return AccessChecks(
+        target.chain, follower, clock, config.cache.auth_ttl, registry=target.registry.name
     )
 
 
@@ -288,6 +299,7 @@ def wire(
 
     in_flight = InFlight(lambda: store is not None and metrics.update_cache(store))
     targets: dict[str, TokenTarget] = {}
+    checks: dict[str, AccessChecks] = {}
     served: dict[str, tuple[Registry, Backend]] = {}
     for name, registry in config.registries.items():
         chain = UpstreamChain(
@@ -300,15 +312,20 @@ def wire(
             account=account_of(registry),
         )
         targets[name] = TokenTarget(registry, chain, RealmBook())
+        checks[name] = access_checks(config, targets[name], follower, clock)
         backend = build_backend(
-            config, targets[name], store, follower, clock, metrics, hashers, in_flight
+            config, targets[name], store, follower, clock, metrics, hashers, in_flight, checks[name]
         )
         served[name] = (registry, backend)
     site = build_site(
         registry_proxy=RegistryProxy(
             Router(served, config.default_registry),
             count_request,
-            ClientAuth(tokens, {name: target.realms for name, target in targets.items()}),
+            ClientAuth(
+                tokens,
+                {name: target.realms for name, target in targets.items()},
+                {name: (target.chain, checks[name]) for name, target in targets.items()},
+            ),
         ),
         token_proxy=TokenProxy(
             list(targets.values()),

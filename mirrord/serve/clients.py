@@ -17,7 +17,7 @@ would skip the token flow and fail once the upstream is back.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
@@ -26,7 +26,9 @@ from mirrord.registry import errors
 from mirrord.registry.challenges import Challenge, RealmBook
 from mirrord.registry.reference import Kind, Reference
 from mirrord.registry.respond import API_VERSION, client_host
+from mirrord.serve.privacy import AccessChecks
 from mirrord.tokens import MirrorTokens, bearer
+from mirrord.upstream.chain import UpstreamChain
 from mirrord.upstream.identity import as_mirror
 
 
@@ -34,8 +36,11 @@ from mirrord.upstream.identity import as_mirror
 class ClientAuth:
     tokens: MirrorTokens
     realms: Mapping[str, RealmBook]  # by registry name
+    # By registry name: its chain (whose account the mirror may use) and
+    # the check of what anonymous clients may read.
+    publicity: Mapping[str, tuple[UpstreamChain, AccessChecks]] = field(default_factory=dict)
 
-    def admit(
+    async def admit(
         self, request: Request, registry: str, ref: Reference, name: str, headers: Headers
     ) -> Headers | None:
         """The headers to send upstream for this request, or ``None`` when
@@ -52,6 +57,9 @@ class ClientAuth:
             if ref.kind is Kind.BASE:
                 _welcome(request)
                 return None
+            if ref.name and not await self._anonymous_may_read(registry, name, headers):
+                challenge_anonymous(request, book or RealmBook(), f"repository:{ref.name}:pull")
+                return None
             return as_mirror(headers)
         if service is None:
             return headers  # the upstream decides (it may need no tokens at all)
@@ -62,6 +70,17 @@ class ClientAuth:
             _welcome(request)
             return None
         return headers
+
+    async def _anonymous_may_read(self, registry: str, name: str, headers: Headers) -> bool:
+        """With an account the mirror may read what anonymous clients may
+        not: only what nobody needs credentials for goes upstream as the
+        mirror (checked anonymously, remembered for an hour)."""
+        found = self.publicity.get(registry)
+        if found is None or found[0].account is None:
+            return True  # the mirror is as anonymous as the client
+        access = found[1]
+        probe = f"/v2/{name}/tags/list"
+        return await access.is_public(name, probe)
 
     def _challenge(self, request: Request, service: str, ref: Reference, error: str = "") -> None:
         params = {"realm": f"https://{client_host(request)}/token", "service": service}

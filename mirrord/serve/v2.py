@@ -146,7 +146,7 @@ class RegistryProxy(Resource):
             request.requestHeaders, client_address(request), request.isSecure()
         )
         if self._clients is not None:
-            admitted = self._clients.admit(request, route.registry.name, ref, name, headers)
+            admitted = await self._clients.admit(request, route.registry.name, ref, name, headers)
             if admitted is None:
                 return  # answered here: /v2/ itself, or a challenge
             headers = admitted

@@ -14,7 +14,10 @@ def test_second_pull_and_outage_pull_come_from_cache(
 ) -> None:
     """A second pull makes no upstream blob request; with every upstream down it still works."""
     hub, second = hubs
-    mirror = start_mirror(workdir, pki, [hub.url, second.url], "cache")
+    # Every tag pull asks upstream (tag_ttl = 0), so the outage pull shows STALE.
+    mirror = start_mirror(
+        workdir, pki, [hub.url, second.url], "cache", config="[cache]\ntag_ttl = 0\n"
+    )
     ref = f"{mirror.address}/library/alpine:latest"
     blobs = len(test_images.alpine.blobs) - 1
     try:

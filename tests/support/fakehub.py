@@ -64,6 +64,15 @@ class HubState:
     contents: dict[str, set[str]] = field(default_factory=dict)
     # Users whose tokens the registry no longer accepts.
     revoked: set[str] = field(default_factory=set)
+    # Tokens carry the epoch they were issued in; bumping it expires them all.
+    epoch: int = 0
+    # The token service is down (503) while the registry may be up.
+    auth_down: bool = False
+    # Manifest GETs (pulls) counted per identity, as Hub does: the user a
+    # token was issued to, or "anonymous"; each has ``quota`` pulls.
+    pulls: Counter = field(default_factory=Counter)
+    quota: int = 100
+    enforce_quota: bool = False
     # When set, the CDN sends headers and this many bytes, then holds the
     # rest until ``release_cdn()``: a fill stays in progress.
     cdn_hold_at: int | None = None
@@ -113,7 +122,7 @@ class HubState:
                 FileRangeProducer(request, path, offset, length, self.counts).start()
 
     def token_for(self, user: str | None, repos: list[str]) -> str:
-        payload = json.dumps({"user": user, "repos": repos}).encode()
+        payload = json.dumps({"user": user, "repos": repos, "epoch": self.epoch}).encode()
         return "fake." + base64.urlsafe_b64encode(payload).decode()
 
     def access(self, request: Request) -> tuple[str | None, list[str]] | None:
@@ -124,7 +133,13 @@ class HubState:
             data = json.loads(base64.urlsafe_b64decode(value[len(b"Bearer fake.") :]))
         except ValueError:
             return None
+        if data.get("epoch", 0) != self.epoch:
+            return None  # expired
         return data["user"], data["repos"]
+
+    def identity(self, request: Request) -> str:
+        access = self.access(request)
+        return (access[0] if access else None) or "anonymous"
 
 
 class HubToken(Resource):
@@ -136,6 +151,8 @@ class HubToken(Resource):
 
     def render(self, request: Request) -> bytes:
         self.state.counts["token"] += 1
+        if self.state.auth_down:
+            return _error(request, 503, "UNAVAILABLE", "token service unavailable")
         pairs = [(k.decode(), v.decode()) for k, vs in request.args.items() for v in vs]
         if request.method == b"POST":
             pairs += parse_qsl(request.content.read().decode())
@@ -144,6 +161,7 @@ class HubToken(Resource):
             params.setdefault(k, []).append(v)
         self.state.counts["token-scopes"] += len(params.get("scope", []))
         user = self._user(request, params)
+        self.state.counts[f"token {user or 'anonymous'}"] += 1
         if user is False:
             return _error(request, 401, "UNAUTHORIZED", "incorrect username or password")
         repos = []
@@ -244,14 +262,22 @@ class HubV2(Resource):
         if digest is None or digest not in state.media_types or not state.holds(name, digest):
             return _error(request, 404, "MANIFEST_UNKNOWN", f"manifest unknown: {ref}")
         body = state.blob_files[digest].read_bytes()
+        identity = state.identity(request)
         if request.method == b"GET":
+            if state.enforce_quota and state.pulls[identity] >= state.quota:
+                request.setHeader(b"ratelimit-remaining", b"0;w=21600")
+                request.setResponseCode(429)
+                request.setHeader(b"content-type", b"application/json")
+                return TOOMANY
             state.remaining -= 1
+            state.pulls[identity] += 1
         request.setHeader(b"content-type", state.media_types[digest].encode())
         request.setHeader(b"docker-content-digest", digest.encode())
         request.setHeader(b"etag", f'"{digest}"'.encode())
         request.setHeader(b"content-length", str(len(body)).encode())
         request.setHeader(b"ratelimit-limit", b"100;w=21600")
-        request.setHeader(b"ratelimit-remaining", f"{state.remaining};w=21600".encode())
+        left = state.quota - state.pulls[identity] if state.enforce_quota else state.remaining
+        request.setHeader(b"ratelimit-remaining", f"{left};w=21600".encode())
         request.setHeader(b"docker-ratelimit-source", b"127.0.0.1")
         return body
 

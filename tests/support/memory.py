@@ -93,6 +93,7 @@ class MemoryMirror:
             },
         )
         note = CertificateNote("/x.crt", False, "")
+        self.config = config
         self.wiring = wire(config, self.upstream, self.clock, note, hashers, login_checks)
         self.store = self.wiring.store
         self.metrics = self.wiring.metrics
