@@ -140,6 +140,9 @@ class Config:
     upstream_ca: str = ""
     max_redirects: int = 5
     rate_limit_seconds: float = 60.0
+    # Pulls left in an upstream's window at which the mirror's manifest GETs
+    # go to the next upstream before a 429 (HEADs are free and stay).
+    quota_reserve: int = 5
     pool_size: int = 16
     grace_period: float = 30.0
     access_log: str = ""
@@ -168,6 +171,7 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "upstream_ca": str,
     "max_redirects": int,
     "rate_limit_seconds": (int, float),
+    "quota_reserve": int,
     "pool_size": int,
     "grace_period": (int, float),
     "access_log": str,
@@ -399,8 +403,8 @@ def _check_config(where: str, config: Config) -> Config:
             f"{where}: key 'default_registry' names {config.default_registry!r}, "
             "which is not a configured registry"
         )
-    if config.max_redirects < 0 or config.pool_size < 0:
-        raise ConfigError(f"{where}: 'max_redirects' and 'pool_size' must be >= 0")
+    if config.max_redirects < 0 or config.pool_size < 0 or config.quota_reserve < 0:
+        raise ConfigError(f"{where}: 'max_redirects', 'pool_size', 'quota_reserve' must be >= 0")
     return config
 
 

@@ -44,8 +44,8 @@ class Metrics:
         self.cache_entries = Gauge("mirrord_cache_entries", "Blobs in the cache", registry=r)
         self.quota = Gauge(
             "mirrord_upstream_ratelimit_remaining",
-            "Pulls left in the upstream's window (ratelimit-remaining)",
-            ["upstream"],
+            "Pulls left in the upstream's window (ratelimit-remaining), by identity",
+            ["upstream", "identity"],
             registry=r,
         )
 
@@ -56,18 +56,22 @@ class Metrics:
 
     def saw_answer(self, answer: Any) -> None:
         """An upstream ``Answer``: its quota headers, and whether a fallback gave it."""
-        self.saw_upstream_headers(answer.upstream, answer.headers)
+        self.saw_upstream_headers(answer.upstream, answer.headers, answer.identity or "clients")
         if answer.fell_back and answer.code not in (429, 502, 503, 504):
             self.fallbacks.inc()
 
-    def saw_upstream_headers(self, upstream: str, headers: Headers) -> None:
-        """Docker Hub's remaining pull quota, from either header spelling."""
+    def saw_upstream_headers(
+        self, upstream: str, headers: Headers, identity: str = "clients"
+    ) -> None:
+        """Docker Hub's remaining pull quota, from either header spelling, by
+        whom it counts against: the mirror's account, "anonymous" (the
+        mirror's address) or "clients" (their own credentials)."""
         for name in (b"ratelimit-remaining", b"x-ratelimit-remaining"):
             value = headers.getRawHeaders(name)
             if value:
                 number = value[-1].split(b";", 1)[0].strip()
                 if number.isdigit():
-                    self.quota.labels(upstream).set(int(number))
+                    self.quota.labels(upstream, identity).set(int(number))
                 return
 
     def value(self, name: str, **labels: str) -> float:

@@ -540,7 +540,10 @@ class ManifestCacheTests(SynchronousTestCase):
         )
         self.assertEqual(samples['mirrord_cache_results_total{result="HIT"}'], "4.0")  # HEAD too
         self.assertEqual(samples['mirrord_cache_results_total{result="MISS"}'], "2.0")
-        self.assertIn('mirrord_upstream_ratelimit_remaining{upstream="http://hub.test"} 99.0', text)
+        quota = (
+            'mirrord_upstream_ratelimit_remaining{identity="anonymous",upstream="http://hub.test"}'
+        )
+        self.assertIn(f"{quota} 99.0", text)
         self.assertEqual(samples["mirrord_cache_entries"], "2.0")
         page = self.mirror.get("/").body.decode()
         self.assertIn("mirrord_cache_results_total{result=HIT}", page)
@@ -576,9 +579,8 @@ class PassThroughMetricsTests(SynchronousTestCase):
         # token's, which the mirror signed itself.
         served = len(probe.body) + len(manifest.body) + len(whole.body) + 10
         self.assertEqual(samples, {'mirrord_served_bytes_total{source="upstream"}': f"{served}.0"})
-        self.assertIn(
-            'mirrord_upstream_ratelimit_remaining{upstream="http://second.test"} 99.0', text
-        )
+        quota = 'mirrord_upstream_ratelimit_remaining{identity="anonymous",upstream="http://second.test"}'
+        self.assertIn(f"{quota} 99.0", text)
         # hub.test rests after its 429: the manifest and both blob GETs fell back.
         self.assertIn("mirrord_upstream_fallbacks_total 3.0", text)
         self.assertIn('mirrord_upstream_rate_limited_total{upstream="http://hub.test"} 1.0', text)

@@ -46,6 +46,7 @@ class ConfigTests(SynchronousTestCase):
             'listen = [8443, "tcp6:9443"]\ncert = "/c.pem"\nkey = "/k.pem"\n'
             'state_dir = "/tmp/s"\ntls_min_version = "1.3"\ntls_ciphers = "ECDHE+AESGCM"\n'
             'upstream_ca = "/ca.pem"\nmax_redirects = 3\nrate_limit_seconds = 30\n'
+            "quota_reserve = 9\n"
             'pool_size = 4\ngrace_period = 7.5\naccess_log = "/tmp/access.log"\n'
             'default_registry = "ghcr.io"\n'
             "[timeouts]\nconnect = 2\nresponse = 3.5\nbody_idle = 4\nclient_idle = 5\n"
@@ -73,6 +74,7 @@ class ConfigTests(SynchronousTestCase):
             upstream_ca="/ca.pem",
             max_redirects=3,
             rate_limit_seconds=30,
+            quota_reserve=9,
             pool_size=4,
             grace_period=7.5,
             access_log="/tmp/access.log",
@@ -142,6 +144,7 @@ class ConfigTests(SynchronousTestCase):
             upstream_ca="",
             max_redirects=5,
             rate_limit_seconds=60.0,
+            quota_reserve=5,
             pool_size=16,
             grace_period=30.0,
             access_log="/var/log/mirrord/access.log",

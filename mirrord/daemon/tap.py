@@ -310,6 +310,7 @@ def wire(
             on_rate_limited=lambda upstream: metrics.upstream_429.labels(upstream).inc(),
             on_answer=metrics.saw_answer,
             account=account_of(registry),
+            quota_reserve=config.quota_reserve,
         )
         targets[name] = TokenTarget(registry, chain, RealmBook())
         checks[name] = access_checks(config, targets[name], follower, clock)

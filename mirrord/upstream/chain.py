@@ -56,6 +56,16 @@ def origin(url: str) -> tuple[str, str, int | None]:
     return (parts.scheme, (parts.hostname or "").lower(), parts.port or default)
 
 
+def remaining_quota(headers: Headers) -> int | None:
+    """Pulls left, from ``ratelimit-remaining: 85;w=21600`` (either spelling)."""
+    for name in (b"ratelimit-remaining", b"x-ratelimit-remaining"):
+        values = headers.getRawHeaders(name)
+        if values:
+            number = values[-1].split(b";", 1)[0].strip()
+            return int(number) if number.isdigit() else None
+    return None
+
+
 def retry_after_seconds(headers: Headers, now: float) -> float | None:
     """``Retry-After`` as seconds from ``now``: either a number or an HTTP
     date, capped at ``MAX_REST`` (an upstream saying "come back next year"
@@ -92,6 +102,9 @@ class Answer:
     redirects: int = 0
     fell_back: bool = False
     body: bytes | None = None
+    # Whom the upstream counted the request against: the mirror's account
+    # or "anonymous" for requests made as the mirror, "" for a client's own.
+    identity: str = ""
 
     @property
     def code(self) -> int:
@@ -173,6 +186,9 @@ class Upstream:
 
     url: str
     limited_until: float = 0.0
+    # Pulls left in the upstream's window, by the identity they count
+    # against ("anonymous" or the account), as its last answer said.
+    quota: dict[str, int] = field(default_factory=dict)
 
     def limited(self, now: float) -> bool:
         return now < self.limited_until
@@ -191,6 +207,9 @@ class UpstreamChain:
     on_answer: Callable[[Answer], None] = lambda answer: None
     # The mirror's own account with the first upstream, if any.
     account: Account | None = None
+    # Pulls left at which the mirror's manifest GETs go to the next upstream
+    # before the upstream answers 429 (HEADs, free, still go first).
+    quota_reserve: int = 0
     upstreams: list[Upstream] = field(init=False)
     identity: MirrorIdentity = field(init=False)
 
@@ -214,6 +233,9 @@ class UpstreamChain:
         if not candidates:
             soonest = min(u.limited_until for u in self.upstreams)
             raise errors.rate_limited(max(1, round(soonest - now)))
+        if method == b"GET" and "/manifests/" in path and is_mirror(headers):
+            # Spend the pull quota of an upstream near its reserve last.
+            candidates.sort(key=lambda u: self._at_reserve(u))
         last: Answer | None = None
         failure: errors.RegistryError | None = None
         for index, upstream in enumerate(candidates):
@@ -239,7 +261,10 @@ class UpstreamChain:
                 failure = errors.bad_gateway(f"upstream {upstream.url} unreachable")
                 log.warn("upstream {upstream} failed: {error!r}", upstream=upstream.url, error=e)
                 continue
-            answer = Answer(response, url, upstream.url, hops, fell_back)
+            identity = self.identity.tokens(upstream.url).identity if is_mirror(headers) else ""
+            answer = Answer(response, url, upstream.url, hops, fell_back, identity=identity)
+            if identity:
+                self._note_quota(upstream, identity, response.headers)
             self.on_answer(answer)
             if response.code not in FAILOVER_CODES:
                 return answer
@@ -265,6 +290,16 @@ class UpstreamChain:
             return last
         assert failure is not None
         raise failure
+
+    def _at_reserve(self, upstream: Upstream) -> bool:
+        identity = self.identity.tokens(upstream.url).identity
+        left = upstream.quota.get(identity)
+        return left is not None and left <= self.quota_reserve
+
+    def _note_quota(self, upstream: Upstream, identity: str, headers: Headers) -> None:
+        left = remaining_quota(headers)
+        if left is not None:
+            upstream.quota[identity] = left
 
     async def _fetch(
         self, upstream: Upstream, method: bytes, path: str, headers: Headers

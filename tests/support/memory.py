@@ -55,6 +55,7 @@ class MemoryMirror:
         upstreams: tuple[str, ...] = ("http://hub.test",),
         timeouts: Timeouts | None = None,
         max_redirects: int = 5,
+        quota_reserve: int = 5,
         cache: CacheConfig | None = DEFAULT_CACHE,
         registries: dict[str, Registry] | None = None,
         access: Access | None = None,
@@ -84,6 +85,7 @@ class MemoryMirror:
         config = Config(
             state_dir=str(tmp),
             max_redirects=max_redirects,
+            quota_reserve=quota_reserve,
             timeouts=timeouts,
             cache=cache or CacheConfig(enabled=False),
             access=access or Access(),
