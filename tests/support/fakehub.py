@@ -414,13 +414,18 @@ class Control(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"counts": dict(self.state.counts), "seen": self.state.seen}).encode()
+        state = self.state
+        return json.dumps(
+            {"counts": dict(state.counts), "seen": state.seen, "pulls": dict(state.pulls)}
+        ).encode()
 
     def render_POST(self, request: Request) -> bytes:
         changes = json.loads(request.content.read() or b"{}")
         for key, value in changes.items():
             if key == "reset_counts":
                 self.state.counts.clear()
+            elif isinstance(getattr(self.state, key, None), Counter):
+                setattr(self.state, key, Counter(value))
             else:
                 setattr(self.state, key, value)
         if not self.state.hang:
