@@ -21,7 +21,7 @@ from twisted.web.iweb import IAgent
 from mirrord import config as configuration
 from mirrord.accesslog import CombinedLog
 from mirrord.auth import RealmBook
-from mirrord.cache import BlobStore, TagStore
+from mirrord.cache import BlobStore
 from mirrord.config import Config, ConfigError, Registry
 from mirrord.guard import Guard
 from mirrord.hashing import Hasher, HashWorker, InlineHasher
@@ -166,7 +166,7 @@ def build_backend(
         target.registry,
         target.chain,
         store,
-        TagStore(store.root),
+        store.tags,
         access,
         target.realms,
         clock,
