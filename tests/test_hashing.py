@@ -8,35 +8,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import queue
 import tempfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord.cache import TempBlob
 from mirrord.hashing import BATCH, HashingStopped, HashWorker, ThreadHasher
-
-
-class ThreadedReactor:
-    """Just enough reactor for the worker: callFromThread queues calls that
-    the test runs on its own thread, as the reactor loop would."""
-
-    def __init__(self) -> None:
-        self.calls: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
-        self.main = threading.get_ident()
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        self.calls.put((f, args))
-
-    def run_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
-        while not done():
-            f, args = self.calls.get(timeout=timeout)
-            assert threading.get_ident() == self.main
-            f(*args)
+from tests.support.threads import ThreadedReactor
 
 
 class Progress:
