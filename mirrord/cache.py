@@ -261,7 +261,11 @@ class BlobStore:
         if entry is None:
             return
         entry.meta = meta
-        _write_atomically(self.blob_dir(digest) / "meta.json", json.dumps(asdict(meta)).encode())
+        self.write_meta(digest, json.dumps(asdict(meta)).encode())
+
+    def write_meta(self, digest: str, meta: bytes) -> None:
+        """Replace a blob's ``meta.json`` (blocks on an fsync)."""
+        _write_atomically(self.blob_dir(digest) / "meta.json", meta)
 
     def put_bytes(self, digest: str, data: bytes, meta: Meta) -> Entry:
         temp = self.new_temp()

@@ -198,7 +198,13 @@ class Fill(Protocol):
         self.entry = self.store.add(self.digest, self.written, self.meta, when)
         if asdict(self.meta) != meta:
             # Its publicity was settled while the worker wrote the old one.
-            self.store.update_meta(self.digest, self.meta)
+            self.hasher.run(
+                self.store.write_meta, self.digest, json.dumps(asdict(self.meta)).encode()
+            ).addErrback(
+                lambda f: log.warn(
+                    "metadata of {digest} not updated: {error}", digest=self.digest, error=f.value
+                )
+            )
         self.hasher.discard()  # the temp name; the blob is linked in place
         self.store.evict()
         self._wake()

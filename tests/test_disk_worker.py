@@ -162,6 +162,20 @@ class ThreadedFillTests(SynchronousTestCase):
         self.drain_worker()
         self.assertEqual(list((self.root / "tmp").iterdir()), [])
 
+    def test_publicity_settled_during_publication_reaches_the_disk(self) -> None:
+        """A fill found public while the worker wrote its metadata is public after a restart."""
+        data = os.urandom(MIB)
+        fill, _ = self.fill(data)
+        fill.dataReceived(data)
+        fill.connectionLost(Failure(ResponseDone()))
+        self.reactor.run_until(lambda: fill.verified)
+        fill.meta.public = True  # the publicity check answered meanwhile
+        self.reactor.run_until(lambda: fill.entry is not None)
+        self.drain_worker()
+        restarted = BlobStore(self.root, parse_size("1GiB"))
+        restarted.rebuild()
+        self.assertTrue(restarted.get(fill.digest).meta.public)
+
     def test_full_disk_mid_fill_fails_once_and_releases_the_upstream(self) -> None:
         """ENOSPC on a write: the fill fails once, logged, upstream stopped, nothing cached."""
         logs = LogCatcher(self)
