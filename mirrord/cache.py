@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import errno
 import fnmatch
 import hashlib
 import json
@@ -201,11 +202,18 @@ class BlobStore:
             self.size += stat.st_size
         return len(self.entries), removed
 
-    def new_temp(self) -> TempBlob:
-        """A new temporary file, or ``StoreUnavailable`` (disk full, no free
-        descriptor...) before anything is written."""
+    def new_temp(self, size: int | None = None) -> TempBlob:
+        """A new temporary file for a blob of ``size`` bytes (if known), or
+        ``StoreUnavailable`` before anything is written: no free descriptor,
+        or a disk without room for it (a write failing mid-fill is the
+        alternative, after the client had its headers)."""
+        directory = self.root / "tmp"
         try:
-            return TempBlob(self.root / "tmp" / uuid.uuid4().hex)
+            if size is not None:
+                stat = os.statvfs(directory)
+                if stat.f_bavail * stat.f_frsize < size:
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} for {size} bytes")
+            return TempBlob(directory / uuid.uuid4().hex)
         except OSError as e:
             raise StoreUnavailable(e.errno, f"cannot create a cache file: {e.strerror}") from e
 

@@ -66,7 +66,7 @@ class Fill(Protocol):
     """One upstream body becoming one verified blob in the store.
 
     Raises ``StoreUnavailable`` (an ``OSError``) when its temporary file
-    cannot be created: no space, no free descriptor."""
+    cannot be created: no room for ``expected_size``, no free descriptor."""
 
     def __init__(
         self,
@@ -85,7 +85,7 @@ class Fill(Protocol):
         self.meta = meta
         self.expected_size = expected_size
         self.hasher = hasher
-        self.temp = store.new_temp()
+        self.temp = store.new_temp(expected_size)
         self.hexdigest = ""
         # Bytes in the temporary file (not merely received): readers' limit.
         self.written = 0

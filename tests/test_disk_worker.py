@@ -246,6 +246,16 @@ class StoreFailureTests(SynchronousTestCase):
         self.assertIsInstance(caught.exception, OSError)
         self.assertEqual(list((self.root / "tmp").iterdir()), [])
 
+    def test_no_room_for_the_blob_at_the_start(self) -> None:
+        """A blob larger than the disk's free space: Fill() raises StoreUnavailable (ENOSPC)."""
+        store = BlobStore(self.root, parse_size("1GiB"))
+        with self.assertRaises(StoreUnavailable) as caught:
+            Fill(
+                store, InlineHasher("sha256"), _digest(self.data), Meta(), 1 << 60, Clock(), 30, 30
+            )
+        self.assertEqual(caught.exception.errno, errno.ENOSPC)
+        self.assertEqual(list((self.root / "tmp").iterdir()), [])
+
     def test_full_disk_inline(self) -> None:
         """The in-memory hasher fails a fill on ENOSPC the same way, once."""
         logs = LogCatcher(self)
