@@ -130,9 +130,6 @@ class TempBlob:
             _start_writeback(self._fd, self._synced, self.size - self._synced)
             self._synced = self.size
 
-    def matches(self, digest: str, hexdigest: str, size: int | None) -> bool:
-        return matches(digest, hexdigest, self.size, size)
-
     def finish(self) -> None:
         if self.closed:
             return
@@ -247,23 +244,6 @@ class BlobStore:
             self._pins = None  # a pinned manifest arrived: its children are pinned too
         return entry
 
-    def publish(
-        self, temp: TempBlob, digest: str, hexdigest: str, meta: Meta, size: int | None = None
-    ) -> Entry:
-        """Check ``temp``'s ``hexdigest`` (and size) against ``digest``; move
-        it into place, all at once (small blobs: manifests)."""
-        if not temp.matches(digest, hexdigest, size):
-            temp.discard()
-            raise DigestMismatch(
-                f"{digest}: received {temp.size} bytes hashing to {hexdigest[:16]}..."
-            )
-        now = self.now()
-        try:
-            self.commit(temp, digest, json.dumps(asdict(meta)).encode(), now)
-        finally:
-            temp.discard()
-        return self.add(digest, temp.size, meta, now)
-
     def update_meta(self, digest: str, meta: Meta) -> None:
         entry = self.entries.get(digest)
         if entry is None:
@@ -276,10 +256,25 @@ class BlobStore:
         _write_atomically(self.blob_dir(digest) / "meta.json", meta)
 
     def put_bytes(self, digest: str, data: bytes, meta: Meta) -> Entry:
-        temp = self.new_temp()
-        temp.write(data)
-        algorithm = digest.split(":", 1)[0]
-        return self.publish(temp, digest, hashlib.new(algorithm, data).hexdigest(), meta, len(data))
+        """Store a small blob at once, blocking (see ``mirrord.hashing.put_bytes``
+        for the same off the reactor)."""
+        now = self.now()
+        self.write_bytes(digest, data, json.dumps(asdict(meta)).encode(), now)
+        return self.add(digest, len(data), meta, now)
+
+    def write_bytes(self, digest: str, data: bytes, meta: bytes, when: float) -> None:
+        """The disk half of ``put_bytes``: verify, write, fsync, link into
+        place. Blocks; ``add`` indexes the blob afterwards."""
+        algorithm, expected = digest.split(":", 1)
+        hexdigest = hashlib.new(algorithm, data).hexdigest()
+        if hexdigest != expected:
+            raise DigestMismatch(f"{digest}: {len(data)} bytes hashing to {hexdigest[:16]}...")
+        temp = self.new_temp(len(data))
+        try:
+            temp.write(data)
+            self.commit(temp, digest, meta, when)
+        finally:
+            temp.discard()
 
     def get(self, digest: str) -> Entry | None:
         """The entry for a digest, marked as just used; ``None`` if absent."""

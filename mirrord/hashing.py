@@ -30,7 +30,9 @@ for tests on a ``task.Clock``, where everything is deterministic.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
@@ -38,7 +40,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from mirrord.cache import TempBlob
+from mirrord.cache import BlobStore, Entry, Meta, TempBlob
 
 T = TypeVar("T")
 
@@ -322,3 +324,14 @@ class ThreadHasher:
         if self._error is not None:
             raise self._error
         return self._hash.hexdigest()
+
+
+def put_bytes(
+    store: BlobStore, hasher: Hasher, digest: str, data: bytes, meta: Meta
+) -> Deferred[Entry]:
+    """``store.put_bytes`` with the disk work (write, fsync, link) on the
+    disk worker and the index updated on the reactor: for manifests, which
+    are small but still cost an fsync each."""
+    when = store.now()
+    written = hasher.run(store.write_bytes, digest, data, json.dumps(asdict(meta)).encode(), when)
+    return written.addCallback(lambda _: store.add(digest, len(data), meta, when))

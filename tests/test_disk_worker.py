@@ -21,9 +21,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 
-from mirrord.cache import BlobStore, Meta, StoreUnavailable, TempBlob, parse_size
+from mirrord.cache import BlobStore, DigestMismatch, Meta, StoreUnavailable, TempBlob, parse_size
 from mirrord.fill import Fill, FillFailed, StoreFailed
-from mirrord.hashing import BATCH, HashWorker, InlineHasher
+from mirrord.hashing import BATCH, HashWorker, InlineHasher, put_bytes
 from tests.support.threads import ThreadedReactor
 
 MIB = 1 << 20
@@ -175,6 +175,25 @@ class ThreadedFillTests(SynchronousTestCase):
         restarted = BlobStore(self.root, parse_size("1GiB"))
         restarted.rebuild()
         self.assertTrue(restarted.get(fill.digest).meta.public)
+
+    def test_manifest_stored_by_the_worker(self) -> None:
+        """A manifest's write and fsync run on the worker; a wrong digest stores nothing."""
+        body = b'{"schemaVersion": 2}'
+        stored = put_bytes(self.store, self.worker.hasher("sha256"), _digest(body), body, Meta())
+        self.assertIsNone(self.store.get(_digest(body)))
+        entries: list[object] = []
+        stored.addCallback(entries.append)
+        self.reactor.run_until(lambda: bool(entries))
+        self.assertEqual(entries, [self.store.get(_digest(body))])
+        self.assertNotIn(threading.get_ident(), self.store.commit_threads)
+        self.assertEqual(self.store.read(_digest(body)), body)
+        wrong = put_bytes(self.store, self.worker.hasher("sha256"), _digest(b"x"), body, Meta())
+        failed: list[Failure] = []
+        wrong.addErrback(failed.append)
+        self.reactor.run_until(lambda: bool(failed))
+        failed[0].trap(DigestMismatch)
+        self.assertIsNone(self.store.get(_digest(b"x")))
+        self.assertEqual(list((self.root / "tmp").iterdir()), [])
 
     def test_full_disk_mid_fill_fails_once_and_releases_the_upstream(self) -> None:
         """ENOSPC on a write: the fill fails once, logged, upstream stopped, nothing cached."""
