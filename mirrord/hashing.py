@@ -46,8 +46,12 @@ T = TypeVar("T")
 
 BATCH = 1 << 20
 # Bytes handed to the worker and not yet written and hashed, for all fills
-# together, above which filling upstreams pause.
-BACKLOG = 32 << 20
+# together, above which filling upstreams pause. An upstream faster than
+# the disk keeps it full, so the daemon's peak RSS grows with it: a slow
+# client of a 256 MiB blob (tests/e2e, limit 100 MiB) peaked at 69-74 MiB
+# with 4 MiB, 74-76 with 8, 84-91 with 16, 100-104 with 32 (67-70 before
+# the writes moved here).
+BACKLOG = 8 << 20
 
 
 class HashingStopped(Exception):
