@@ -13,14 +13,15 @@ writes the bytes to the fill's temporary file, hashes them, starts their
 writeback (``sync_file_range``) and finally, once verified, fsyncs and
 links the file into place; a fill's work runs in the order it was given.
 The reactor learns that bytes are in the file only from the worker's
-callback, so readers following the file never read past what is there.
+callback, sent after the write and before the hash, so readers following
+the file never read past what is there and do not wait for the hash.
 
 Memory is bounded across fills, not per fill: ``HashWorker.backlog``
 counts the bytes handed to the thread and not yet written and hashed, for
 every fill together. Above ``BACKLOG`` a fill pauses its upstream until
 the backlog drains to half of it. Chunks are batched to about 1 MiB per
-hand-off while the thread is busy (TLS upstreams deliver 16-32 KiB
-pieces), and handed over at once while it is idle, so readers are not
+hand-off while the thread holds some of the fill (TLS upstreams deliver
+16-32 KiB pieces), and handed over at once otherwise, so readers are not
 kept waiting.
 
 ``InlineHasher`` does the same work synchronously on the caller's thread:
@@ -71,9 +72,9 @@ class Hasher(Protocol):
         written: Callable[[int], None],
         failed: Callable[[Exception], None],
     ) -> None:
-        """Write to ``temp``. ``written(n)``: n more bytes are in the file
-        and hashed. ``failed(error)``, at most once: a write failed (or the
-        worker stopped); nothing more is written."""
+        """Write to ``temp``. ``written(n)``: n more bytes are in the file.
+        ``failed(error)``, at most once: a write failed (or the worker
+        stopped); nothing more is written."""
         ...
 
     def update(self, data: bytes) -> None:
@@ -295,26 +296,35 @@ class ThreadHasher:
             self._report(HashingStopped())
 
     def _write(self, batch: list[bytes], size: int) -> None:
-        """In the worker thread."""
+        """In the worker thread: write the batch and tell the reactor
+        (readers may send those bytes now), then hash it and tell the
+        reactor its memory is free."""
         error = None
+        written = False
         if not self._cancelled and self._error is None and self._temp is not None:
             try:
                 for data in batch:
                     self._temp.write(data)
-                    self._hash.update(data)
+                written = True
             except OSError as e:
                 self._error = error = e
-        written = error is None and self._error is None and not self._cancelled
         self._reactor.callFromThread(self._wrote, size, written, error)
+        if written:
+            for data in batch:
+                self._hash.update(data)
+        self._reactor.callFromThread(self._hashed, size)
 
     def _wrote(self, size: int, written: bool, error: OSError | None) -> None:
-        """Back on the reactor: ``size`` bytes left the worker's queue."""
-        self._in_flight -= size
-        self._worker.done(size)
+        """Back on the reactor: ``size`` bytes are in the file (or not)."""
         if error is not None:
             self._report(error)
         elif written and not self._cancelled:
             self._written(size)
+
+    def _hashed(self, size: int) -> None:
+        """Back on the reactor: ``size`` bytes left the worker's queue."""
+        self._in_flight -= size
+        self._worker.done(size)
         if self._in_flight == 0 and not self._cancelled:
             self._flush()
 
