@@ -13,9 +13,6 @@ from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
@@ -23,7 +20,6 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord.config import CacheConfig, parse_size
 from mirrord.store.disk import BlobStore, Meta, TagRecord, TagStore
-from mirrord.store.fill import HASH_BACKLOG, Fill
 from mirrord.store.worker import InlineHasher
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
@@ -120,7 +116,7 @@ class BlobFillTests(SynchronousTestCase):
         self.path = f"/v2/library/x/blobs/{self.digest}"
 
     def published(self) -> None:
-        """Let verified fills publish (they wait PUBLISH_DELAY for readers)."""
+        """Let verified fills publish."""
         self.mirror.settle()
         self.mirror.clock.advance(1)
         self.mirror.settle()
@@ -299,48 +295,6 @@ class LateHashTests(SynchronousTestCase):
         self.assertLess(len(body.data), len(self.data))
         self.assertIsNone(self.mirror.store.get(self.digest))
         self.assertEqual(self.mirror.metrics.value("mirrord_digest_mismatches_total"), 1)
-
-
-class BehindHasher(InlineHasher):
-    """A hash worker that has fallen behind until told it caught up."""
-
-    def __init__(self) -> None:
-        super().__init__("sha256")
-        self.backlog = 0
-        self.waiting: list[Deferred[None]] = []
-
-    def update(self, data: bytes) -> None:
-        super().update(data)
-        self.backlog += len(data)
-
-    def caught_up(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.waiting.append(d)
-        return d
-
-    def catch_up(self) -> None:
-        self.backlog = 0
-        for d in self.waiting:
-            d.callback(None)
-
-
-class FillBackpressureTests(SynchronousTestCase):
-    def test_upstream_paused_while_the_hash_is_behind(self) -> None:
-        """The hash worker's queue is memory: past HASH_BACKLOG the upstream waits."""
-        store = BlobStore(Path(tempfile.mkdtemp()), parse_size("1GiB"))
-        hasher = BehindHasher()
-        data = os.urandom(HASH_BACKLOG + 1)
-        fill = Fill(store, hasher, _digest(data), Meta(), len(data), Clock(), 30, 30)
-        transport = StringTransport()
-        fill.makeConnection(transport)
-        fill.dataReceived(data[:HASH_BACKLOG])
-        self.assertEqual(transport.producerState, "producing")
-        fill.dataReceived(data[HASH_BACKLOG:])
-        self.assertEqual(transport.producerState, "paused")
-        hasher.catch_up()
-        self.assertEqual(transport.producerState, "producing")
-        fill.connectionLost(Failure(ResponseDone()))
-        self.assertTrue(fill.verified)
 
 
 class EvictionTests(SynchronousTestCase):

@@ -155,8 +155,9 @@ class FailureTests(SynchronousTestCase):
         evicted: list[str] = []
 
         def evict() -> None:
-            mirror.store.max_size = 0
+            size, mirror.store.max_size = mirror.store.max_size, 0
             evicted.extend(mirror.store.evict())
+            mirror.store.max_size = size
 
         hub = mirror.hosts.hosts[b"hub.test"]
         mirror.add_host(b"hub.test", BeforeHead(hub, evict))

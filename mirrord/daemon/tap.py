@@ -42,7 +42,7 @@ from mirrord.serve.privacy import AccessChecks
 from mirrord.serve.pullthrough import PullThrough
 from mirrord.serve.token import TokenProxy, TokenTarget
 from mirrord.serve.v2 import Backend, PassThrough, RegistryProxy
-from mirrord.store.disk import BlobStore, TagStore
+from mirrord.store.disk import BlobStore
 from mirrord.store.inflight import InFlight
 from mirrord.store.worker import Hasher, HashWorker, InlineHasher
 from mirrord.tokens import MirrorTokens
@@ -175,7 +175,7 @@ def build_backend(
         target.registry,
         target.chain,
         store,
-        TagStore(store.root),
+        store.tags,
         access,
         target.realms,
         clock,

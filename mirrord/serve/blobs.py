@@ -33,7 +33,23 @@ class Blobs(CacheContext):
         self, request: Request, digest: str, name: str, path: str, headers: Headers
     ) -> None:
         # Each turn looks at the store and the in-flight table afresh: a
-        # start we waited for may have become a fill, a hit, or nothing.
+        # start we waited for may have become a fill, a hit, or nothing; a
+        # blob evicted before it could be opened is a miss.
+        vanished = 0
+        while True:
+            try:
+                await self._serve_once(request, digest, name, path, headers)
+                return
+            except _Vanished:
+                vanished += 1
+                if vanished > 2:
+                    raise errors.RegistryError(
+                        503, "UNAVAILABLE", "the cache is too small to hold this blob"
+                    ) from None
+
+    async def _serve_once(
+        self, request: Request, digest: str, name: str, path: str, headers: Headers
+    ) -> None:
         while True:
             entry = self.store.get(digest)
             if entry is not None:
@@ -170,11 +186,24 @@ class Blobs(CacheContext):
             abort_client(request)
             return
         following = fill if fill is not None and fill.entry is None else None
+        if fill is not None and following is None:
+            # Published already: read it as a hit, under the entry's lease.
+            entry = self.store.get(digest)
+            if entry is None:
+                raise _Vanished()
         path = following.temp.path if following is not None else self.store.data_path(digest)
         if entry is not None:
             entry.readers += 1
         try:
-            await stream_file(request, path, offset, length, following)
+            try:
+                streaming = stream_file(request, path, offset, length, following)
+            except FileNotFoundError:
+                raise _Vanished() from None
+            except OSError as e:  # no free descriptor, say
+                raise errors.RegistryError(
+                    503, "UNAVAILABLE", f"cannot open the cached blob: {e.strerror or e}"
+                ) from None
+            await streaming
         except FillFailed as e:
             record = getattr(request, "access", None)
             if record is not None:
@@ -182,6 +211,10 @@ class Blobs(CacheContext):
         finally:
             if entry is not None:
                 entry.readers -= 1
+
+
+class _Vanished(Exception):
+    """The blob went (evicted) between finding it and opening it."""
 
 
 def _byte_range(value: bytes | None, size: int) -> tuple[int, int] | None:

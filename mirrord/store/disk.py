@@ -1,7 +1,10 @@
 """The content-addressed store on disk: write while hashing, verify,
 publish; an index of what is there, least recently used first; eviction.
 
-No Twisted here. Layout under the cache root (as distribution lays it out)::
+No Twisted here. The blocking parts a fill needs (``TempBlob``'s writes,
+``BlobStore.commit``) run on the disk worker (``mirrord.store.worker``); the
+index (``BlobStore.add``, ``evict``) is the reactor's. Layout under the
+cache root (as distribution lays it out)::
 
     blobs/sha256/ab/<hex>/data       the bytes, verified against <hex>
     blobs/sha256/ab/<hex>/meta.json  media type, repository, whether public
@@ -9,7 +12,7 @@ No Twisted here. Layout under the cache root (as distribution lays it out)::
     tmp/                             fills in progress; emptied at startup
 
 A blob becomes visible only after its length and digest match (temporary
-file, fsync, rename), so unverified bytes never become a hit.
+file, fsync, link into place), so unverified bytes never become a hit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import errno
 import fnmatch
 import hashlib
 import json
@@ -30,6 +34,18 @@ from pathlib import Path
 
 class DigestMismatch(Exception):
     """The bytes did not hash to the digest they were fetched for."""
+
+
+class StoreUnavailable(OSError):
+    """The cache cannot take a new blob now: no space, no free file
+    descriptor, a read-only or broken disk. Raised before anything is
+    written, so the caller can serve the client without caching; ``errno``
+    and ``strerror`` say why (``ENOSPC``, ``EMFILE``, ``ENFILE``...)."""
+
+
+def matches(digest: str, hexdigest: str, size: int, expected_size: int | None) -> bool:
+    """Whether bytes of ``size`` hashing to ``hexdigest`` are the blob ``digest``."""
+    return hexdigest == digest.split(":", 1)[1] and expected_size in (None, size)
 
 
 @dataclass
@@ -80,7 +96,9 @@ TAG_REFRESH_EVERY = 60.0
 
 class TempBlob:
     """A blob being written to a temporary file. Its hash is the caller's
-    (see ``mirrord.store.worker``): publishing needs the hex digest."""
+    (see ``mirrord.store.worker``): publishing needs the hex digest. Every
+    method blocks on the disk; a fill calls them from the disk worker, and
+    only from there, so its descriptor is never closed under a write."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -98,10 +116,9 @@ class TempBlob:
             _start_writeback(self._fd, self._synced, self.size - self._synced)
             self._synced = self.size
 
-    def matches(self, digest: str, hexdigest: str, size: int | None) -> bool:
-        return hexdigest == digest.split(":", 1)[1] and size in (None, self.size)
-
     def finish(self) -> None:
+        if self.closed:
+            return
         os.fsync(self._fd)
         os.close(self._fd)
         self.closed = True
@@ -125,10 +142,17 @@ class BlobStore:
     now: Callable[[], float] = time.time
     entries: dict[str, Entry] = field(default_factory=dict)
     size: int = 0
+    # The tags, for pins like ``library/alpine:3.*``: the one TagStore every
+    # registry's backend writes through, so its index is current.
+    tags: TagStore = field(init=False)
+    _pins: set[str] | None = field(default=None, init=False)
+    _pins_version: int = field(default=-1, init=False)
+    _pins_missing: set[str] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         (self.root / "blobs").mkdir(exist_ok=True)
+        self.tags = TagStore(self.root)
 
     def blob_dir(self, digest: str) -> Path:
         algorithm, hexdigest = digest.split(":", 1)
@@ -145,6 +169,7 @@ class BlobStore:
             removed += 1
         self.entries.clear()
         self.size = 0
+        self._pins = None
         for data in (self.root / "blobs").glob("*/*/*/data"):
             hexdigest, algorithm = data.parent.name, data.parent.parent.parent.name
             digest = f"{algorithm}:{hexdigest}"
@@ -160,33 +185,49 @@ class BlobStore:
             self.size += stat.st_size
         return len(self.entries), removed
 
-    def new_temp(self) -> TempBlob:
-        return TempBlob(self.root / "tmp" / uuid.uuid4().hex)
+    def new_temp(self, size: int | None = None) -> TempBlob:
+        """A new temporary file for a blob of ``size`` bytes (if known), or
+        ``StoreUnavailable`` before anything is written: no free descriptor,
+        or a disk without room for it (a write failing mid-fill is the
+        alternative, after the client had its headers)."""
+        directory = self.root / "tmp"
+        try:
+            if size is not None:
+                stat = os.statvfs(directory)
+                if stat.f_bavail * stat.f_frsize < size:
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} for {size} bytes")
+            return TempBlob(directory / uuid.uuid4().hex)
+        except OSError as e:
+            raise StoreUnavailable(e.errno, f"cannot create a cache file: {e.strerror}") from e
 
-    def publish(
-        self, temp: TempBlob, digest: str, hexdigest: str, meta: Meta, size: int | None = None
-    ) -> Entry:
-        """Check ``temp``'s ``hexdigest`` (and size) against ``digest``; move it into place."""
-        if not temp.matches(digest, hexdigest, size):
-            temp.discard()
-            raise DigestMismatch(
-                f"{digest}: received {temp.size} bytes hashing to {hexdigest[:16]}..."
-            )
+    def commit(self, temp: TempBlob, digest: str, meta: bytes, when: float) -> None:
+        """Make a verified temp file the blob ``digest``: fsync, write its
+        metadata, link it into place. Blocks on the disk (the disk worker
+        calls it). The temp file keeps its name, for readers about to open
+        it, until the caller removes it after ``add``."""
         temp.finish()
         directory = self.blob_dir(digest)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(directory / "meta.json", json.dumps(asdict(meta)).encode())
-        now = self.now()
-        os.utime(temp.path, (now, now))
-        os.replace(temp.path, directory / "data")
+        _write_atomically(directory / "meta.json", meta)
+        os.utime(temp.path, (when, when))
+        # A hard link under a unique name, renamed over any older copy: the
+        # data appears whole, at once, and the temp name still works.
+        staged = directory / f".data.{uuid.uuid4().hex}"
+        os.link(temp.path, staged)
+        os.replace(staged, directory / "data")
+
+    def add(self, digest: str, size: int, meta: Meta, when: float) -> Entry:
+        """Index a blob ``commit`` put in place (the reactor's bookkeeping)."""
         previous = self.entries.get(digest)
         if previous is not None:
             self.size -= previous.size
-        entry = Entry(digest, temp.size, meta, now)
+        entry = Entry(digest, size, meta, when)
         if previous is not None:
             entry.readers = previous.readers
         self.entries[digest] = entry
         self.size += entry.size
+        if digest in self._pins_missing:
+            self._pins = None  # a pinned manifest arrived: its children are pinned too
         return entry
 
     def update_meta(self, digest: str, meta: Meta) -> None:
@@ -194,13 +235,32 @@ class BlobStore:
         if entry is None:
             return
         entry.meta = meta
-        _write_atomically(self.blob_dir(digest) / "meta.json", json.dumps(asdict(meta)).encode())
+        self.write_meta(digest, json.dumps(asdict(meta)).encode())
+
+    def write_meta(self, digest: str, meta: bytes) -> None:
+        """Replace a blob's ``meta.json`` (blocks on an fsync)."""
+        _write_atomically(self.blob_dir(digest) / "meta.json", meta)
 
     def put_bytes(self, digest: str, data: bytes, meta: Meta) -> Entry:
-        temp = self.new_temp()
-        temp.write(data)
-        algorithm = digest.split(":", 1)[0]
-        return self.publish(temp, digest, hashlib.new(algorithm, data).hexdigest(), meta, len(data))
+        """Store a small blob at once, blocking (see ``mirrord.store.worker.put_bytes``
+        for the same off the reactor)."""
+        now = self.now()
+        self.write_bytes(digest, data, json.dumps(asdict(meta)).encode(), now)
+        return self.add(digest, len(data), meta, now)
+
+    def write_bytes(self, digest: str, data: bytes, meta: bytes, when: float) -> None:
+        """The disk half of ``put_bytes``: verify, write, fsync, link into
+        place. Blocks; ``add`` indexes the blob afterwards."""
+        algorithm, expected = digest.split(":", 1)
+        hexdigest = hashlib.new(algorithm, data).hexdigest()
+        if hexdigest != expected:
+            raise DigestMismatch(f"{digest}: {len(data)} bytes hashing to {hexdigest[:16]}...")
+        temp = self.new_temp(len(data))
+        try:
+            temp.write(data)
+            self.commit(temp, digest, meta, when)
+        finally:
+            temp.discard()
 
     def get(self, digest: str) -> Entry | None:
         """The entry for a digest, marked as just used; ``None`` if absent."""
@@ -239,14 +299,23 @@ class BlobStore:
 
     def pinned_by_tag(self) -> set[str]:
         """Everything a pinned tag (``library/alpine:3.*``) needs: its
-        manifest, and what that manifest references, recursively."""
+        manifest, and what that manifest references, recursively.
+
+        Computed from the tags' index in memory (read from disk once) and
+        kept until a tag moves or a pinned manifest not yet cached
+        arrives: eviction runs after every publication past the high
+        watermark, and must not re-read every tag and manifest each time."""
         patterns = [p for p in self.pinned if ":" in p]
-        keep: set[str] = set()
         if not patterns:
-            return keep
-        for name, tag, record in TagStore(self.root).records():
+            return set()
+        if self._pins is not None and self._pins_version == self.tags.version:
+            return self._pins
+        keep: set[str] = set()
+        self._pins_missing = set()
+        for name, tag, record in self.tags.records():
             if any(fnmatch.fnmatchcase(f"{name}:{tag}", p) for p in patterns):
                 self._referenced(record.digest, keep)
+        self._pins, self._pins_version = keep, self.tags.version
         return keep
 
     def _referenced(self, digest: str, keep: set[str]) -> None:
@@ -254,11 +323,15 @@ class BlobStore:
             return
         keep.add(digest)
         entry = self.entries.get(digest)
-        if entry is None or entry.size > 4 << 20 or "json" not in entry.meta.media_type:
+        if entry is None:
+            self._pins_missing.add(digest)
+            return
+        if entry.size > 4 << 20 or "json" not in entry.meta.media_type:
             return
         try:
             document = json.loads(self.data_path(digest).read_bytes())
         except (OSError, ValueError):
+            self._pins_missing.add(digest)
             return
         if not isinstance(document, dict):
             return
@@ -321,7 +394,11 @@ class TagStore:
     a busy tag does not cost a disk flush per request."""
 
     root: Path
+    # Records read or written so far; every tag on disk once ``_complete``.
     _known: dict[Path, TagRecord] = field(default_factory=dict)
+    _complete: bool = False
+    # Changes whenever a tag is added or points to another digest.
+    version: int = 0
 
     def _path(self, registry: str, name: str, tag: str) -> Path:
         return self.root / "tags" / registry / name / f"{tag}.json"
@@ -329,24 +406,24 @@ class TagStore:
     def get(self, registry: str, name: str, tag: str) -> TagRecord | None:
         path = self._path(registry, name, tag)
         known = self._known.get(path)
-        if known is not None:
+        if known is not None or self._complete:
             return known
-        try:
-            record = TagRecord(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-        self._known[path] = record
+        record = _read_tag(path)
+        if record is not None:
+            self._known[path] = record
         return record
 
     def records(self) -> Iterator[tuple[str, str, TagRecord]]:
-        """Every (repository, tag, record), across registries."""
-        for path in (self.root / "tags").glob("*/**/*.json"):
+        """Every (repository, tag, record), across registries: read from
+        disk the first time, from memory after."""
+        if not self._complete:
+            for path in (self.root / "tags").glob("*/**/*.json"):
+                if path not in self._known and (record := _read_tag(path)) is not None:
+                    self._known[path] = record
+            self._complete = True
+        for path, record in list(self._known.items()):
             relative = path.relative_to(self.root / "tags")
             name = "/".join(relative.parts[1:-1])
-            try:
-                record = TagRecord(**json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError):
-                continue
             yield name, path.name.removesuffix(".json"), record
 
     def put(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
@@ -361,6 +438,15 @@ class TagStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomically(path, json.dumps(asdict(record)).encode())
         self._known[path] = record
+        if old is None or old.digest != record.digest:
+            self.version += 1
+
+
+def _read_tag(path: Path) -> TagRecord | None:
+    try:
+        return TagRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -1,20 +1,29 @@
 """Filling the cache from one upstream body while any number of clients
 read along, and serving blobs from disk.
 
-A ``Fill`` writes an upstream body to a temporary file, hashing as it goes,
-and publishes it only when it matches its digest. Clients never read the
-upstream body directly: a ``FileStreamer`` sends from the file and, for a
-fill in progress, follows it as it grows. The last byte is held back until
-the blob is verified, so a client can never receive a complete wrong blob:
-on a mismatch its connection is aborted instead. A fill does not depend on
-its readers: when the last one leaves it still completes, bounded by a
-timeout, so a retry is a hit.
+A ``Fill`` hands an upstream body to the disk worker (``mirrord.store.worker``),
+which writes it to a temporary file and hashes it, and publishes it only
+when it matches its digest. Clients never read the upstream body directly:
+a ``FileStreamer`` sends from the file and, for a fill in progress, follows
+it as it grows, up to ``Fill.written``: the bytes the worker reported in
+the file. The last byte is held back until the blob is verified, so a
+client can never receive a complete wrong blob: on a mismatch its
+connection is aborted instead. A fill does not depend on its readers: when
+the last one leaves it still completes, bounded by a timeout, so a retry is
+a hit.
+
+When the disk fails the cache, not the client: a temporary file that
+cannot be created raises ``StoreUnavailable`` from ``Fill()`` before
+anything is sent; a write that fails mid-fill fails the fill once, with
+``StoreFailed``, logged, its upstream released and its file removed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -27,9 +36,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from mirrord.registry.respond import abort_client
-from mirrord.store.disk import BlobStore, DigestMismatch, Entry, Meta
+from mirrord.store.disk import BlobStore, Entry, Meta, matches
 from mirrord.store.worker import Hasher
+from mirrord.upstream.bodies import abort_client
 
 log = Logger()
 
@@ -38,19 +47,26 @@ log = Logger()
 # 2 MiB costs about 7 % less CPU on a hit (bench/run --rows) but holds 2 MiB
 # more per client: 16 clients of a cold blob took peak RSS past 128 MiB.
 READ_CHUNK = 1 << 20
-# Seconds between verifying a fill and publishing it (fsync, rename): time
-# for the readers' last bytes to leave before a long fsync holds the reactor.
-PUBLISH_DELAY = 0.05
-# Bytes written but not yet hashed above which the upstream is paused.
-HASH_BACKLOG = 16 << 20
 
 
 class FillFailed(Exception):
     """The fill ended without a verified blob."""
 
 
+class StoreFailed(FillFailed):
+    """The cache's disk failed the fill (a write, or publishing it); the
+    upstream bytes were fine. ``written`` bytes had reached the file."""
+
+    def __init__(self, reason: str, written: int) -> None:
+        super().__init__(reason)
+        self.written = written
+
+
 class Fill(Protocol):
-    """One upstream body becoming one verified blob in the store."""
+    """One upstream body becoming one verified blob in the store.
+
+    Raises ``StoreUnavailable`` (an ``OSError``) when its temporary file
+    cannot be created: no room for ``expected_size``, no free descriptor."""
 
     def __init__(
         self,
@@ -69,15 +85,18 @@ class Fill(Protocol):
         self.meta = meta
         self.expected_size = expected_size
         self.hasher = hasher
-        self.temp = store.new_temp()
+        self.temp = store.new_temp(expected_size)
         self.hexdigest = ""
+        # Bytes in the temporary file (not merely received): readers' limit.
         self.written = 0
         self.entry: Entry | None = None
         self.verified = False
+        # Why the fill failed; readers stop at once.
         self.error: str | None = None
+        # Why a verified fill was not cached; readers still finish.
+        self.unpublished: str | None = None
         self.readers = 0
         self.done: Deferred[Entry] = Deferred()
-        self._publishing: IDelayedCall | None = None
         self._clock = clock
         self._body_idle = body_idle
         self._orphan_timeout = orphan_timeout
@@ -85,49 +104,63 @@ class Fill(Protocol):
         self._listeners: list[Callable[[], None]] = []
         self._idle: IDelayedCall | None = None
         self._orphaned: IDelayedCall | None = None
-        self._waiting_for_hash = False
+        self._waiting_for_disk = False
+        self._body_ended = False
+        hasher.begin(self.temp, self._written, self._disk_failed)
 
     @property
     def finished(self) -> bool:
-        return self.entry is not None or self.error is not None
+        return self.entry is not None or self.error is not None or self.unpublished is not None
 
     def connectionMade(self) -> None:
-        self._idle = self._clock.callLater(self._body_idle, self._abandon, "upstream stalled")
+        self._idle = self._clock.callLater(
+            self._body_idle, self._abandon, "no progress from the upstream or the disk"
+        )
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished:
             return
-        self.temp.write(data)
         self.hasher.update(data)
-        self.written += len(data)
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self._body_idle)
-        if self.hasher.backlog > HASH_BACKLOG and not self._waiting_for_hash:
-            self._pause_for_hash()
+        self._still_going()
+        if self.hasher.congested() and not self._waiting_for_disk and not self.finished:
+            self._pause_for_disk()
+
+    def _written(self, size: int) -> None:
+        """The disk worker put ``size`` more bytes in the file."""
+        if self.finished:
+            return
+        self.written += size
+        self._still_going()
         self._wake()
 
-    def _pause_for_hash(self) -> None:
-        """Hold the upstream while the hash worker catches up: its queue
-        is memory."""
-        self._waiting_for_hash = True
+    def _still_going(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._body_idle)
+
+    def _pause_for_disk(self) -> None:
+        """Hold the upstream while the disk worker catches up: its queue is
+        memory, shared by every fill."""
+        self._waiting_for_disk = True
         self.transport.pauseProducing()
 
         def resume(_: object) -> None:
-            self._waiting_for_hash = False
-            if not self.finished:
-                if self._idle is not None and self._idle.active():
-                    self._idle.reset(self._body_idle)
+            self._waiting_for_disk = False
+            if not self.finished and not self._body_ended:
+                self._still_going()
                 self.transport.resumeProducing()
 
-        self.hasher.caught_up().addBoth(resume)
+        self.hasher.drained().addBoth(resume)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._cancel_timers()
+        self._body_ended = True
         if self.finished:
+            self._cancel_timers()
             return
         if not reason.check(ResponseDone, PotentialDataLoss):
             self._fail(f"upstream body failed: {reason.value!r}")
             return
+        # The worker may still hold bytes: its progress keeps this alive.
+        self._still_going()
         self.hasher.hexdigest().addCallbacks(self._hashed, self._not_hashed)
 
     def _not_hashed(self, failure: Failure) -> None:
@@ -137,36 +170,66 @@ class Fill(Protocol):
     def _hashed(self, hexdigest: str) -> None:
         if self.finished:
             return
+        self._cancel_timers()
         self.hexdigest = hexdigest
-        if not self.temp.matches(self.digest, hexdigest, self.expected_size):
-            self._publish()  # refuses, counts and fails the fill
+        if not matches(self.digest, hexdigest, self.written, self.expected_size):
+            why = f"{self.digest}: received {self.written} bytes hashing to {hexdigest[:16]}..."
+            log.error("digest mismatch, not cached: {error}", error=why)
+            self._on_mismatch(self.digest)
+            self._fail(why)
             return
         # Verified: readers may send their last byte now. Publishing (fsync,
-        # rename) changes no byte; its fsync can hold the reactor while the
-        # disk catches up, so let the readers' last bytes leave first.
+        # link, metadata) is the disk worker's, after this fill's writes.
         self.verified = True
         self._wake()
-        self._publishing = self._clock.callLater(PUBLISH_DELAY, self._publish)
+        when = self.store.now()
+        meta = asdict(self.meta)
+        self.hasher.run(
+            self.store.commit, self.temp, self.digest, json.dumps(meta).encode(), when
+        ).addCallbacks(
+            self._committed,
+            self._not_committed,
+            callbackArgs=(meta, when),
+        )
 
-    def _publish(self) -> None:
+    def _committed(self, _: None, meta: dict[str, Any], when: float) -> None:
         if self.finished:
             return
-        try:
-            self.entry = self.store.publish(
-                self.temp, self.digest, self.hexdigest, self.meta, self.expected_size
+        self.entry = self.store.add(self.digest, self.written, self.meta, when)
+        if asdict(self.meta) != meta:
+            # Its publicity was settled while the worker wrote the old one.
+            self.hasher.run(
+                self.store.write_meta, self.digest, json.dumps(asdict(self.meta)).encode()
+            ).addErrback(
+                lambda f: log.warn(
+                    "metadata of {digest} not updated: {error}", digest=self.digest, error=f.value
+                )
             )
-        except DigestMismatch as e:
-            log.error("digest mismatch, not cached: {error}", error=str(e))
-            self._on_mismatch(self.digest)
-            self._fail(str(e))
-            return
-        except OSError as e:
-            self.temp.discard()
-            self._fail(f"cannot store {self.digest}: {e}")
-            return
+        self.hasher.discard()  # the temp name; the blob is linked in place
         self.store.evict()
         self._wake()
         self.done.callback(self.entry)
+
+    def _not_committed(self, failure: Failure) -> None:
+        if self.finished:
+            return
+        why = f"cannot store {self.digest}: {failure.value}"
+        log.error("fill verified but not cached: {why}", why=why)
+        self.unpublished = why
+        self.hasher.discard()
+        self._wake()
+        self.done.errback(StoreFailed(why, self.written))
+        self.done.addErrback(lambda _: None)
+
+    def _disk_failed(self, error: Exception) -> None:
+        """A write to the temporary file failed (disk full, I/O error) or
+        the worker stopped: the fill fails, its upstream is released."""
+        if self.finished:
+            return
+        why = f"cannot write the cache file: {error}"
+        log.error("fill of {digest} stopped, not cached: {why}", digest=self.digest, why=why)
+        self._fail(why, StoreFailed(why, self.written))
+        self._release_upstream()
 
     def wait(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` once, when more bytes arrive or the fill ends."""
@@ -189,15 +252,18 @@ class Fill(Protocol):
             return
         log.warn("fill of {digest} abandoned: {why}", digest=self.digest, why=why)
         self._fail(why)
-        if self.transport is not None:
+        self._release_upstream()
+
+    def _release_upstream(self) -> None:
+        if self.transport is not None and not self._body_ended:
             self.transport.stopProducing()
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, error: FillFailed | None = None) -> None:
         self._cancel_timers()
         self.error = why
-        self.temp.discard()
+        self.hasher.discard()
         self._wake()
-        self.done.errback(FillFailed(why))
+        self.done.errback(error or FillFailed(why))
         self.done.addErrback(lambda _: None)
 
     def _wake(self) -> None:
@@ -206,7 +272,7 @@ class Fill(Protocol):
             listener()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._idle, self._orphaned, self._publishing):
+        for timer in (self._idle, self._orphaned):
             if timer is not None and timer.active():
                 timer.cancel()
 
