@@ -69,7 +69,7 @@ class AccessChecks:
         except errors.RegistryError:
             return False
         if answer.body is None:
-            discard_body(answer.response)
+            discard_body(answer.response, self.clock, self.follower.body_idle)
         if answer.code == 200:
             self.remember(headers, repository)
             return True
@@ -95,7 +95,7 @@ class AccessChecks:
     async def _anonymous_head(self, path: str) -> bool:
         answer = await self.chain.request(b"HEAD", path, Headers())
         if answer.body is None:
-            discard_body(answer.response)
+            discard_body(answer.response, self.clock, self.follower.body_idle)
         if answer.code == 200:
             return True
         if answer.code != 401:
@@ -110,7 +110,7 @@ class AccessChecks:
         separator = "&" if "?" in challenge.realm else "?"
         url = challenge.realm + separator + urlencode(query)
         response, _, _ = await self.follower.fetch(b"GET", url, Headers(), challenge.realm)
-        body = await read_small_body(response)
+        body = await read_small_body(response, self.clock, self.follower.body_idle)
         if response.code != 200:
             return False
         document = json.loads(body)
@@ -120,5 +120,5 @@ class AccessChecks:
         headers = Headers({b"authorization": [f"Bearer {token}".encode()]})
         answer = await self.chain.request(b"HEAD", path, headers)
         if answer.body is None:
-            discard_body(answer.response)
+            discard_body(answer.response, self.clock, self.follower.body_idle)
         return answer.code == 200

@@ -158,7 +158,7 @@ class PullThrough:
         # Clients probe /v2/ before anything else: keep answering it so
         # cached content stays reachable while upstream is down.
         if answer is not None and answer.body is None:
-            discard_body(answer.response)
+            discard_body(answer.response, self.clock, self.timeouts.body_idle)
         note_cache(request, "STALE")
         request.setHeader(*API_VERSION)
         request.setHeader(b"Content-Type", b"application/json")
@@ -289,7 +289,9 @@ class PullThrough:
             entry.readers += 1
         source = "upstream" if status == "MISS" else "cache"
         try:
-            sent = await stream_file(request, path, offset, length, following)
+            sent = await stream_file(
+                request, path, offset, length, following, self.clock, self.timeouts.client_idle
+            )
             self.metrics.bytes_served.labels(source).inc(sent)
         except FillFailed as e:
             record = getattr(request, "access", None)
@@ -366,7 +368,9 @@ class PullThrough:
             return
         note_upstream(request, answer)
         try:
-            body = await read_small_body(answer.response, MAX_MANIFEST)
+            body = await read_small_body(
+                answer.response, self.clock, self.timeouts.body_idle, MAX_MANIFEST
+            )
         except BodyTooLarge:
             raise errors.bad_gateway(
                 f"upstream manifest larger than {MAX_MANIFEST} bytes"
@@ -411,7 +415,7 @@ class PullThrough:
             failure = e
         if head is None or head.code in FAILOVER_CODES:
             if self._serve_stale(request, tag, name, headers):
-                _drop(head)
+                _drop(head, self.clock, self.timeouts.body_idle)
                 return
             if failure is not None:
                 raise failure
@@ -424,7 +428,7 @@ class PullThrough:
                 await write_answer(request, head, self.realms, self.clock, self.timeouts)
             else:
                 # The client wants the error's body, which a HEAD lacks.
-                _drop(head)
+                _drop(head, self.clock, self.timeouts.body_idle)
                 await self._pass(request, path, headers)
             return
         self.access.remember(headers, name)
@@ -444,14 +448,14 @@ class PullThrough:
                     entry.meta.public,
                 ),
             )
-            _drop(head)
+            _drop(head, self.clock, self.timeouts.body_idle)
             self._send_manifest(request, digest, body, entry.meta.media_type, "HIT", head)
             return
         if request.method == b"HEAD":
             note_cache(request, "MISS")
             await write_answer(request, head, self.realms, self.clock, self.timeouts)
             return
-        _drop(head)
+        _drop(head, self.clock, self.timeouts.body_idle)
         await self._fetch_manifest(request, name, path, headers, tag=tag)
 
     def _serve_stale(self, request: Request, tag: str, name: str, headers: Headers) -> bool:
@@ -469,10 +473,10 @@ class PullThrough:
         return True
 
 
-def _drop(answer: Answer | None) -> None:
+def _drop(answer: Answer | None, clock: IReactorTime, idle: float) -> None:
     """Let go of an answer we will not pass on."""
     if answer is not None and answer.body is None:
-        discard_body(answer.response)
+        discard_body(answer.response, clock, idle)
 
 
 def _shared(pending: Fill | Deferred[Fill | None]) -> Deferred[Fill | None]:

@@ -258,7 +258,9 @@ def wire(
     clock: IReactorTime = reactor
     metrics = Metrics()
     login = MirrorLogin(config.access.users, clock.seconds)
-    follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
+    follower = RedirectFollower(
+        agent, clock, config.timeouts.response, config.max_redirects, config.timeouts.body_idle
+    )
     store = open_store(config, clock)
     targets: dict[str, TokenTarget] = {}
     served: dict[str, tuple[Registry, Backend]] = {}

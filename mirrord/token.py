@@ -127,7 +127,7 @@ class TokenProxy(Resource):
     async def _issue(self, request: Request, response: IResponse) -> None:
         """A logged-in client's token: remember it so /v2/ accepts it."""
         assert self._login is not None
-        body = await read_small_body(response)
+        body = await read_small_body(response, self._clock, self._timeouts.body_idle)
         if response.code == 200:
             try:
                 document = json.loads(body)
@@ -151,7 +151,7 @@ class TokenProxy(Resource):
             challenges = answer.headers.getRawHeaders(b"www-authenticate", [])
             rewrite_challenges(challenges, target.realms, f"https://{client_host(request)}/token")
             if answer.body is None:
-                discard_body(answer.response)
+                discard_body(answer.response, self._clock, self._timeouts.body_idle)
 
     def _failed(self, failure: Failure, request: Request) -> None:
         if failure.check(CancelledError):
