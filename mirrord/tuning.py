@@ -5,13 +5,16 @@ Python work per chunk. Twisted reads 64 KiB per ``recv`` and its TLS layer
 cuts every write into 16 KiB ``SSL_write`` calls, each followed by a BIO read
 and a transport write. Here upstream sockets read up to 2 MiB at a time and
 the server's TLS layer encrypts 64 KiB per ``SSL_write`` and hands the
-socket 1 MiB pieces of ciphertext, which about halves CPU per GiB. Backpressure is
-unchanged: the transports still pause their producers when their buffers
-fill.
+socket 1 MiB pieces of ciphertext, which about halves CPU per GiB.
+Backpressure is unchanged: the transports still pause their producers when
+their buffers fill. ``send_room`` tells a writer how much a client's socket
+takes now, so a client that stops reading leaves its unread bytes in the
+kernel rather than in our buffers.
 
-``tests/test_tuning.py`` fails loudly if the Twisted internals used here
-(``FileDescriptor.bufferSize`` and ``SEND_LIMIT``,
-``TLSMemoryBIOProtocol._write`` and its helpers) change underneath.
+``tests/test_tuning.py`` fails loudly if the internals used here
+(``FileDescriptor.bufferSize``, ``SEND_LIMIT`` and its write buffer,
+``TLSMemoryBIOProtocol._write`` and its helpers, pyOpenSSL's memory BIO
+``Connection._from_ssl``) change underneath.
 """
 
 from __future__ import annotations

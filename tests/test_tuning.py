@@ -37,6 +37,21 @@ class TwistedInternalsTests(SynchronousTestCase):
         ):
             self.assertIn(name, source)
 
+    def test_pyopenssl_memory_bio_is_reachable(self) -> None:
+        """_Ciphertext reads the memory BIO of a pyOpenSSL Connection directly."""
+        from OpenSSL import SSL
+        from OpenSSL._util import lib
+
+        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        self.assertIsNotNone(connection._from_ssl)
+        self.assertTrue(callable(lib.BIO_read))
+
+    def test_write_buffer_internals_exist(self) -> None:
+        """send_room counts what Twisted still holds from these attributes."""
+        source = inspect.getsource(abstract.FileDescriptor)
+        for name in ("self._tempDataLen", "self.dataBuffer", "self.offset"):
+            self.assertIn(name, source)
+
     def test_socket_knobs_are_read_per_instance(self) -> None:
         """tcp reads bufferSize and sends SEND_LIMIT from the instance, so setting them works."""
         self.assertIn("self.bufferSize", inspect.getsource(tcp.Connection.doRead))
