@@ -4,6 +4,7 @@ upstream body's transport (it records pause/resume/stop)."""
 
 from __future__ import annotations
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -13,7 +14,13 @@ from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from mirrord.upstream.bodies import BodyRelay, BodyTooLarge, BoundedReader, TransferIncomplete
+from mirrord.upstream.bodies import (
+    BodyRelay,
+    BodyTimeout,
+    BodyTooLarge,
+    BoundedReader,
+    TransferIncomplete,
+)
 
 
 class _RelayResource(Resource):
@@ -98,6 +105,16 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.upstream.producerState, "stopped")
         self.assertTrue(self.client.disconnecting)
 
+    def test_bytes_after_a_pause_do_not_extend_the_client_bound(self) -> None:
+        """Upstream bytes that arrive after the client paused do not restart its
+        client_idle bound as if it were reading."""
+        self.client.producer.pauseProducing()
+        self.clock.advance(50)
+        self.relay.dataReceived(b"01234")  # the upstream's last read, already in flight
+        self.clock.advance(11)
+        self.assertEqual(self.upstream.producerState, "stopped")
+        self.assertTrue(self.client.disconnecting)
+
     def test_cancelling_stops_upstream(self) -> None:
         """Cancelling the relay's Deferred (the request's work) stops the upstream."""
         self.relay.done.cancel()
@@ -105,19 +122,59 @@ class RelayTests(SynchronousTestCase):
 
 
 class BoundedReaderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.transport = StringTransport()
+
+    def reader(self, limit: int) -> BoundedReader:
+        reader = BoundedReader(limit, self.clock, idle=30)
+        reader.makeConnection(self.transport)
+        return reader
+
     def test_small_body(self) -> None:
         """A body under the limit is collected whole."""
-        reader = BoundedReader(10)
-        reader.makeConnection(StringTransport())
+        reader = self.reader(10)
         reader.dataReceived(b"abc")
         reader.connectionLost(Failure(ResponseDone()))
         self.assertEqual(self.successResultOf(reader.done), b"abc")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_large_body_is_cut(self) -> None:
         """A body over the limit fails and its transfer is stopped."""
-        transport = StringTransport()
-        reader = BoundedReader(4)
-        reader.makeConnection(transport)
+        reader = self.reader(4)
         reader.dataReceived(b"abcdef")
         self.failureResultOf(reader.done, BodyTooLarge)
-        self.assertEqual(transport.producerState, "stopped")
+        self.assertEqual(self.transport.producerState, "stopped")
+
+    def test_stalled_body_times_out(self) -> None:
+        """A body that sends one byte and stalls fails with a 504 after the idle
+        bound, and its upstream transfer is stopped."""
+        reader = self.reader(10)
+        reader.dataReceived(b"{")
+        self.clock.advance(29)
+        self.assertNoResult(reader.done)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.clock.advance(1)
+        failure = self.failureResultOf(reader.done, BodyTimeout)
+        self.assertEqual(failure.value.status, 504)
+        self.assertEqual(self.transport.producerState, "stopped")
+        reader.connectionLost(Failure(ConnectionDone()))  # the stop's echo is ignored
+
+    def test_each_byte_restarts_the_idle_bound(self) -> None:
+        """A slow but steady body is not cut: the bound is per wait, not per body."""
+        reader = self.reader(10)
+        for _ in range(5):
+            self.clock.advance(20)
+            reader.dataReceived(b"a")
+        reader.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(reader.done), b"aaaaa")
+
+    def test_cancel_stops_the_upstream(self) -> None:
+        """Cancelling the read (the client left) stops the upstream body and its timer."""
+        reader = self.reader(10)
+        reader.dataReceived(b"{")
+        reader.done.cancel()
+        self.failureResultOf(reader.done, CancelledError)
+        self.assertEqual(self.transport.producerState, "stopped")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        reader.connectionLost(Failure(ConnectionDone()))

@@ -102,6 +102,15 @@ class LoopbackTests(SynchronousTestCase):
         self.assertGreater(max(recorder.pieces), 512 << 10, recorder.pieces[:20])
         self.assertLessEqual(max(recorder.pieces), tuning.READ_SIZE)
 
+    def test_pyopenssl_memory_bio_is_reachable(self) -> None:
+        """_Ciphertext reads the memory BIO of a pyOpenSSL Connection directly."""
+        from OpenSSL import SSL
+        from OpenSSL._util import lib
+
+        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        self.assertIsNotNone(connection._from_ssl)
+        self.assertTrue(callable(lib.BIO_read))
+
 
 class _Sender(Protocol):
     def __init__(self, payload: bytes) -> None:

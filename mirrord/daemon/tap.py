@@ -290,7 +290,9 @@ def wire(
     clock: IReactorTime = reactor
     metrics = Metrics()
     login = MirrorLogin(config.access.users, clock.seconds, run=login_checks)
-    follower = RedirectFollower(agent, clock, config.timeouts.response, config.max_redirects)
+    follower = RedirectFollower(
+        agent, clock, config.timeouts.response, config.max_redirects, config.timeouts.body_idle
+    )
     store = open_store(config, clock)
     tokens = MirrorTokens.from_state(Path(config.state_dir), clock.seconds)
 

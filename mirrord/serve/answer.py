@@ -68,7 +68,7 @@ async def write_answer(
     if answer.code == 416 and answer.body is None:
         # distribution 2.8 sends a short body with a whole-blob
         # Content-Length here: answer for it rather than relay it.
-        discard_body(answer.response)
+        discard_body(answer.response, clock, timeouts.body_idle)
         write_error(request, errors.range_invalid(request.getHeader(b"range") or ""))
         return
     copy_headers(request, answer, realms)

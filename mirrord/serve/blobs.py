@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -89,7 +90,12 @@ class Blobs(CacheContext):
         """Start the one upstream fetch of ``digest`` and follow it. The
         start belongs to the in-flight table: leaving does not cancel it."""
         work = ensureDeferred(self._start_fill(digest, name, path, headers))
-        starting = self.in_flight.start(digest, work, _fill_in, _drop_outcome)
+        starting = self.in_flight.start(
+            digest,
+            work,
+            _fill_in,
+            lambda outcome: _drop_outcome(outcome, self.clock, self.timeouts.body_idle),
+        )
         outcome = await starting.lead()
         if isinstance(outcome, Answer):
             note_cache(request, "MISS")
@@ -196,7 +202,15 @@ class Blobs(CacheContext):
             entry.readers += 1
         try:
             try:
-                streaming = stream_file(request, path, offset, length, following)
+                streaming = stream_file(
+                    request,
+                    path,
+                    offset,
+                    length,
+                    following,
+                    self.clock,
+                    self.timeouts.client_idle,
+                )
             except FileNotFoundError:
                 raise _Vanished() from None
             except OSError as e:  # no free descriptor, say
@@ -231,8 +245,8 @@ def _fill_in(outcome: tuple[Fill, Answer] | Answer) -> Fill | None:
     return None if isinstance(outcome, Answer) else outcome[0]
 
 
-def _drop_outcome(outcome: tuple[Fill, Answer] | Answer) -> None:
+def _drop_outcome(outcome: tuple[Fill, Answer] | Answer, clock: IReactorTime, idle: float) -> None:
     """The leader left before the upstream answered: nobody reads an
     answer that did not become a fill."""
     if isinstance(outcome, Answer):
-        drop(outcome)
+        drop(outcome, clock, idle)

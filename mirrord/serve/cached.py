@@ -112,7 +112,7 @@ def accepts(request: Request, media_type: str) -> bool:
     return media_type in offered or "*/*" in offered
 
 
-def drop(answer: Answer | None) -> None:
-    """Let go of an answer we will not pass on."""
+def drop(answer: Answer | None, clock: IReactorTime, idle: float) -> None:
+    """Let go of an answer we will not pass on (its body drained, bounded)."""
     if answer is not None and answer.body is None:
-        discard_body(answer.response)
+        discard_body(answer.response, clock, idle)

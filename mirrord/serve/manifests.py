@@ -71,7 +71,7 @@ class Manifests(CacheContext):
             failure = e
         if head is None or head.code in FAILOVER_CODES:
             if self._serve_stale(request, tag, name, headers):
-                drop(head)
+                drop(head, self.clock, self.timeouts.body_idle)
                 return
             if failure is not None:
                 raise failure
@@ -82,7 +82,7 @@ class Manifests(CacheContext):
                 await write_answer(request, head, self.realms, self.clock, self.timeouts)
             else:
                 # The client wants the error's body, which a HEAD lacks.
-                drop(head)
+                drop(head, self.clock, self.timeouts.body_idle)
                 await self._pass(request, path, headers)
             return
         self.access.remember(headers, name)
@@ -101,14 +101,14 @@ class Manifests(CacheContext):
                     entry.meta.public,
                 ),
             )
-            drop(head)
+            drop(head, self.clock, self.timeouts.body_idle)
             self._send_manifest(request, digest, body, entry.meta.media_type, "HIT", head)
             return
         if request.method == b"HEAD":
             note_cache(request, "MISS")
             await write_answer(request, head, self.realms, self.clock, self.timeouts)
             return
-        drop(head)
+        drop(head, self.clock, self.timeouts.body_idle)
         await self._fetch_manifest(request, name, path, headers, tag=tag)
 
     def _send_manifest(
@@ -160,7 +160,9 @@ class Manifests(CacheContext):
             return
         note_upstream(request, answer)
         try:
-            body = await read_small_body(answer.response, MAX_MANIFEST)
+            body = await read_small_body(
+                answer.response, self.clock, self.timeouts.body_idle, MAX_MANIFEST
+            )
         except BodyTooLarge:
             raise errors.bad_gateway(
                 f"upstream manifest larger than {MAX_MANIFEST} bytes"

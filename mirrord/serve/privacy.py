@@ -109,7 +109,7 @@ class AccessChecks:
             return None
         answer = await self.chain.request(b"HEAD", path, headers)
         if answer.body is None:
-            discard_body(answer.response)
+            discard_body(answer.response, self.clock, self.follower.body_idle)
         if answer.code != 200:
             return answer
         self._confirmed.put((credential, path), True, self.ttl)
@@ -135,7 +135,7 @@ class AccessChecks:
     async def _anonymous_head(self, path: str) -> bool:
         answer = await self.chain.request(b"HEAD", path, Headers())
         if answer.body is None:
-            discard_body(answer.response)
+            discard_body(answer.response, self.clock, self.follower.body_idle)
         if answer.code == 200:
             return True
         if answer.code != 401:
@@ -150,7 +150,7 @@ class AccessChecks:
         separator = "&" if "?" in challenge.realm else "?"
         url = challenge.realm + separator + urlencode(query)
         response, _, _ = await self.follower.fetch(b"GET", url, Headers(), challenge.realm)
-        body = await read_small_body(response)
+        body = await read_small_body(response, self.clock, self.follower.body_idle)
         if response.code != 200:
             return False
         document = json.loads(body)
@@ -160,5 +160,5 @@ class AccessChecks:
         headers = Headers({b"authorization": [f"Bearer {token}".encode()]})
         answer = await self.chain.request(b"HEAD", path, headers)
         if answer.body is None:
-            discard_body(answer.response)
+            discard_body(answer.response, self.clock, self.follower.body_idle)
         return answer.code == 200

@@ -62,7 +62,7 @@ class PullThrough(CacheContext):
         # Clients probe /v2/ before anything else: keep answering it so
         # cached content stays reachable while upstream is down.
         if answer is not None and answer.body is None:
-            discard_body(answer.response)
+            discard_body(answer.response, self.clock, self.timeouts.body_idle)
         note_cache(request, "STALE")
         request.setHeader(*API_VERSION)
         request.setHeader(b"Content-Type", b"application/json")

@@ -168,7 +168,7 @@ class TokenProxy(Resource):
             challenges = answer.headers.getRawHeaders(b"www-authenticate", [])
             rewrite_challenges(challenges, target.realms, f"https://{client_host(request)}/token")
             if answer.body is None:
-                discard_body(answer.response)
+                discard_body(answer.response, self._clock, self._timeouts.body_idle)
 
     def _failed(self, failure: Failure, request: Request) -> None:
         if failure.check(CancelledError):

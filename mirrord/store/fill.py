@@ -38,15 +38,19 @@ from zope.interface import implementer
 
 from mirrord.store.disk import BlobStore, Entry, Meta, matches
 from mirrord.store.worker import Hasher
+from mirrord.tuning import send_room
 from mirrord.upstream.bodies import abort_client
 
 log = Logger()
 
-# Bytes read from the page cache per write to a client: one write is one
-# piece of ciphertext for the socket (mirrord/tuning.py drains TLS per MiB).
-# 2 MiB costs about 7 % less CPU on a hit (bench/run --rows) but holds 2 MiB
-# more per client: 16 clients of a cold blob took peak RSS past 128 MiB.
+# Bytes read from the page cache per write to a client, at most: one write
+# is one piece of ciphertext for the socket (mirrord/tuning.py). 2 MiB costs
+# about 7 % less CPU on a hit (bench/run --rows) but holds 2 MiB more per
+# client: 16 clients of a cold blob took peak RSS past 128 MiB.
 READ_CHUNK = 1 << 20
+# ... and at least, when the client's socket has no room: what a client that
+# stopped reading keeps in our memory.
+MIN_CHUNK = 64 << 10
 
 
 class FillFailed(Exception):
@@ -280,7 +284,15 @@ class Fill(Protocol):
 @implementer(IPushProducer)
 class FileStreamer:
     """Sends bytes ``[offset, offset+length)`` of a blob file to a request,
-    following ``fill`` while it is still being written."""
+    following ``fill`` while it is still being written.
+
+    Each write is as large as the client's socket can take at once (up to
+    ``READ_CHUNK``, at least ``MIN_CHUNK``), so a fast reader gets large
+    writes while one that stops reading leaves one small write in our
+    memory, not a MiB. A client that keeps the transfer paused for
+    ``client_idle`` seconds is cut, and its file, request and reader lease
+    are released (Twisted's own idle timeout is off while a request runs).
+    """
 
     def __init__(
         self,
@@ -288,7 +300,10 @@ class FileStreamer:
         path: str | os.PathLike[str],
         offset: int,
         length: int | None,
-        fill: Fill | None = None,
+        fill: Fill | None,
+        clock: IReactorTime,
+        client_idle: float,
+        room: Callable[[], int | None] | None = None,
     ) -> None:
         self._request = request
         self._fd = os.open(path, os.O_RDONLY)
@@ -296,6 +311,10 @@ class FileStreamer:
         # Unknown only while following a fill whose upstream sent no length.
         self._end = None if length is None else offset + length
         self._fill = fill
+        self._clock = clock
+        self._client_idle = client_idle
+        self._room = room or (lambda: send_room(request.channel and request.channel.transport))
+        self._stalled: IDelayedCall | None = None
         self._paused = False
         self._stopped = False
         self._waiting = False
@@ -326,15 +345,26 @@ class FileStreamer:
         # Hold the last byte back until the blob is verified.
         return min(fill.written, end - 1)
 
+    def _chunk(self) -> int:
+        """Bytes to read for the next write: what the socket takes now."""
+        room = self._room()
+        if room is None:
+            return READ_CHUNK
+        return max(MIN_CHUNK, min(READ_CHUNK, room))
+
     def _pump(self) -> None:
         self._waiting = False
-        while not self._paused and not self._stopped:
+        while not self._stopped:
             if self._fill is not None and self._fill.error is not None:
                 self._close(error=self._fill.error)
                 return
             end = self._known_end()
             if end is not None and self._position >= end:
+                # Even if paused: the file and the reader's lease go now,
+                # not when a slow client has read the last write.
                 self._close()
+                return
+            if self._paused:
                 return
             available = self._readable_end() - self._position
             if available <= 0:
@@ -342,7 +372,7 @@ class FileStreamer:
                 assert self._fill is not None
                 self._fill.wait(self._pump)
                 return
-            data = os.pread(self._fd, min(READ_CHUNK, available), self._position)
+            data = os.pread(self._fd, min(self._chunk(), available), self._position)
             if not data:
                 self._close(error="blob file is shorter than expected")
                 return
@@ -352,19 +382,37 @@ class FileStreamer:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        if self._stalled is None and not self._stopped:
+            self._stalled = self._clock.callLater(self._client_idle, self._client_stalled)
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if not self._waiting:
+        self._cancel_stalled()
+        if not self._waiting and not self._stopped:
             self._pump()
 
     def stopProducing(self) -> None:
         self._close(gone=True)
 
+    def _client_stalled(self) -> None:
+        self._stalled = None
+        log.warn(
+            "client read nothing for {seconds:g}s: cut after {sent} bytes",
+            seconds=self._client_idle,
+            sent=self.sent,
+        )
+        self._close(error="client stopped reading")
+
+    def _cancel_stalled(self) -> None:
+        if self._stalled is not None and self._stalled.active():
+            self._stalled.cancel()
+        self._stalled = None
+
     def _close(self, error: str | None = None, gone: bool = False) -> None:
         if self._stopped:
             return
         self._stopped = True
+        self._cancel_stalled()
         os.close(self._fd)
         if self._fill is not None:
             self._fill.remove_reader()
@@ -380,6 +428,13 @@ class FileStreamer:
 
 
 def stream_file(
-    request: Request, path: Any, offset: int, length: int | None, fill: Fill | None = None
+    request: Request,
+    path: Any,
+    offset: int,
+    length: int | None,
+    fill: Fill | None,
+    clock: IReactorTime,
+    client_idle: float,
 ) -> Deferred[int]:
-    return FileStreamer(request, path, offset, length, fill).start()
+    """Send part of a blob file to ``request``; see ``FileStreamer``."""
+    return FileStreamer(request, path, offset, length, fill, clock, client_idle).start()

@@ -23,6 +23,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from mirrord.config import Timeouts
+from mirrord.registry.errors import RegistryError
 from mirrord.registry.respond import abort_client
 
 log = Logger()
@@ -74,6 +75,7 @@ class BodyRelay(Protocol):
         self._client_idle = client_idle
         self._timer: IDelayedCall | None = None
         self._stopped = False
+        self._client_waiting = False
         self._failure_reason = ""
         self.relayed = 0
         self.done: Deferred[int] = Deferred(lambda _: self.stop("cancelled"))
@@ -88,7 +90,9 @@ class BodyRelay(Protocol):
             return
         self.relayed += len(data)
         self._request.write(data)
-        if self._timer is not None and self._timer.active():
+        # Bytes still arriving while the client is paused (the upstream's
+        # last read) are not the client making progress: its timer runs on.
+        if not self._client_waiting and self._timer is not None and self._timer.active():
             self._timer.reset(self._body_idle)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -121,11 +125,18 @@ class BodyRelay(Protocol):
             self.transport.stopProducing()
 
     def _client_paused(self) -> None:
+        if self._stopped:
+            return
         if self.transport is not None:
             self.transport.pauseProducing()
-        self._arm(self._client_idle, "client stopped reading")
+        if not self._client_waiting:
+            self._client_waiting = True
+            self._arm(self._client_idle, "client stopped reading")
 
     def _client_resumed(self) -> None:
+        if self._stopped:
+            return
+        self._client_waiting = False
         self._arm(self._body_idle, "upstream sent nothing")
         if self.transport is not None:
             self.transport.resumeProducing()
@@ -162,27 +173,44 @@ def relay_body(
     return relay.done
 
 
-class BoundedReader(Protocol):
-    """Collects a small body, failing with ``BodyTooLarge`` past a limit."""
+class BodyTimeout(RegistryError):
+    """An upstream body went quiet for longer than its idle bound: the
+    client sees a registry 504, never a hang."""
 
-    def __init__(self, limit: int) -> None:
+
+class BoundedReader(Protocol):
+    """Collects a small body, failing with ``BodyTooLarge`` past a limit and
+    with ``BodyTimeout`` when no byte arrives for ``idle`` seconds.
+
+    Cancelling ``done`` (the client left) stops the upstream body, so its
+    connection is released instead of idling until the upstream gives up.
+    """
+
+    def __init__(self, limit: int, clock: IReactorTime, idle: float) -> None:
         self._limit = limit
+        self._clock = clock
+        self._idle = idle
+        self._timer: IDelayedCall | None = None
         self._chunks: list[bytes] = []
         self._size = 0
-        self.done: Deferred[bytes] = Deferred()
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle, self._timed_out)
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
         self._size += len(data)
         if self._size > self._limit:
-            self._chunks.clear()
-            self.done.errback(BodyTooLarge(self._limit))
-            self.transport.stopProducing()
+            self._end(Failure(BodyTooLarge(self._limit)))
             return
         self._chunks.append(data)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle)
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._cancel_timer()
         if self.done.called:
             return
         if reason is None or reason.check(ResponseDone, PotentialDataLoss):
@@ -190,18 +218,51 @@ class BoundedReader(Protocol):
         else:
             self.done.errback(reason)
 
+    def _timed_out(self) -> None:
+        self._timer = None
+        log.warn("small upstream body: nothing for {idle:g}s, cut", idle=self._idle)
+        self._end(
+            Failure(BodyTimeout(504, "UNAVAILABLE", f"upstream body stalled for {self._idle:g}s"))
+        )
 
-def read_small_body(response: IResponse, limit: int = 64 * 1024) -> Deferred[bytes]:
-    """The body of a response that is known to be small (errors, tokens)."""
-    reader = BoundedReader(limit)
+    def _end(self, failure: Failure) -> None:
+        """Fail ``done`` and stop the upstream body (its connection goes)."""
+        self._cancel_timer()
+        self._chunks.clear()
+        self.done.errback(failure)
+        self._stop()
+
+    def _stop(self) -> None:
+        self._cancel_timer()
+        self._chunks.clear()
+        # The body's transport offers only IPushProducer (no abortConnection):
+        # stopping it makes the client protocol drop the connection.
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+def read_small_body(
+    response: IResponse, clock: IReactorTime, idle: float, limit: int = 64 * 1024
+) -> Deferred[bytes]:
+    """The body of a response that is known to be small (errors, tokens,
+    manifests): at most ``limit`` bytes, each wait at most ``idle`` seconds
+    on ``clock``. Cancel the result to stop the transfer."""
+    reader = BoundedReader(limit, clock, idle)
     response.deliverBody(reader)
     return reader.done
 
 
-def discard_body(response: IResponse, limit: int = 64 * 1024) -> None:
+def discard_body(
+    response: IResponse, clock: IReactorTime, idle: float, limit: int = 64 * 1024
+) -> None:
     """Drain a body nobody needs (a redirect's, say) so its connection can
-    go back to the pool; a large one is cut instead."""
-    read_small_body(response, limit).addErrback(lambda _: None)
+    go back to the pool; a large or stalling one is cut instead."""
+    read_small_body(response, clock, idle, limit).addErrback(lambda _: None)
 
 
 @implementer(IBodyProducer)

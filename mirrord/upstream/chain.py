@@ -23,9 +23,16 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from mirrord.config import Timeouts
 from mirrord.registry import errors
 from mirrord.registry.headers import without_credentials
-from mirrord.upstream.bodies import BodyTooLarge, BytesProducer, discard_body, read_small_body
+from mirrord.upstream.bodies import (
+    BodyTimeout,
+    BodyTooLarge,
+    BytesProducer,
+    discard_body,
+    read_small_body,
+)
 from mirrord.upstream.identity import (
     MIRROR_IDENTITY,
     Account,
@@ -123,6 +130,7 @@ class RedirectFollower:
     clock: IReactorTime
     response_timeout: float
     max_redirects: int
+    body_idle: float = Timeouts.body_idle
 
     async def fetch(
         self,
@@ -145,7 +153,7 @@ class RedirectFollower:
             location = response.headers.getRawHeaders(b"location", [None])[-1]
             if response.code not in REDIRECT_CODES or location is None:
                 return response, url, hop
-            discard_body(response)
+            discard_body(response, self.clock, self.body_idle)
             target = urljoin(url, location.decode("latin-1"))
             if urlsplit(target).scheme not in ("http", "https"):
                 raise errors.bad_gateway(f"upstream redirected to a non-HTTP URL: {target}")
@@ -278,8 +286,10 @@ class UpstreamChain:
                 next="trying the next" if index + 1 < len(candidates) else "no more upstreams",
             )
             try:
-                answer.body = await read_small_body(response)
-            except BodyTooLarge:
+                answer.body = await read_small_body(
+                    response, self.follower.clock, self.follower.body_idle
+                )
+            except (BodyTooLarge, BodyTimeout):
                 answer.body = errors.error_body("UNAVAILABLE", f"upstream answered {response.code}")
             except CancelledError:
                 raise
@@ -331,7 +341,7 @@ class UpstreamChain:
             if challenge is None or attempt == 1:
                 return response, url, hops
             tokens.refused(challenge, path)
-            discard_body(response)
+            discard_body(response, self.follower.clock, self.follower.body_idle)
             token = await tokens.fetch(path)
         raise AssertionError("unreachable")
 

@@ -160,7 +160,8 @@ class UpstreamTokens:
             headers.setRawHeaders(b"authorization", [b"Basic " + basic])
         url = realm + ("&" if "?" in realm else "?") + urlencode(query) if query else realm
         response, _, _ = await self.follower.fetch(b"GET", url, headers, realm)  # type: ignore[attr-defined]
-        body = await read_small_body(response)
+        idle = self.follower.body_idle  # type: ignore[attr-defined]
+        body = await read_small_body(response, self.clock, idle)
         if response.code in (404, 405) and account is not None:
             # A realm that takes only the OAuth2 form (as `docker login` sends it).
             form = urlencode(
@@ -179,7 +180,7 @@ class UpstreamTokens:
                 }
             )
             response, _, _ = await self.follower.fetch(b"POST", realm, post, realm, body=form)  # type: ignore[attr-defined]
-            body = await read_small_body(response)
+            body = await read_small_body(response, self.clock, idle)
         if response.code != 200:
             log.warn(
                 "token service {realm} refused the mirror ({identity}) for {scope}: {code}",
