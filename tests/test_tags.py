@@ -113,3 +113,31 @@ class TagTests(SynchronousTestCase):
         heads = mirror.hub.counts["HEAD manifests"]
         mirror.get(PATH, headers)
         self.assertEqual(mirror.hub.counts["HEAD manifests"], heads + 1)
+
+
+class SharedHeadLengthTests(SynchronousTestCase):
+    def test_heads_sharing_one_upstream_head_keep_the_true_length(self) -> None:
+        """HEADs of an uncached tag that share one upstream HEAD each answer
+        the manifest's true Content-Length (containerd fails on 0)."""
+        mirror = MemoryMirror(self, Path(tempfile.mkdtemp()), cache=CacheConfig(tag_ttl=0))
+        gate = HeadGate(mirror.hosts.hosts[b"hub.test"])
+        mirror.add_host(b"hub.test", gate)
+        heads = [
+            mirror.client.request(
+                "HEAD",
+                MIRROR + PATH,
+                headers={**ACCEPT, **mirror.pull_headers("library/alpine")},
+            )
+            for _ in range(3)
+        ]
+        mirror.settle()
+        self.assertEqual(len(gate.parked), 1)
+        gate.release()
+        mirror.settle()
+        manifest = mirror.alpine.blobs[mirror.alpine.manifest_digest]
+        for d in heads:
+            response = self.successResultOf(d)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(
+                response.headers.getRawHeaders(b"content-length"), [str(len(manifest)).encode()]
+            )

@@ -73,7 +73,10 @@ async def write_answer(
         return
     copy_headers(request, answer, realms)
     if answer.body is not None:
-        request.setHeader(b"Content-Length", b"%d" % len(answer.body))
+        if request.method != b"HEAD":
+            request.setHeader(b"Content-Length", b"%d" % len(answer.body))
+        # A HEAD keeps the upstream's Content-Length: the length of what a
+        # GET would send (containerd fails a manifest HEAD of length 0).
         request.write(answer.body)
         request.finish()
         return
