@@ -40,11 +40,10 @@ from twisted.internet.defer import (
     FirstError,
     gatherResults,
 )
-from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
@@ -136,7 +135,7 @@ class _Body(Protocol):
         return "sha256:" + self.hasher.hexdigest()
 
     def _stalled(self) -> None:
-        self._fail(TimeoutError(f"no body bytes for {self.idle:g}s"))
+        self._fail(WarmError(f"timed out: no body bytes for {self.idle:g}s"))
 
     def _fail(self, error: Exception) -> None:
         self._stop_timer()
@@ -191,6 +190,10 @@ class Puller:
 
     def pull(self, image: Image) -> Deferred[Pulled]:
         return self._track(Deferred.fromCoroutine(self._pull(image)))
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def stop(self) -> None:
         self._stopped = True
@@ -310,9 +313,7 @@ class Puller:
                 raise CancelledError()
             sent = headers.copy()
             sent.setRawHeaders(b"user-agent", [USER_AGENT.encode()])
-            d = self.agent.request(method, url.encode(), sent)
-            d.addTimeout(self.timeout, self.clock)
-            response: IResponse = await self._track(d)
+            response = await self._send(method, url, sent)
             location = _header(response, b"location")
             if response.code not in (301, 302, 303, 307, 308) or not location:
                 return response
@@ -324,6 +325,30 @@ class Puller:
                 )
             url = target
         raise WarmError(f"more than {MAX_REDIRECTS} redirects from {url}")
+
+    async def _send(self, method: bytes, url: str, headers: Headers) -> IResponse:
+        """The response headers within ``timeout``. Cancelling the Agent's
+        request fails it with ``ResponseNeverReceived`` (the cancel inside),
+        so a timeout and a stop are told apart here."""
+        d = self.agent.request(method, url.encode(), headers)
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            d.cancel()
+
+        timer = self.clock.callLater(self.timeout, expire)
+        try:
+            return await self._track(d)
+        except Exception:
+            if expired:
+                raise WarmError(f"timed out: no answer to {url} in {self.timeout:g}s") from None
+            if self._stopped:
+                raise CancelledError() from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
 
     async def _small(self, response: IResponse) -> bytes:
         return await self._read(response, SMALL_LIMIT, keep=True)
@@ -380,8 +405,10 @@ def reason(failure: Failure) -> str:
         failure = failure.value.subFailure
     if failure.check(WarmError):
         return str(failure.value)
-    if failure.check(TimeoutError):
-        return f"timed out: {failure.value}"
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        return f"{type(failure.value).__name__}: " + ", ".join(
+            str(f.value) or type(f.value).__name__ for f in failure.value.reasons
+        )
     if failure.check(CancelledError):
         return "cancelled"
     return f"{type(failure.value).__name__}: {failure.value}"
@@ -396,9 +423,11 @@ def pull_all(puller: Puller, images: Iterable[Image]) -> Deferred[dict[Image, Pu
         for image in images:
             try:
                 results[image] = await puller.pull(image)
-            except CancelledError:
-                raise
             except Exception:
+                # A stop surfaces as whatever the request was doing
+                # (ResponseNeverReceived wrapping the cancel, say).
+                if puller.stopped:
+                    raise CancelledError() from None
                 results[image] = Failure()
         return results
 
