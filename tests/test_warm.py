@@ -207,3 +207,24 @@ class TerminalTests(SynchronousTestCase):
             ],
         )
         self.assertNotIn("\r", out.getvalue())
+
+    def test_one_updating_line_on_a_terminal(self) -> None:
+        """On a terminal, progress rewrites one line in place; each image ends on its own line."""
+
+        class Tty(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        out = Tty()
+        terminal = Terminal(out)
+        image = parse_image("library/alpine:3.20")
+        for size in (10, 20):
+            terminal.progress(image, "blob", "sha256:" + "a" * 64, size)
+        terminal.done(image, Pulled(image, 1, 2, 30))
+        text = out.getvalue()
+        self.assertEqual(text.count("\n"), 1)
+        self.assertEqual(text.count("\r\x1b[K"), 3)
+        self.assertIn("(total 30)", text)
+        self.assertTrue(
+            text.endswith("\r\x1b[Klibrary/alpine:3.20: ok, 1 manifests, 2 blobs, 30 bytes\n")
+        )
