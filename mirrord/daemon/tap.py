@@ -380,7 +380,9 @@ def build_service(
         listener._raiseSynchronously = True
         listener.setName(f"listen {entry}")
         listener.setServiceParent(service)
-    if config.cache.warm and first is not None:
+    if config.cache.warm and not config.cache.enabled:
+        log.warn("[cache] warm ignored: the cache is off, a warm pull would only spend quota")
+    elif config.cache.warm and first is not None:
         warm = build_warm_service(
             reactor,
             [parse_image(text) for text in config.cache.warm],
