@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mirrord.passwords import valid_hash
+from mirrord.registry.imageref import parse_image
 
 DEFAULT_CONFIG_PATH = Path("/etc/mirrord/mirrord.toml")
 DOCKER_HUB = "docker.io"
@@ -69,6 +70,10 @@ class CacheConfig:
     # asking again (0: every pull asks). See README ("Tags").
     tag_ttl: float = 60.0
     pinned: tuple[str, ...] = ()
+    # Images pulled through the mirror at start and every warm_interval
+    # seconds ("name:tag" or "name@sha256:..."). See README ("Warm images").
+    warm: tuple[str, ...] = ()
+    warm_interval: float = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,8 @@ _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
     "auth_ttl": (int, float),
     "tag_ttl": (int, float),
     "pinned": list,
+    "warm": list,
+    "warm_interval": (int, float),
 }
 _REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
     "upstreams": list,
@@ -371,10 +378,18 @@ def _cache(where: str, table: Mapping[str, Any]) -> CacheConfig:
         for pattern in values["pinned"]:
             _check_type(where, "pinned", pattern, str)
         values["pinned"] = tuple(values["pinned"])
+    if "warm" in values:
+        for image in values["warm"]:
+            _check_type(where, "warm", image, str)
+            try:
+                parse_image(image)
+            except ValueError as e:
+                raise ConfigError(f"{where}: key 'warm': {e}") from None
+        values["warm"] = tuple(values["warm"])
     cache = CacheConfig(**values)
     if not 0 < cache.low_watermark <= cache.high_watermark <= 1:
         raise ConfigError(f"{where}: need 0 < low_watermark <= high_watermark <= 1")
-    for key in ("stale_max_age", "fill_timeout", "auth_ttl"):
+    for key in ("stale_max_age", "fill_timeout", "auth_ttl", "warm_interval"):
         if getattr(cache, key) <= 0:
             raise ConfigError(f"{where}: key {key!r} must be positive")
     if cache.tag_ttl < 0:

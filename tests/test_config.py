@@ -54,6 +54,8 @@ class ConfigTests(SynchronousTestCase):
             "low_watermark = 0.5\nstale_max_age = 60\nfill_timeout = 70\nauth_ttl = 80\n"
             "tag_ttl = 5\n"
             'pinned = ["library/*"]\n'
+            'warm = ["library/alpine:3.20", "library/busybox@sha256:' + "a" * 64 + '"]\n'
+            "warm_interval = 600\n"
             '[access]\nblock_user_agents = ["^curl/"]\nallow_clients = ["10.0.0.0/8"]\n'
             'trusted_proxies = ["127.0.0.1"]\nmax_connections_per_client = 3\n'
             "max_requests_per_client = 4\nretry_after = 5\n"
@@ -80,7 +82,19 @@ class ConfigTests(SynchronousTestCase):
             access_log="/tmp/access.log",
             default_registry="ghcr.io",
             timeouts=Timeouts(2, 3.5, 4, 5),
-            cache=CacheConfig(False, 2_000_000, 0.9, 0.5, 60, 70, 80, 5, ("library/*",)),
+            cache=CacheConfig(
+                False,
+                2_000_000,
+                0.9,
+                0.5,
+                60,
+                70,
+                80,
+                5,
+                ("library/*",),
+                ("library/alpine:3.20", "library/busybox@sha256:" + "a" * 64),
+                600,
+            ),
             access=Access(
                 ("^curl/",),
                 ("10.0.0.0/8",),
@@ -160,6 +174,8 @@ class ConfigTests(SynchronousTestCase):
                 auth_ttl=300.0,
                 tag_ttl=60.0,
                 pinned=("library/*", "myorg/app:1.*"),
+                warm=("library/alpine:3.20", "library/nginx:latest"),
+                warm_interval=21600.0,
             ),
             access=Access(
                 block_user_agents=(),
@@ -195,6 +211,24 @@ class ConfigTests(SynchronousTestCase):
         keys = {f.name for record in records for f in dataclasses.fields(record)}
         keys -= {"timeouts", "cache", "access", "registries", "users", "name"}  # tables
         self.assertEqual(keys - shown, set())
+
+    def test_bad_warm_image_is_named(self) -> None:
+        """A [cache] warm entry without a tag, or with a bad digest, stops loading with one line."""
+        for entry, says in (
+            ("library/alpine", "needs a tag"),
+            ("library/alpine@sha256:abc", "is not a digest"),
+            ("Library/Alpine:3", "not a valid repository name"),
+        ):
+            path = self.write(f'[cache]\nwarm = ["{entry}"]\n')
+            with self.assertRaises(config.ConfigError) as caught:
+                config.load(path)
+            self.assertIn("key 'warm'", str(caught.exception))
+            self.assertIn(says, str(caught.exception))
+            self.assertIn(str(path), str(caught.exception))
+        path = self.write("[cache]\nwarm_interval = 0\n")
+        with self.assertRaises(config.ConfigError) as caught:
+            config.load(path)
+        self.assertIn("warm_interval", str(caught.exception))
 
     def test_unknown_key_is_named_with_file(self) -> None:
         path = self.write('listne = ["443"]\n')

@@ -29,6 +29,7 @@ from mirrord.daemon.tls import (
     make_context,
     upstream_policy,
 )
+from mirrord.daemon.warm import RecordingEndpoint, build_warm_service
 from mirrord.front.accesslog import CombinedLog
 from mirrord.front.guard import Guard
 from mirrord.front.login import LoginWorker, MirrorLogin, Runner, run_inline
@@ -36,6 +37,7 @@ from mirrord.front.site import MirrordSite, build_site
 from mirrord.front.usage import CertificateNote, render_usage
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.registry.challenges import RealmBook
+from mirrord.registry.imageref import parse_image
 from mirrord.registry.routing import Router
 from mirrord.serve.clients import ClientAuth
 from mirrord.serve.privacy import AccessChecks
@@ -369,14 +371,32 @@ def build_service(
     service = MirrordService(
         reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker
     )
+    first: RecordingEndpoint | None = None
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))
+        if first is None:
+            endpoint = first = RecordingEndpoint(endpoint)
         listener = StreamServerEndpointService(
             endpoint, LargeWriteTLSFactory(server_tls, False, wiring.site)
         )
         listener._raiseSynchronously = True
         listener.setName(f"listen {entry}")
         listener.setServiceParent(service)
+    if config.cache.warm and not config.cache.enabled:
+        log.warn("[cache] warm ignored: the cache is off, a warm pull would only spend quota")
+    elif config.cache.warm and first is not None:
+        warm = build_warm_service(
+            reactor,
+            [parse_image(text) for text in config.cache.warm],
+            config.cache.warm_interval,
+            first,
+            lambda: server_tls.context,
+            # Longer than the mirror's own waits upstream, so that its
+            # fallbacks and stale answers reach the warm run, as a client's.
+            4 * config.timeouts.response,
+            2 * config.timeouts.body_idle,
+        )
+        warm.setServiceParent(service)  # after the listeners: started after them
     for registry in config.registries.values():
         log.info(
             "serving {registry} from {upstreams}{hosts}",
