@@ -21,6 +21,7 @@ from mirrord.passwords import valid_hash
 
 DEFAULT_CONFIG_PATH = Path("/etc/mirrord/mirrord.toml")
 DOCKER_HUB = "docker.io"
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", re.IGNORECASE)
@@ -126,6 +127,13 @@ class Config:
     grace_period: float = 30.0
     access_log: str = ""
     default_registry: str = DOCKER_HUB
+    # Certificates by ACME (TLS-ALPN-01 on the listener): see README.
+    acme_domains: tuple[str, ...] = ()
+    acme_email: str = ""
+    acme_directory: str = LETS_ENCRYPT
+    acme_ca: str = ""
+    acme_renew_before: float = 30 * 24 * 3600.0
+    acme_retry_after: float = 60.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache: CacheConfig = field(default_factory=CacheConfig)
     access: Access = field(default_factory=Access)
@@ -154,6 +162,12 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "grace_period": (int, float),
     "access_log": str,
     "default_registry": str,
+    "acme_domains": list,
+    "acme_email": str,
+    "acme_directory": str,
+    "acme_ca": str,
+    "acme_renew_before": (int, float),
+    "acme_retry_after": (int, float),
     "timeouts": dict,
     "cache": dict,
     "access": dict,
@@ -313,6 +327,12 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
             values[key] = registries
         elif key == "listen":
             values[key] = tuple(_listen_entry(where, v) for v in value)
+        elif key == "acme_domains":
+            values[key] = tuple(_acme_domain(where, v) for v in value)
+        elif key in ("acme_renew_before", "acme_retry_after"):
+            if value <= 0:
+                raise ConfigError(f"{where}: key {key!r} must be positive")
+            values[key] = float(value)
         else:
             values[key] = value
     config = Config(**values)
@@ -351,6 +371,19 @@ def _listen_entry(where: str, value: Any) -> str:
     return value
 
 
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN_RE = re.compile(rf"(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}")
+
+
+def _acme_domain(where: str, value: Any) -> str:
+    """A DNS name TLS-ALPN-01 can validate: no wildcard, no address."""
+    _check_type(where, "acme_domains", value, str)
+    name = value.lower().rstrip(".")
+    if not _DOMAIN_RE.fullmatch(name) or name.replace(".", "").isdigit():
+        raise ConfigError(f"{where}: acme_domains {value!r} is not a DNS name (no wildcards)")
+    return name
+
+
 def _check_config(where: str, config: Config) -> Config:
     if not config.listen:
         raise ConfigError(f"{where}: key 'listen' needs at least one address")
@@ -365,6 +398,10 @@ def _check_config(where: str, config: Config) -> Config:
             f"{where}: key 'default_registry' names {config.default_registry!r}, "
             "which is not a configured registry"
         )
+    if config.acme_domains and config.cert:
+        raise ConfigError(f"{where}: give either 'cert' and 'key' or 'acme_domains', not both")
+    if urlsplit(config.acme_directory).scheme != "https":
+        raise ConfigError(f"{where}: key 'acme_directory' must be an https:// URL")
     if config.max_redirects < 0 or config.pool_size < 0:
         raise ConfigError(f"{where}: 'max_redirects' and 'pool_size' must be >= 0")
     return config

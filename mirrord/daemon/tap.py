@@ -20,6 +20,8 @@ from twisted.web.iweb import IAgent
 
 from mirrord import config as configuration
 from mirrord.config import Config, ConfigError, Registry
+from mirrord.daemon.acme import AcmeService, Issuer, held_certificate
+from mirrord.daemon.alpn import ALPNResponder
 from mirrord.daemon.service import MirrordService
 from mirrord.daemon.tls import (
     CertificateError,
@@ -114,11 +116,16 @@ def certificate(config: Config) -> tuple[Path, Path, CertificateNote]:
     if config.cert:
         cert, key = Path(config.cert), Path(config.key)
         return cert, key, CertificateNote(str(cert), False, "")
+    held = held_certificate(config) if config.acme_domains else None
+    if held is not None:
+        # Key and chain in one file: make_context reads each part from it.
+        return held, held, CertificateNote(str(held), False, "")
     cert, key, made = ensure_self_signed(Path(config.state_dir))
     note = CertificateNote(str(cert), True, fingerprint(cert))
     log.warn(
-        "no certificate configured: serving the self-signed certificate {path} "
+        "{why}: serving the self-signed certificate {path} "
         "({state}; SHA-256 {fingerprint}); clients must trust it",
+        why="no ACME certificate yet" if config.acme_domains else "no certificate configured",
         path=str(cert),
         state="made now" if made else "made earlier",
         fingerprint=note.fingerprint,
@@ -316,7 +323,11 @@ def build_service(
 ) -> MirrordService:
     """Wire configuration, TLS, upstreams and resources into one service."""
     cert, key, note = certificate(config)
-    server_tls = ServerTLS(make_context(cert, key, config.tls_min_version, config.tls_ciphers))
+    responder = ALPNResponder() if config.acme_domains else None
+    server_tls = ServerTLS(
+        make_context(cert, key, config.tls_min_version, config.tls_ciphers),
+        responder.install if responder else None,
+    )
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = config.pool_size
     raise_mmap_threshold()
@@ -330,6 +341,16 @@ def build_service(
     service = MirrordService(
         reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker
     )
+    if responder is not None:
+        acme = AcmeService(
+            config,
+            reactor,
+            server_tls,
+            Issuer(config, responder).issue,
+            lambda path: make_context(path, path, config.tls_min_version, config.tls_ciphers),
+        )
+        acme.setName("acme")
+        acme.setServiceParent(service)
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))
         listener = StreamServerEndpointService(
