@@ -398,8 +398,6 @@ def _check_config(where: str, config: Config) -> Config:
             f"{where}: key 'default_registry' names {config.default_registry!r}, "
             "which is not a configured registry"
         )
-    if config.acme_domains and config.cert:
-        raise ConfigError(f"{where}: give either 'cert' and 'key' or 'acme_domains', not both")
     if urlsplit(config.acme_directory).scheme != "https":
         raise ConfigError(f"{where}: key 'acme_directory' must be an https:// URL")
     if config.max_redirects < 0 or config.pool_size < 0:

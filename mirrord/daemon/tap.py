@@ -113,13 +113,15 @@ def listen_description(entry: str) -> str:
 
 
 def certificate(config: Config) -> tuple[Path, Path, CertificateNote]:
-    if config.cert:
-        cert, key = Path(config.cert), Path(config.key)
-        return cert, key, CertificateNote(str(cert), False, "")
+    # An ACME certificate, once held, wins; until then ``cert`` (say, the
+    # one certbot kept) or the self-signed one is served.
     held = held_certificate(config) if config.acme_domains else None
     if held is not None:
         # Key and chain in one file: make_context reads each part from it.
         return held, held, CertificateNote(str(held), False, "")
+    if config.cert:
+        cert, key = Path(config.cert), Path(config.key)
+        return cert, key, CertificateNote(str(cert), False, "")
     cert, key, made = ensure_self_signed(Path(config.state_dir))
     note = CertificateNote(str(cert), True, fingerprint(cert))
     log.warn(
