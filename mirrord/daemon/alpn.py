@@ -24,10 +24,10 @@ import hashlib
 import threading
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 ACME_TLS_1 = b"acme-tls/1"
 # id-pe-acmeIdentifier, RFC 8737 section 6.1
@@ -65,17 +65,8 @@ def _challenge_context(
 ) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.use_certificate(crypto.X509.from_cryptography(certificate))
-    ctx.use_privatekey(
-        crypto.load_privatekey(
-            crypto.FILETYPE_PEM,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
-    )
+    ctx.use_certificate(certificate)
+    ctx.use_privatekey(key)
     return ctx
 
 
