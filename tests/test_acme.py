@@ -213,10 +213,11 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.served_serial(), expected.serial_number)
 
     def test_renews_when_due_and_not_before(self) -> None:
-        """A held certificate is renewed renew_before its expiry, not earlier."""
+        """A held certificate is renewed renew_before its expiry, not earlier, and so is
+        the renewed one."""
         issued(self.state, 40, self.clock.seconds())
         config = dataclasses.replace(self.config, acme_renew_before=30 * 86400.0)
-        self.outcomes.append(lambda: issued(self.state, 90, self.clock.seconds()))
+        self.outcomes.extend([lambda: issued(self.state, 90, self.clock.seconds())] * 2)
         self.service(config)
         self.assertEqual(self.attempts, 0)
         self.clock.advance(10 * 86400 - 60)
@@ -224,6 +225,11 @@ class ServiceTests(SynchronousTestCase):
         self.clock.advance(120)
         self.assertEqual(self.attempts, 1)
         self.assertIsNot(self.server.context, self.selfsigned)
+        # The renewed one (90 days) is renewed in its turn, 60 days on.
+        self.clock.advance(60 * 86400 - 60)
+        self.assertEqual(self.attempts, 1)
+        self.clock.advance(120)
+        self.assertEqual(self.attempts, 2)
 
     def test_failures_logged_with_reason_and_retried_with_backoff(self) -> None:
         """A failed attempt logs the server's reason, keeps the current certificate,
