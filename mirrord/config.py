@@ -132,6 +132,8 @@ class Config:
     acme_email: str = ""
     acme_directory: str = LETS_ENCRYPT
     acme_ca: str = ""
+    acme_challenge: str = "tls-alpn-01"
+    acme_http_listen: str = "80"
     acme_renew_before: float = 30 * 24 * 3600.0
     acme_retry_after: float = 60.0
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -166,6 +168,8 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "acme_email": str,
     "acme_directory": str,
     "acme_ca": str,
+    "acme_challenge": str,
+    "acme_http_listen": (str, int),
     "acme_renew_before": (int, float),
     "acme_retry_after": (int, float),
     "timeouts": dict,
@@ -203,6 +207,7 @@ _REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
     "deny": list,
 }
 TLS_VERSIONS = ("1.2", "1.3")
+ACME_CHALLENGES = ("tls-alpn-01", "http-01")
 
 
 def _check_type(where: str, key: str, value: Any, expected: Any) -> None:
@@ -327,6 +332,8 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
             values[key] = registries
         elif key == "listen":
             values[key] = tuple(_listen_entry(where, v) for v in value)
+        elif key == "acme_http_listen":
+            values[key] = _listen_entry(where, value)
         elif key == "acme_domains":
             values[key] = tuple(_acme_domain(where, v) for v in value)
         elif key in ("acme_renew_before", "acme_retry_after"):
@@ -397,6 +404,10 @@ def _check_config(where: str, config: Config) -> Config:
         raise ConfigError(
             f"{where}: key 'default_registry' names {config.default_registry!r}, "
             "which is not a configured registry"
+        )
+    if config.acme_challenge not in ACME_CHALLENGES:
+        raise ConfigError(
+            f"{where}: key 'acme_challenge' must be one of {', '.join(ACME_CHALLENGES)}"
         )
     if urlsplit(config.acme_directory).scheme != "https":
         raise ConfigError(f"{where}: key 'acme_directory' must be an https:// URL")

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import LogEvent, globalLogPublisher
@@ -26,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mirrord.config import Config
 from mirrord.daemon.acme import MAX_BACKOFF, AcmeService
 from mirrord.daemon.alpn import ACME_IDENTIFIER, ALPNResponder
+from mirrord.daemon.http01 import HTTP01Responder
 from mirrord.daemon.tls import ServerTLS, ensure_self_signed, make_context
 
 DOMAIN = "mirror.example"
@@ -127,6 +129,30 @@ class ResponderTests(SynchronousTestCase):
         self.server.context = make_context(cert, key, "1.2", CIPHERS)
         _, agreed = handshake(self.server.context, DOMAIN, ["acme-tls/1"], ssl.TLSVersion.TLSv1_3)
         self.assertEqual(agreed, "acme-tls/1")
+
+
+class HTTP01Tests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.responder = HTTP01Responder()
+        self.client = StubTreq(self.responder)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        response = self.successResultOf(self.client.get(f"http://m.example{path}"))
+        return response.code, self.successResultOf(response.content())
+
+    def test_token_answered_while_validated(self) -> None:
+        """The key authorization is served at its token's path until removed, then 404."""
+        self.responder.add("tok3n", "tok3n.thumb")
+        self.assertEqual(self.get("/.well-known/acme-challenge/tok3n"), (200, b"tok3n.thumb"))
+        self.responder.remove("tok3n")
+        self.assertEqual(self.get("/.well-known/acme-challenge/tok3n")[0], 404)
+
+    def test_nothing_else_served(self) -> None:
+        """Other tokens, other paths and the registry API get 404 on the plain port."""
+        self.responder.add("tok3n", "tok3n.thumb")
+        for path in ("/.well-known/acme-challenge/other", "/v2/", "/", "/tok3n"):
+            with self.subTest(path=path):
+                self.assertEqual(self.get(path)[0], 404)
 
 
 def issued(directory: Path, days: float, now: float) -> bytes:

@@ -50,6 +50,7 @@ class ConfigTests(SynchronousTestCase):
             'default_registry = "ghcr.io"\n'
             'acme_domains = ["Mirror.Example.com"]\nacme_email = "ops@example.com"\n'
             'acme_directory = "https://acme.example/dir"\nacme_ca = "/acme-ca.pem"\n'
+            'acme_challenge = "http-01"\nacme_http_listen = 8080\n'
             "acme_renew_before = 86400\nacme_retry_after = 5\n"
             "[timeouts]\nconnect = 2\nresponse = 3.5\nbody_idle = 4\nclient_idle = 5\n"
             '[cache]\nenabled = false\nmax_size = "2MB"\nhigh_watermark = 0.9\n'
@@ -84,6 +85,8 @@ class ConfigTests(SynchronousTestCase):
             acme_email="ops@example.com",
             acme_directory="https://acme.example/dir",
             acme_ca="/acme-ca.pem",
+            acme_challenge="http-01",
+            acme_http_listen="8080",
             acme_renew_before=86400.0,
             acme_retry_after=5.0,
             timeouts=Timeouts(2, 3.5, 4, 5),
@@ -157,6 +160,8 @@ class ConfigTests(SynchronousTestCase):
             acme_email="",
             acme_directory="https://acme-v02.api.letsencrypt.org/directory",
             acme_ca="",
+            acme_challenge="tls-alpn-01",
+            acme_http_listen="80",
             acme_renew_before=2592000.0,
             acme_retry_after=60.0,
             timeouts=Timeouts(connect=10.0, response=30.0, body_idle=60.0, client_idle=300.0),
@@ -244,6 +249,7 @@ class ConfigTests(SynchronousTestCase):
             ('acme_directory = "http://acme.example/dir"\n', "'acme_directory' must be an https"),
             ("acme_renew_before = 0\n", "'acme_renew_before' must be positive"),
             ("acme_retry_after = -1\n", "'acme_retry_after' must be positive"),
+            ('acme_challenge = "dns-01"\n', "'acme_challenge' must be one of tls-alpn-01, http-01"),
         ):
             with self.subTest(text=text):
                 error = self.assertRaises(ConfigError, config.load, self.write(text))

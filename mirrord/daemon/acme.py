@@ -5,7 +5,8 @@ expires and swap it into the listener without a restart.
 The protocol is certbot's ``acme`` package. It blocks (``requests``), so
 every ACME exchange, key generation and file write runs on a one-thread
 pool owned by ``AcmeService``, never on the reactor. Validation is
-TLS-ALPN-01 on the mirror's own listener (``alpn.py``). A failure is logged
+TLS-ALPN-01 on the mirror's own listener (``alpn.py``), or HTTP-01 on a
+plain listener (``http01.py``) when ``acme_challenge`` says so. A failure is logged
 with the ACME server's reason and retried with a doubling delay; the
 listener keeps serving what it has (the self-signed certificate at first).
 """
@@ -35,6 +36,7 @@ from twisted.python.threadpool import ThreadPool
 from mirrord import __version__
 from mirrord.config import Config
 from mirrord.daemon.alpn import ALPNResponder
+from mirrord.daemon.http01 import HTTP01Responder
 from mirrord.daemon.tls import ServerTLS, write_private
 
 log = Logger()
@@ -106,9 +108,15 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 class Issuer:
     """One blocking attempt to obtain a certificate (runs in a thread)."""
 
-    def __init__(self, config: Config, responder: ALPNResponder) -> None:
+    def __init__(
+        self,
+        config: Config,
+        alpn: ALPNResponder | None = None,
+        http: HTTP01Responder | None = None,
+    ) -> None:
         self.config = config
-        self.responder = responder
+        self.alpn = alpn
+        self.http = http
 
     def _account_key(self) -> jose.JWKEC:
         path = acme_dir(self.config) / "account.key"
@@ -145,28 +153,40 @@ class Issuer:
         acme = self._client(account_key)
         key_pem = _pem_key(ec.generate_private_key(ec.SECP256R1()))
         order = acme.new_order(crypto_util.make_csr(key_pem, list(self.config.acme_domains)))
-        answered: list[str] = []
+        kind = self.config.acme_challenge
+        cleanups: list[Callable[[], None]] = []
         try:
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:
                     continue
                 domain = authz.body.identifier.value
-                body = next(
-                    (c for c in authz.body.challenges if c.chall.typ == "tls-alpn-01"), None
-                )
+                body = next((c for c in authz.body.challenges if c.chall.typ == kind), None)
                 if body is None:
-                    raise errors.Error(f"{domain}: the ACME server offers no tls-alpn-01 challenge")
-                self.responder.add(domain, body.chall.key_authorization(account_key))
-                answered.append(domain)
+                    raise errors.Error(f"{domain}: the ACME server offers no {kind} challenge")
+                cleanups.append(self._publish(domain, body.chall, account_key))
                 acme.answer_challenge(body, body.chall.response(account_key))
             deadline = datetime.datetime.now() + ORDER_DEADLINE
             order = acme.poll_and_finalize(order, deadline)
         finally:
-            for domain in answered:
-                self.responder.remove(domain)
+            for cleanup in cleanups:
+                cleanup()
         pem = key_pem + order.fullchain_pem.encode("ascii")
         write_private(acme_dir(self.config) / "certificate.pem", pem)
         return pem
+
+    def _publish(
+        self, domain: str, chall: challenges.KeyAuthorizationChallenge, key: jose.JWK
+    ) -> Callable[[], None]:
+        """Answer the validation until the returned function is called."""
+        key_authorization = chall.key_authorization(key)
+        if chall.typ == "http-01" and self.http is not None:
+            token = chall.encode("token")
+            self.http.add(token, key_authorization)
+            return lambda: self.http.remove(token)  # type: ignore[union-attr]
+        if chall.typ == "tls-alpn-01" and self.alpn is not None:
+            self.alpn.add(domain, key_authorization)
+            return lambda: self.alpn.remove(domain)  # type: ignore[union-attr]
+        raise errors.Error(f"no responder for {chall.typ}")
 
 
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:

@@ -22,6 +22,7 @@ from mirrord import config as configuration
 from mirrord.config import Config, ConfigError, Registry
 from mirrord.daemon.acme import AcmeService, Issuer, held_certificate
 from mirrord.daemon.alpn import ALPNResponder
+from mirrord.daemon.http01 import HTTP01Responder, challenge_site
 from mirrord.daemon.service import MirrordService
 from mirrord.daemon.tls import (
     CertificateError,
@@ -325,7 +326,8 @@ def build_service(
 ) -> MirrordService:
     """Wire configuration, TLS, upstreams and resources into one service."""
     cert, key, note = certificate(config)
-    responder = ALPNResponder() if config.acme_domains else None
+    acme_by = config.acme_challenge if config.acme_domains else None
+    responder = ALPNResponder() if acme_by == "tls-alpn-01" else None
     server_tls = ServerTLS(
         make_context(cert, key, config.tls_min_version, config.tls_ciphers),
         responder.install if responder else None,
@@ -343,16 +345,23 @@ def build_service(
     service = MirrordService(
         reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker
     )
-    if responder is not None:
+    if acme_by is not None:
+        http = HTTP01Responder() if acme_by == "http-01" else None
         acme = AcmeService(
             config,
             reactor,
             server_tls,
-            Issuer(config, responder).issue,
+            Issuer(config, responder, http).issue,
             lambda path: make_context(path, path, config.tls_min_version, config.tls_ciphers),
         )
         acme.setName("acme")
         acme.setServiceParent(service)
+        if http is not None:
+            endpoint = serverFromString(reactor, listen_description(config.acme_http_listen))
+            plain = StreamServerEndpointService(endpoint, challenge_site(http))
+            plain._raiseSynchronously = True
+            plain.setName(f"acme http-01 {config.acme_http_listen}")
+            plain.setServiceParent(service)
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))
         listener = StreamServerEndpointService(

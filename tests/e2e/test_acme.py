@@ -51,9 +51,14 @@ class Pebble:
 
 
 def start_pebble(
-    workdir: Path, pki: Pki, name: str, tls_port: int, validity: int | None = None
+    workdir: Path,
+    pki: Pki,
+    name: str,
+    tls_port: int,
+    validity: int | None = None,
+    http_port: int = DEAD_PORT,
 ) -> Pebble:
-    """Pebble validating TLS-ALPN-01 on ``tls_port`` of 127.0.0.1."""
+    """Pebble validating TLS-ALPN-01 on ``tls_port`` (HTTP-01 on ``http_port``)."""
     dns, dns_management = free_port(), free_port()
     port, management = free_port(), free_port()
     settings: dict[str, object] = {
@@ -61,7 +66,7 @@ def start_pebble(
         "managementListenAddress": f"127.0.0.1:{management}",
         "certificate": str(pki.fullchain),
         "privateKey": str(pki.privkey),
-        "httpPort": DEAD_PORT,
+        "httpPort": http_port,
         "tlsPort": tls_port,
         "ocspResponderURL": "",
         "externalAccountBindingRequired": False,
@@ -277,6 +282,38 @@ def test_failed_challenge_logged_retried_and_self_signed_kept(workdir: Path, pki
             )
             assert served_certificate(port) == selfsigned
             assert not (state / "acme" / "certificate.pem").exists()
+        finally:
+            mirror.stop()
+    finally:
+        pebble.stop()
+
+
+def test_http01_on_a_plain_listener(workdir: Path, pki: Pki) -> None:
+    """With acme_challenge = "http-01" Pebble validates on mirrord's plain HTTP
+    listener, which serves nothing else, and the certificate is served on TLS."""
+    port, http_port = free_port(), free_port()
+    pebble = start_pebble(workdir, pki, "http01", DEAD_PORT, http_port=http_port)
+    try:
+        mirror, _ = start_acme_mirror(
+            workdir,
+            pki,
+            "http01",
+            port,
+            pebble,
+            'acme_challenge = "http-01"\n'
+            f'acme_http_listen = "tcp:{http_port}:interface=127.0.0.1"\n',
+        )
+        try:
+            wait_for(
+                lambda: issuer(served_certificate(port)).startswith("Pebble"),
+                60,
+                "a certificate from Pebble",
+                mirror,
+            )
+            with socket.create_connection(("127.0.0.1", http_port), timeout=10) as plain:
+                plain.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = plain.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 404 "), answer
         finally:
             mirror.stop()
     finally:
