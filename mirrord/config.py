@@ -22,6 +22,7 @@ from mirrord.registry.imageref import parse_image
 
 DEFAULT_CONFIG_PATH = Path("/etc/mirrord/mirrord.toml")
 DOCKER_HUB = "docker.io"
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", re.IGNORECASE)
@@ -152,6 +153,15 @@ class Config:
     grace_period: float = 30.0
     access_log: str = ""
     default_registry: str = DOCKER_HUB
+    # Certificates by ACME (TLS-ALPN-01 on the listener): see README.
+    acme_domains: tuple[str, ...] = ()
+    acme_email: str = ""
+    acme_directory: str = LETS_ENCRYPT
+    acme_ca: str = ""
+    acme_challenge: str = "tls-alpn-01"
+    acme_http_listen: str = "80"
+    acme_renew_before: float = 30 * 24 * 3600.0
+    acme_retry_after: float = 60.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache: CacheConfig = field(default_factory=CacheConfig)
     access: Access = field(default_factory=Access)
@@ -181,6 +191,14 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "grace_period": (int, float),
     "access_log": str,
     "default_registry": str,
+    "acme_domains": list,
+    "acme_email": str,
+    "acme_directory": str,
+    "acme_ca": str,
+    "acme_challenge": str,
+    "acme_http_listen": (str, int),
+    "acme_renew_before": (int, float),
+    "acme_retry_after": (int, float),
     "timeouts": dict,
     "cache": dict,
     "access": dict,
@@ -221,6 +239,7 @@ _REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
     "password_file": str,
 }
 TLS_VERSIONS = ("1.2", "1.3")
+ACME_CHALLENGES = ("tls-alpn-01", "http-01")
 
 
 def _check_type(where: str, key: str, value: Any, expected: Any) -> None:
@@ -358,6 +377,14 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
             values[key] = registries
         elif key == "listen":
             values[key] = tuple(_listen_entry(where, v) for v in value)
+        elif key == "acme_http_listen":
+            values[key] = _listen_entry(where, value)
+        elif key == "acme_domains":
+            values[key] = tuple(_acme_domain(where, v) for v in value)
+        elif key in ("acme_renew_before", "acme_retry_after"):
+            if value <= 0:
+                raise ConfigError(f"{where}: key {key!r} must be positive")
+            values[key] = float(value)
         else:
             values[key] = value
     config = Config(**values)
@@ -404,6 +431,19 @@ def _listen_entry(where: str, value: Any) -> str:
     return value
 
 
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN_RE = re.compile(rf"(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}")
+
+
+def _acme_domain(where: str, value: Any) -> str:
+    """A DNS name TLS-ALPN-01 can validate: no wildcard, no address."""
+    _check_type(where, "acme_domains", value, str)
+    name = value.lower().rstrip(".")
+    if not _DOMAIN_RE.fullmatch(name) or name.replace(".", "").isdigit():
+        raise ConfigError(f"{where}: acme_domains {value!r} is not a DNS name (no wildcards)")
+    return name
+
+
 def _check_config(where: str, config: Config) -> Config:
     if not config.listen:
         raise ConfigError(f"{where}: key 'listen' needs at least one address")
@@ -418,6 +458,12 @@ def _check_config(where: str, config: Config) -> Config:
             f"{where}: key 'default_registry' names {config.default_registry!r}, "
             "which is not a configured registry"
         )
+    if config.acme_challenge not in ACME_CHALLENGES:
+        raise ConfigError(
+            f"{where}: key 'acme_challenge' must be one of {', '.join(ACME_CHALLENGES)}"
+        )
+    if urlsplit(config.acme_directory).scheme != "https":
+        raise ConfigError(f"{where}: key 'acme_directory' must be an https:// URL")
     if config.max_redirects < 0 or config.pool_size < 0 or config.quota_reserve < 0:
         raise ConfigError(f"{where}: 'max_redirects', 'pool_size', 'quota_reserve' must be >= 0")
     return config

@@ -49,6 +49,10 @@ class ConfigTests(SynchronousTestCase):
             "quota_reserve = 9\n"
             'pool_size = 4\ngrace_period = 7.5\naccess_log = "/tmp/access.log"\n'
             'default_registry = "ghcr.io"\n'
+            'acme_domains = ["Mirror.Example.com"]\nacme_email = "ops@example.com"\n'
+            'acme_directory = "https://acme.example/dir"\nacme_ca = "/acme-ca.pem"\n'
+            'acme_challenge = "http-01"\nacme_http_listen = 8080\n'
+            "acme_renew_before = 86400\nacme_retry_after = 5\n"
             "[timeouts]\nconnect = 2\nresponse = 3.5\nbody_idle = 4\nclient_idle = 5\n"
             '[cache]\nenabled = false\nmax_size = "2MB"\nhigh_watermark = 0.9\n'
             "low_watermark = 0.5\nstale_max_age = 60\nfill_timeout = 70\nauth_ttl = 80\n"
@@ -81,6 +85,14 @@ class ConfigTests(SynchronousTestCase):
             grace_period=7.5,
             access_log="/tmp/access.log",
             default_registry="ghcr.io",
+            acme_domains=("mirror.example.com",),
+            acme_email="ops@example.com",
+            acme_directory="https://acme.example/dir",
+            acme_ca="/acme-ca.pem",
+            acme_challenge="http-01",
+            acme_http_listen="8080",
+            acme_renew_before=86400.0,
+            acme_retry_after=5.0,
             timeouts=Timeouts(2, 3.5, 4, 5),
             cache=CacheConfig(
                 False,
@@ -163,6 +175,14 @@ class ConfigTests(SynchronousTestCase):
             grace_period=30.0,
             access_log="/var/log/mirrord/access.log",
             default_registry="docker.io",
+            acme_domains=(),
+            acme_email="",
+            acme_directory="https://acme-v02.api.letsencrypt.org/directory",
+            acme_ca="",
+            acme_challenge="tls-alpn-01",
+            acme_http_listen="80",
+            acme_renew_before=2592000.0,
+            acme_retry_after=60.0,
             timeouts=Timeouts(connect=10.0, response=30.0, body_idle=60.0, client_idle=300.0),
             cache=CacheConfig(
                 enabled=True,
@@ -259,6 +279,22 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("cannot read", str(self.assertRaises(ConfigError, config.load, missing)))
         error = self.assertRaises(ConfigError, config.load, self.write("listen = [\n"))
         self.assertIn("not valid TOML", str(error))
+
+    def test_bad_acme_settings(self) -> None:
+        """Wildcards, addresses, a plain-HTTP directory, non-positive delays: refused by name."""
+        for text, words in (
+            ('acme_domains = ["*.example.com"]\n', "'*.example.com' is not a DNS name"),
+            ('acme_domains = ["192.0.2.1"]\n', "'192.0.2.1' is not a DNS name"),
+            ('acme_domains = ["a..example"]\n', "'a..example' is not a DNS name"),
+            ("acme_domains = [443]\n", "key 'acme_domains' must be a string"),
+            ('acme_directory = "http://acme.example/dir"\n', "'acme_directory' must be an https"),
+            ("acme_renew_before = 0\n", "'acme_renew_before' must be positive"),
+            ("acme_retry_after = -1\n", "'acme_retry_after' must be positive"),
+            ('acme_challenge = "dns-01"\n', "'acme_challenge' must be one of tls-alpn-01, http-01"),
+        ):
+            with self.subTest(text=text):
+                error = self.assertRaises(ConfigError, config.load, self.write(text))
+                self.assertIn(words, str(error))
 
     def test_cert_without_key(self) -> None:
         error = self.assertRaises(ConfigError, config.load, self.write('cert = "/c.pem"\n'))

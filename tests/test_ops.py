@@ -71,6 +71,15 @@ class UfwTests(SynchronousTestCase):
         self.assertEqual(ufw.listen_ports(parsed), [443, 8443, 9443])
         self.assertIn("ports=443/tcp|8443/tcp|9443/tcp\n", ufw.profile(parsed))
 
+    def test_http01_port_opened_only_for_http01(self) -> None:
+        """ACME's HTTP-01 listener is in the profile when, and only when, it is used."""
+        http01 = config.from_mapping(
+            {"acme_domains": ["m.example"], "acme_challenge": "http-01", "acme_http_listen": 80}
+        )
+        self.assertEqual(ufw.listen_ports(http01), [80, 443])
+        alpn = config.from_mapping({"acme_domains": ["m.example"]})
+        self.assertEqual(ufw.listen_ports(alpn), [443])
+
 
 class AddressTests(SynchronousTestCase):
     def test_ipv4_clients_on_the_dual_stack_socket_read_as_ipv4(self) -> None:

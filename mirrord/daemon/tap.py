@@ -20,6 +20,9 @@ from twisted.web.iweb import IAgent
 
 from mirrord import config as configuration
 from mirrord.config import Config, ConfigError, Registry
+from mirrord.daemon.acme import AcmeService, Issuer, held_certificate
+from mirrord.daemon.alpn import ALPNResponder
+from mirrord.daemon.http01 import HTTP01Responder, challenge_site
 from mirrord.daemon.service import MirrordService
 from mirrord.daemon.tls import (
     CertificateError,
@@ -116,14 +119,21 @@ def listen_description(entry: str) -> str:
 
 
 def certificate(config: Config) -> tuple[Path, Path, CertificateNote]:
+    # An ACME certificate, once held, wins; until then ``cert`` (say, the
+    # one certbot kept) or the self-signed one is served.
+    held = held_certificate(config) if config.acme_domains else None
+    if held is not None:
+        # Key and chain in one file: make_context reads each part from it.
+        return held, held, CertificateNote(str(held), False, "")
     if config.cert:
         cert, key = Path(config.cert), Path(config.key)
         return cert, key, CertificateNote(str(cert), False, "")
     cert, key, made = ensure_self_signed(Path(config.state_dir))
     note = CertificateNote(str(cert), True, fingerprint(cert))
     log.warn(
-        "no certificate configured: serving the self-signed certificate {path} "
+        "{why}: serving the self-signed certificate {path} "
         "({state}; SHA-256 {fingerprint}); clients must trust it",
+        why="no ACME certificate yet" if config.acme_domains else "no certificate configured",
         path=str(cert),
         state="made now" if made else "made earlier",
         fingerprint=note.fingerprint,
@@ -357,7 +367,12 @@ def build_service(
 ) -> MirrordService:
     """Wire configuration, TLS, upstreams and resources into one service."""
     cert, key, note = certificate(config)
-    server_tls = ServerTLS(make_context(cert, key, config.tls_min_version, config.tls_ciphers))
+    acme_by = config.acme_challenge if config.acme_domains else None
+    responder = ALPNResponder() if acme_by == "tls-alpn-01" else None
+    server_tls = ServerTLS(
+        make_context(cert, key, config.tls_min_version, config.tls_ciphers),
+        responder.install if responder else None,
+    )
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = config.pool_size
     raise_mmap_threshold()
@@ -371,6 +386,23 @@ def build_service(
     service = MirrordService(
         reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker
     )
+    if acme_by is not None:
+        http = HTTP01Responder() if acme_by == "http-01" else None
+        acme = AcmeService(
+            config,
+            reactor,
+            server_tls,
+            Issuer(config, responder, http).issue,
+            lambda path: make_context(path, path, config.tls_min_version, config.tls_ciphers),
+        )
+        acme.setName("acme")
+        acme.setServiceParent(service)
+        if http is not None:
+            endpoint = serverFromString(reactor, listen_description(config.acme_http_listen))
+            plain = StreamServerEndpointService(endpoint, challenge_site(http))
+            plain._raiseSynchronously = True
+            plain.setName(f"acme http-01 {config.acme_http_listen}")
+            plain.setServiceParent(service)
     first: RecordingEndpoint | None = None
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))

@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -47,8 +48,7 @@ def make_context(cert: Path, key: Path, min_version: str, ciphers: str) -> SSL.C
     except (SSL.Error, UnicodeEncodeError) as e:
         raise CertificateError(f"tls_ciphers {ciphers!r} selects no usable cipher: {e}") from None
     # No ALPN callback: HTTP/1.1 is what a client gets when the server names
-    # no protocol, and an OpenSSL callback would need writable+executable
-    # memory, which the systemd unit forbids (MemoryDenyWriteExecute).
+    # no protocol. (ACME's TLS-ALPN-01 adds callbacks, see alpn.py.)
     for path in (cert, key):
         if not path.is_file():
             raise CertificateError(f"{path}: no such file")
@@ -68,8 +68,24 @@ def make_context(cert: Path, key: Path, min_version: str, ciphers: str) -> SSL.C
 class ServerTLS:
     """Creates server TLS connections from the current context."""
 
-    def __init__(self, context: SSL.Context) -> None:
+    def __init__(
+        self, context: SSL.Context, prepare: Callable[[SSL.Context], None] | None = None
+    ) -> None:
+        # ``prepare`` sees every context before it serves (ACME installs its
+        # TLS-ALPN-01 callback there), whether loaded at start, on reload or
+        # after a renewal.
+        self._prepare = prepare
         self.context = context
+
+    @property
+    def context(self) -> SSL.Context:
+        return self._context
+
+    @context.setter
+    def context(self, context: SSL.Context) -> None:
+        if self._prepare is not None:
+            self._prepare(context)
+        self._context = context
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self.context, None)
@@ -107,7 +123,7 @@ def ensure_self_signed(state_dir: Path) -> tuple[Path, Path, bool]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(private, hashes.SHA256())
     )
-    _write_private(
+    write_private(
         key,
         private.private_bytes(
             serialization.Encoding.PEM,
@@ -115,11 +131,11 @@ def ensure_self_signed(state_dir: Path) -> tuple[Path, Path, bool]:
             serialization.NoEncryption(),
         ),
     )
-    _write_private(cert, certificate.public_bytes(serialization.Encoding.PEM))
+    write_private(cert, certificate.public_bytes(serialization.Encoding.PEM))
     return cert, key, True
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write whole-or-nothing, readable by the owner only."""
     temp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

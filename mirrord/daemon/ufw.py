@@ -13,9 +13,13 @@ from mirrord import config as configuration
 
 
 def listen_ports(config: configuration.Config) -> list[int]:
-    """TCP ports of the listeners (bare ports and tcp/tcp6/ssl endpoints)."""
+    """TCP ports of the listeners (bare ports and tcp/tcp6/ssl endpoints),
+    with ACME's HTTP-01 port when that challenge is chosen."""
     ports = []
-    for entry in config.listen:
+    entries = list(config.listen)
+    if config.acme_domains and config.acme_challenge == "http-01":
+        entries.append(config.acme_http_listen)
+    for entry in entries:
         if entry.isdigit():
             ports.append(int(entry))
             continue
