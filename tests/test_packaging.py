@@ -58,7 +58,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     build_dir = tmp_path_factory.mktemp("deb-build-marker")
     first = _build(out, build_dir)
     lintian = subprocess.Popen(
-        ["lintian", "--no-tag-display-limit", str(first)],
+        ["lintian", "--tag-display-limit", "0", str(first)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
