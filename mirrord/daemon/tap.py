@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
@@ -20,6 +20,7 @@ from twisted.web.iweb import IAgent
 
 from mirrord import config as configuration
 from mirrord.config import Config, ConfigError, Registry
+from mirrord.daemon import check
 from mirrord.daemon.acme import AcmeService, Issuer, held_certificate
 from mirrord.daemon.alpn import ALPNResponder
 from mirrord.daemon.http01 import HTTP01Responder, challenge_site
@@ -67,6 +68,15 @@ class Options(usage.Options):
         "override it. With no certificate configured, a self-signed one is made "
         "in the state directory."
     )
+    optFlags = [
+        [
+            "check-config",
+            None,
+            "Check the configuration as a start would (files, certificate, listen "
+            "entries; no port is bound), print the effective settings and exit 0, "
+            "or print the one-line error and exit 1.",
+        ],
+    ]
     optParameters = [
         ["config", "c", None, "TOML configuration file.", Path],
         ["cert", None, None, "PEM certificate chain (e.g. certbot's fullchain.pem)."],
@@ -109,6 +119,30 @@ class Options(usage.Options):
             # A configuration problem is one line naming the key and file;
             # twistd's usage text (which UsageError prints) would bury it.
             raise SystemExit(f"mirrord: {e}") from None
+        if self["check-config"]:
+            self.check_config()
+
+    def check_config(self) -> NoReturn:
+        """``--check-config``: the settings on stdout and exit 0, or the
+        one-line error on stderr and exit 1."""
+        from twisted.internet import reactor
+
+        source = self["config"] or (
+            configuration.DEFAULT_CONFIG_PATH
+            if configuration.DEFAULT_CONFIG_PATH.exists()
+            else "the built-in defaults"
+        )
+        try:
+            text = check.report(
+                self["mirrord"],
+                str(source),
+                lambda entry: serverFromString(reactor, listen_description(entry)),
+            )
+        except (ConfigError, CertificateError, OSError) as e:
+            raise SystemExit(f"mirrord: {e}") from None
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        raise SystemExit(0)
 
 
 def listen_description(entry: str) -> str:
