@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
+from twisted.web.server import Request
 
 from mirrord import config as configuration
 from mirrord.config import Config, ConfigError, Registry
@@ -31,8 +32,10 @@ from mirrord.daemon.tls import (
 )
 from mirrord.front.accesslog import CombinedLog
 from mirrord.front.guard import Guard
+from mirrord.front.history import History
 from mirrord.front.login import LoginWorker, MirrorLogin, Runner, run_inline
 from mirrord.front.site import MirrordSite, build_site
+from mirrord.front.status import FiguresAccess, StatusSource, totals
 from mirrord.front.usage import CertificateNote, render_usage
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.registry.challenges import RealmBook
@@ -250,6 +253,8 @@ class Wiring:
     targets: dict[str, TokenTarget]
     store: BlobStore | None
     metrics: Metrics
+    # Per-minute traffic for the status page; a service the daemon starts.
+    history: History
 
 
 def wire(
@@ -289,6 +294,24 @@ def wire(
             config, targets[name], store, follower, clock, metrics, hashers, in_flight
         )
         served[name] = (registry, backend)
+    history = History(lambda: totals(metrics), clock)
+    figures = FiguresAccess(config.metrics.allow)
+    status = StatusSource(
+        metrics,
+        history,
+        clock,
+        {name: target.chain for name, target in targets.items()},
+        store,
+        in_flight,
+    )
+
+    def usage(request: Request) -> bytes:
+        if figures.allows(request):
+            if store is not None:
+                metrics.update_cache(store)
+            return render_usage(config, note, request, status.render)
+        return render_usage(config, note, request)
+
     site = build_site(
         registry_proxy=RegistryProxy(Router(served, config.default_registry), count_request),
         token_proxy=TokenProxy(
@@ -299,8 +322,8 @@ def wire(
             login.issued if login.enabled else None,
             count_request,
         ),
-        usage=lambda request: render_usage(config, note, request, metrics),
-        metrics=MetricsResource(metrics),
+        usage=usage,
+        metrics=MetricsResource(metrics, figures.allows),
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
         guard=Guard(config.access, login, now=clock.seconds),
@@ -308,7 +331,7 @@ def wire(
     site.count_body = lambda source, size: metrics.bytes_served.labels(source).inc(size)
     if config.access_log:
         site.combined_log = CombinedLog(Path(config.access_log))
-    return Wiring(site, targets, store, metrics)
+    return Wiring(site, targets, store, metrics, history)
 
 
 def build_service(
@@ -330,6 +353,7 @@ def build_service(
     service = MirrordService(
         reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker
     )
+    wiring.history.setServiceParent(service)
     for entry in config.listen:
         endpoint = serverFromString(reactor, listen_description(entry))
         listener = StreamServerEndpointService(

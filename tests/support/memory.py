@@ -96,6 +96,9 @@ class MemoryMirror:
         self.wiring = wire(config, self.upstream, self.clock, note, hashers, login_checks)
         self.store = self.wiring.store
         self.metrics = self.wiring.metrics
+        # Traffic history, sampled each minute of the test clock.
+        self.history = self.wiring.history
+        self.history.startService()
         self.client = StubTreq(self.wiring.site.resource)
         # Serve with the daemon's own site (its request class, channel and
         # timeouts on the test clock), not treq's plain one.
