@@ -75,9 +75,7 @@ def test_unit_verifies_and_scores_ok(tmp_path: Path) -> None:
     copy.write_text(UNIT.read_text().replace("/opt/mirrord/bin/twistd", twistd()))
     run(["systemd-analyze", "verify", str(copy)])
     report = run(["systemd-analyze", "security", "--offline=true", str(copy)], check=False)
-    score = re.search(
-        r"Overall exposure level for mirrord.service: ([0-9.]+)", report.stdout
-    )
+    score = re.search(r"Overall exposure level for mirrord.service: ([0-9.]+)", report.stdout)
     assert score, report.stdout[-500:]
     assert float(score.group(1)) <= 2.0
 
