@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from mirrord.config import Access, CacheConfig, Config, Registry, Timeouts
+from mirrord.config import Access, CacheConfig, Config, MetricsAccess, Registry, Timeouts
 from mirrord.daemon.tap import wire
 from mirrord.front.login import Runner, run_inline
 from mirrord.front.usage import CertificateNote
@@ -58,6 +58,7 @@ class MemoryMirror:
         cache: CacheConfig | None = DEFAULT_CACHE,
         registries: dict[str, Registry] | None = None,
         access: Access | None = None,
+        metrics: MetricsAccess | None = None,
         hashers: Callable[[str], Hasher] = InlineHasher,
         login_checks: Runner = run_inline,
     ) -> None:
@@ -87,6 +88,7 @@ class MemoryMirror:
             timeouts=timeouts,
             cache=cache or CacheConfig(enabled=False),
             access=access or Access(),
+            metrics=metrics or MetricsAccess(),
             registries={
                 "docker.io": Registry("docker.io", upstreams, "library"),
                 **(registries or {}),
