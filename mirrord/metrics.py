@@ -8,7 +8,7 @@ exposition filters them out of this daemon's registry instead."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -52,6 +52,14 @@ class Metrics:
         )
         self.cache_size = Gauge("mirrord_cache_size_bytes", "Bytes in the blob cache", registry=r)
         self.cache_entries = Gauge("mirrord_cache_entries", "Blobs in the cache", registry=r)
+        self.cache_limit = Gauge(
+            "mirrord_cache_limit_bytes", "The cache's size limit (max_size)", registry=r
+        )
+        self.fills = Gauge(
+            "mirrord_fills_in_progress",
+            "Blobs being fetched from upstream into the cache",
+            registry=r,
+        )
         self.quota = Gauge(
             "mirrord_upstream_ratelimit_remaining",
             "Pulls left in the upstream's window (ratelimit-remaining)",
@@ -63,6 +71,16 @@ class Metrics:
         """The cache gauges from a ``BlobStore``."""
         self.cache_size.set(store.size)
         self.cache_entries.set(len(store.entries))
+
+    def watch(self, store: Any, fills: Sized) -> None:
+        """Read the cache gauges from ``store`` (a ``BlobStore``) and the
+        fills in progress from ``fills`` at every scrape, so they are right
+        from the start and never wait for a change to be pushed."""
+        if store is not None:
+            self.cache_size.set_function(lambda: store.size)
+            self.cache_entries.set_function(lambda: len(store.entries))
+            self.cache_limit.set_function(lambda: store.max_size)
+        self.fills.set_function(lambda: len(fills))
 
     def saw_answer(self, answer: Any) -> None:
         """An upstream ``Answer``: its quota headers, and whether a fallback gave it."""

@@ -19,6 +19,7 @@ from mirrord.front.chart import human_bytes
 from mirrord.front.history import History, Totals
 from mirrord.front.texts import TEXTS
 from mirrord.front.usage import COPY_SCRIPT
+from mirrord.store.disk import Meta
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
 from tests.support.page import parse
@@ -181,6 +182,7 @@ class StatusPageTests(SynchronousTestCase):
         d.addCallback(treq.content)
         mirror.settle()
         self.assertRegex(self.page(mirror), r"Fills in progress\s*1")
+        self.assertIn("\nmirrord_fills_in_progress 1.0\n", mirror.get("/metrics").body.decode())
         gate.release()
         mirror.settle()
         self.assertEqual(self.successResultOf(d), data)
@@ -283,6 +285,32 @@ class FiguresAccessTests(SynchronousTestCase):
         self.assertEqual(mirror.get("/metrics", outside).code, 403)
         self.assertIn('id="status"', mirror.get("/", inside).body.decode())
         self.assertNotIn('id="status"', mirror.get("/", outside).body.decode())
+
+    def test_cache_gauges_read_at_scrape(self) -> None:
+        """/metrics reports what the cache holds now (after a restart's rebuild
+        too), its limit and the fills in progress, without waiting for a change."""
+        mirror = MemoryMirror(
+            self, Path(tempfile.mkdtemp()), cache=CacheConfig(max_size=5 << 20, tag_ttl=0)
+        )
+        store = mirror.store
+        assert store is not None
+        data = os.urandom(1000)
+        store.put_bytes("sha256:" + hashlib.sha256(data).hexdigest(), data, Meta())
+        found = re.findall(r"(?m)^(mirrord_cache_\S+|mirrord_fills\S+) (\S+)$", self.scrape(mirror))
+        self.assertEqual(
+            {name: float(value) for name, value in found},
+            {
+                "mirrord_cache_size_bytes": 1000,
+                "mirrord_cache_entries": 1,
+                "mirrord_cache_limit_bytes": 5 << 20,
+                "mirrord_fills_in_progress": 0,
+            },
+        )
+
+    def scrape(self, mirror: MemoryMirror) -> str:
+        reply = mirror.get("/metrics")
+        self.assertEqual(reply.code, 200)
+        return reply.body.decode()
 
     def test_no_created_series(self) -> None:
         """/metrics has every counter's _total and no prometheus_client _created series."""

@@ -294,6 +294,7 @@ def wire(
             config, targets[name], store, follower, clock, metrics, hashers, in_flight
         )
         served[name] = (registry, backend)
+    metrics.watch(store, in_flight)
     history = History(lambda: totals(metrics), clock)
     figures = FiguresAccess(config.metrics.allow)
     status = StatusSource(
@@ -307,8 +308,6 @@ def wire(
 
     def usage(request: Request) -> bytes:
         if figures.allows(request):
-            if store is not None:
-                metrics.update_cache(store)
             return render_usage(config, note, request, status.render)
         return render_usage(config, note, request)
 
