@@ -97,6 +97,33 @@ class HistoryTests(SynchronousTestCase):
         self.assertEqual([m.upstream_bytes for m in minutes][-1], 3)
         self.assertEqual(sum(m.cache_bytes for m in minutes), 7)
 
+    def test_minute_under_way_counts(self) -> None:
+        """What happened since the last sample is in the windows at once, not a minute later."""
+        history, counters, clock = self.history()
+        clock.advance(60)
+        counters.add(hits=1, misses=1, upstream=42)
+        clock.advance(30)
+        hour = history.total(60)
+        self.assertEqual((hour.hits, hour.misses, hour.upstream_bytes), (1, 1, 42))
+        self.assertEqual(history.buckets(60, 1)[-1].upstream_bytes, 42)
+        clock.advance(30)  # the sample takes it: counted once, not twice
+        self.assertEqual(history.total(60).upstream_bytes, 42)
+
+    def test_a_clock_that_moves_while_reading(self) -> None:
+        """With a real clock, time passes between reads: the minute under way still counts."""
+
+        class Creeping(Clock):
+            def seconds(self) -> float:
+                self.rightNow += 0.001
+                return self.rightNow
+
+        clock, counters = Creeping(), Counters()
+        history = History(lambda: counters.now, clock)
+        history.startService()
+        counters.add(hits=2, cache=10)
+        self.assertEqual(history.total(60).cache_bytes, 10)
+        self.assertEqual(history.buckets(24 * 60, 60)[-1].hits, 2)
+
     def test_stops_with_the_service(self) -> None:
         """A stopped history leaves nothing scheduled on the clock."""
         history, _, clock = self.history()

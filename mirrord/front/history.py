@@ -78,29 +78,37 @@ class History(Service):
             self._loop.stop()
 
     def sample(self) -> None:
-        """Keep what happened since the previous sample (counters never go down)."""
+        """Keep what happened since the previous sample."""
+        self.samples.append(self._since_last(keep=True))
+
+    def _since_last(self, keep: bool) -> Sample:
+        # Counters never go down; max() keeps a reset from showing negative.
         now = self._read()
-        last, self._last = self._last, now
-        self.samples.append(
-            Sample(
-                self._clock.seconds(),
-                max(0.0, now.hits - last.hits),
-                max(0.0, now.misses - last.misses),
-                max(0.0, now.cache_bytes - last.cache_bytes),
-                max(0.0, now.upstream_bytes - last.upstream_bytes),
-            )
+        last = self._last
+        if keep:
+            self._last = now
+        return Sample(
+            self._clock.seconds(),
+            max(0.0, now.hits - last.hits),
+            max(0.0, now.misses - last.misses),
+            max(0.0, now.cache_bytes - last.cache_bytes),
+            max(0.0, now.upstream_bytes - last.upstream_bytes),
         )
 
     def buckets(self, minutes: int, width: int) -> list[Sample]:
         """The last ``minutes`` as ``minutes // width`` sums of ``width``
         minutes each, oldest first; minutes not yet sampled count as
-        nothing, so a young daemon's chart fills from the right."""
+        nothing, so a young daemon's chart fills from the right. The minute
+        under way counts in the newest bucket: the page is never a minute
+        behind."""
         count = minutes // width
         now = self._clock.seconds()
         span = width * self.interval
         sums = [[0.0, 0.0, 0.0, 0.0] for _ in range(count)]
-        for s in self.samples:
-            index = count - 1 - math.floor((now - s.end) / span)
+        for s in [*self.samples, self._since_last(keep=False)]:
+            # A real clock moves on while we read: the minute under way
+            # may end a hair after ``now``.
+            index = count - 1 - math.floor(max(0.0, now - s.end) / span)
             if 0 <= index < count:
                 into = sums[index]
                 into[0] += s.hits
