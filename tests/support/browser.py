@@ -97,7 +97,9 @@ def screenshot(
     url: str, path: Path, width: int = 1000, height: int = 1400, language: str = "en-US"
 ) -> Visit:
     """A PNG of the page as Chromium renders it."""
-    return visit(url, f"--screenshot={path}", f"--window-size={width},{height}", language=language)
+    return visit(
+        url, f"--screenshot={path.resolve()}", f"--window-size={width},{height}", language=language
+    )
 
 
 class HostRewriter:
