@@ -93,6 +93,16 @@ class Access:
 
 
 @dataclass(frozen=True)
+class MetricsAccess:
+    """Who may read ``/metrics`` and the status figures on ``/``: addresses
+    or CIDRs, checked against the client address the guard computes
+    (``X-Forwarded-For`` from trusted proxies resolved). Loopback only by
+    default: the figures name upstreams and traffic, not for the world."""
+
+    allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+
+
+@dataclass(frozen=True)
 class Registry:
     """One registry the mirror serves and its ordered chain of upstreams."""
 
@@ -165,6 +175,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache: CacheConfig = field(default_factory=CacheConfig)
     access: Access = field(default_factory=Access)
+    metrics: MetricsAccess = field(default_factory=MetricsAccess)
     # Served registries: Docker Hub unless configured otherwise; a preset
     # (ghcr.io, quay.io, ...) is served once its table exists, even empty.
     registries: Mapping[str, Registry] = field(
@@ -202,6 +213,7 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "timeouts": dict,
     "cache": dict,
     "access": dict,
+    "metrics": dict,
     "registries": dict,
 }
 _ACCESS_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -215,6 +227,7 @@ _ACCESS_TYPES: dict[str, type | tuple[type, ...]] = {
     "max_failed_logins": int,
     "failed_login_window": (int, float),
 }
+_METRICS_TYPES: dict[str, type | tuple[type, ...]] = {"allow": list}
 _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
     "enabled": bool,
     "max_size": (str, int),
@@ -313,6 +326,22 @@ def _strings(where: str, key: str, values: list[Any]) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _networks(where: str, key: str, values: list[Any]) -> tuple[str, ...]:
+    for network in _strings(where, key, values):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}: {key} {network!r} is not an address or CIDR") from None
+    return tuple(values)
+
+
+def _metrics(where: str, table: Mapping[str, Any]) -> MetricsAccess:
+    _check_keys(where, table, _METRICS_TYPES)
+    if "allow" not in table:
+        return MetricsAccess()
+    return MetricsAccess(allow=_networks(where, "allow", table["allow"]))
+
+
 def _access(where: str, table: Mapping[str, Any]) -> Access:
     _check_keys(where, table, _ACCESS_TYPES)
     values: dict[str, Any] = dict(table)
@@ -369,6 +398,8 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
             values[key] = _cache(f"{where} [cache]", value)
         elif key == "access":
             values[key] = _access(f"{where} [access]", value)
+        elif key == "metrics":
+            values[key] = _metrics(f"{where} [metrics]", value)
         elif key == "registries":
             registries = {DOCKER_HUB: PRESET_UPSTREAMS[DOCKER_HUB]}
             for name, table in value.items():

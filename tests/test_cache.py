@@ -19,10 +19,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord.config import CacheConfig, parse_size
+from mirrord.front.chart import human_bytes
 from mirrord.store.disk import BlobStore, Meta, TagRecord, TagStore
 from mirrord.store.worker import InlineHasher
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
+from tests.support.page import parse
 
 ACCEPT = {"Accept": [OCI_MANIFEST]}
 
@@ -499,11 +501,14 @@ class ManifestCacheTests(SynchronousTestCase):
         )
         self.assertIn(f"{quota} 99.0", text)
         self.assertEqual(samples["mirrord_cache_entries"], "2.0")
-        page = self.mirror.get("/").body.decode()
-        self.assertIn("mirrord_cache_results_total{result=HIT}", page)
-        upstream = int(float(samples['mirrord_served_bytes_total{source="upstream"}']))
-        self.assertIn(
-            f"mirrord_served_bytes_total{{source=upstream}}</code></td><td>{upstream}<", page
+        # The status page says the same in words, once its minute is sampled.
+        self.mirror.clock.advance(60)
+        page = parse(self.mirror.get("/?lang=en").body).text
+        upstream = float(samples['mirrord_served_bytes_total{source="upstream"}'])
+        cache = float(samples['mirrord_served_bytes_total{source="cache"}'])
+        self.assertRegex(
+            page,
+            rf"Last hour\s*67 % \(4 of 6\){human_bytes(cache)}{human_bytes(upstream)}",
         )
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import tempfile
+import tomllib
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config
-from mirrord.config import Access, CacheConfig, ConfigError, Registry, Timeouts
+from mirrord.config import Access, CacheConfig, ConfigError, MetricsAccess, Registry, Timeouts
 from mirrord.daemon.tap import Options, listen_description, reloader
 from mirrord.daemon.tls import ServerTLS, make_context
 from mirrord.passwords import make_hash
@@ -65,6 +66,7 @@ class ConfigTests(SynchronousTestCase):
             "max_requests_per_client = 4\nretry_after = 5\n"
             "max_failed_logins = 6\nfailed_login_window = 90\n"
             f'[access.users]\nops = "{users["ops"]}"\n'
+            '[metrics]\nallow = ["10.1.0.0/16"]\n'
             '[registries."docker.io"]\nupstreams = ["https://a.example", "https://b.example/"]\n'
             'official_prefix = "lib"\nhosts = ["Hub.Example"]\nallow = ["lib/*"]\n'
             'deny = ["lib/secret*"]\n'
@@ -118,6 +120,7 @@ class ConfigTests(SynchronousTestCase):
                 max_failed_logins=6,
                 failed_login_window=90,
             ),
+            metrics=MetricsAccess(("10.1.0.0/16",)),
             registries={
                 "docker.io": Registry(
                     "docker.io",
@@ -137,6 +140,7 @@ class ConfigTests(SynchronousTestCase):
             (expected.timeouts, defaults.timeouts),
             (expected.cache, defaults.cache),
             (expected.access, defaults.access),
+            (expected.metrics, defaults.metrics),
         ):
             for f in dataclasses.fields(record):
                 self.assertNotEqual(getattr(record, f.name), getattr(default, f.name), f.name)
@@ -206,6 +210,7 @@ class ConfigTests(SynchronousTestCase):
                 retry_after=10,
                 users={"ops": ops_hash},
             ),
+            metrics=MetricsAccess(allow=("127.0.0.1/32", "::1/128")),
             registries={
                 "docker.io": Registry(
                     "docker.io",
@@ -225,12 +230,20 @@ class ConfigTests(SynchronousTestCase):
         self.assertRecord(loaded, expected)
 
     def test_shipped_example_documents_every_key(self) -> None:
-        """Every key the loader accepts appears in the shipped example."""
-        shown = set(re.findall(r"(?m)^#?([a-z_]+) = ", EXAMPLE.read_text()))
-        records = (config.Config, Timeouts, CacheConfig, Access, Registry)
-        keys = {f.name for record in records for f in dataclasses.fields(record)}
-        keys -= {"timeouts", "cache", "access", "registries", "users", "name"}  # tables
-        self.assertEqual(keys - shown, set())
+        """Every key the loader accepts appears in the shipped example, in its own table."""
+        data = tomllib.loads(re.sub(r"(?m)^#(?=[^\s#])", "", EXAMPLE.read_text()))
+        tables = {"timeouts": Timeouts, "cache": CacheConfig, "access": Access}
+        tables["metrics"] = MetricsAccess
+        for f in dataclasses.fields(config.Config):
+            if f.name != "registries":
+                self.assertIn(f.name, data, f.name)
+        for table, record in tables.items():
+            for f in dataclasses.fields(record):
+                self.assertIn(f.name, data[table], f"[{table}] {f.name}")
+        hub = data["registries"]["docker.io"]
+        for f in dataclasses.fields(Registry):
+            if f.name != "name":
+                self.assertIn(f.name, hub, f"[registries.'docker.io'] {f.name}")
 
     def test_bad_warm_image_is_named(self) -> None:
         """A [cache] warm entry without a tag, or with a bad digest, stops loading with one line."""
@@ -265,6 +278,14 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("key 'pool_size' must be a int", str(error))
         error = self.assertRaises(ConfigError, config.load, self.write("cert = true\n"))
         self.assertIn("key 'cert' must be a string", str(error))
+
+    def test_bad_metrics_allow_is_named(self) -> None:
+        """A [metrics] allow entry that is no address or CIDR is named with its table."""
+        path = self.write('[metrics]\nallow = ["127.0.0.1/32", "loopback"]\n')
+        error = self.assertRaises(ConfigError, config.load, path)
+        self.assertIn("[metrics]: allow 'loopback' is not an address or CIDR", str(error))
+        error = self.assertRaises(ConfigError, config.load, self.write("[metrics]\nallow = 1\n"))
+        self.assertIn("[metrics]: key 'allow' must be a array", str(error))
 
     def test_bad_upstream_url(self) -> None:
         error = self.assertRaises(

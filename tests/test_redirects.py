@@ -4,7 +4,6 @@ resources (usage page, health check), in memory."""
 from __future__ import annotations
 
 import tempfile
-from html.parser import HTMLParser
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -12,26 +11,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from mirrord import config
+from mirrord.front.usage import COPY_SCRIPT
 from tests.support.memory import MemoryMirror
-
-# Every element the usage page itself writes.
-PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "b", "small"}
-PAGE_TAGS |= {"pre", "code", "ol", "li", "table", "tr", "td"}
-
-
-class PageText(HTMLParser):
-    """The elements of an HTML page and its text as a browser would show it."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tags: set[str] = set()
-        self.text = ""
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.add(tag)
-
-    def handle_data(self, data: str) -> None:
-        self.text += data
+from tests.support.page import PAGE_TAGS, parse
 
 
 class Redirector(Resource):
@@ -171,12 +153,12 @@ class SmallResourceTests(SynchronousTestCase):
         ).registries[name]
         mirror = MemoryMirror(self, Path(tempfile.mkdtemp()), registries={name: hostile})
         host = '"><script>alert(4)</script>'
-        reply = mirror.get("/", {"Host": host})
+        reply = mirror.get("/?lang=en", {"Host": host})
         self.assertEqual(reply.code, 200)
-        page = PageText()
-        page.feed(reply.body.decode())
-        page.close()
+        page = parse(reply.body)
         self.assertLessEqual(page.tags, PAGE_TAGS, "a value became markup")
+        self.assertEqual(page.scripts, [COPY_SCRIPT], "a value became a script")
+        self.assertEqual(page.active, [], "a value became an attribute")
         # Each configured value is on the page, as text.
         for value in (name, alias, upstream):
             self.assertIn(value, page.text)

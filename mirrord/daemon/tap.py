@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
+from twisted.web.server import Request
 
 from mirrord import config as configuration
 from mirrord.config import Config, ConfigError, Registry
@@ -36,8 +37,10 @@ from mirrord.daemon.tls import (
 from mirrord.daemon.warm import RecordingEndpoint, build_warm_service
 from mirrord.front.accesslog import CombinedLog
 from mirrord.front.guard import Guard
+from mirrord.front.history import History
 from mirrord.front.login import LoginWorker, MirrorLogin, Runner, run_inline
 from mirrord.front.site import MirrordSite, build_site
+from mirrord.front.status import FiguresAccess, StatusSource, totals
 from mirrord.front.usage import CertificateNote, render_usage
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.registry.challenges import RealmBook
@@ -320,6 +323,8 @@ class Wiring:
     targets: dict[str, TokenTarget]
     store: BlobStore | None
     metrics: Metrics
+    # Per-minute traffic for the status page; a service the daemon starts.
+    history: History
 
 
 def wire(
@@ -366,6 +371,23 @@ def wire(
             config, targets[name], store, follower, clock, metrics, hashers, in_flight, checks[name]
         )
         served[name] = (registry, backend)
+    metrics.watch(store, in_flight)
+    history = History(lambda: totals(metrics), clock)
+    figures = FiguresAccess(config.metrics.allow)
+    status = StatusSource(
+        metrics,
+        history,
+        clock,
+        {name: target.chain for name, target in targets.items()},
+        store,
+        in_flight,
+    )
+
+    def usage(request: Request) -> bytes:
+        if figures.allows(request):
+            return render_usage(config, note, request, status.render)
+        return render_usage(config, note, request)
+
     site = build_site(
         registry_proxy=RegistryProxy(
             Router(served, config.default_registry),
@@ -384,8 +406,8 @@ def wire(
             tokens,
             count_request,
         ),
-        usage=lambda request: render_usage(config, note, request, metrics),
-        metrics=MetricsResource(metrics),
+        usage=usage,
+        metrics=MetricsResource(metrics, figures.allows),
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
         guard=Guard(config.access, login, now=clock.seconds, tokens=tokens),
@@ -393,7 +415,7 @@ def wire(
     site.count_body = lambda source, size: metrics.bytes_served.labels(source).inc(size)
     if config.access_log:
         site.combined_log = CombinedLog(Path(config.access_log))
-    return Wiring(site, targets, store, metrics)
+    return Wiring(site, targets, store, metrics, history)
 
 
 def build_service(
@@ -420,6 +442,7 @@ def build_service(
     service = MirrordService(
         reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker
     )
+    wiring.history.setServiceParent(service)
     if acme_by is not None:
         http = HTTP01Responder() if acme_by == "http-01" else None
         acme = AcmeService(

@@ -18,6 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mirrord.front import accesslog
 from mirrord.front.guard import Guard, GuardedRoot
+from mirrord.front.usage import CONTENT_SECURITY_POLICY
 from mirrord.registry import errors
 from mirrord.registry.errors import error_body
 from mirrord.registry.respond import client_address, plain_address, write_error
@@ -200,10 +201,11 @@ class _Root(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        request.setHeader(
-            b"Content-Security-Policy", b"default-src 'none'; style-src 'unsafe-inline'"
-        )
+        request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        # The language follows Accept-Language; the figures change by the minute.
+        request.setHeader(b"Vary", b"Accept-Language")
+        request.setHeader(b"Cache-Control", b"no-store")
         return self._usage(request)
 
     render_HEAD = render_GET

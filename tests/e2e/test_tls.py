@@ -92,7 +92,8 @@ def test_first_start_makes_self_signed_certificate(workdir: Path) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             with context.wrap_socket(raw) as tls:
                 tls.sendall(
-                    b"GET / HTTP/1.1\r\nHost: mirror.example.com\r\nConnection: close\r\n\r\n"
+                    b"GET / HTTP/1.1\r\nHost: mirror.example.com\r\nAccept-Language: en\r\n"
+                    b"Connection: close\r\n\r\n"
                 )
                 page = b""
                 while chunk := tls.recv(65536):

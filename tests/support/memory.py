@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from mirrord.config import Access, CacheConfig, Config, Registry, Timeouts
+from mirrord.config import Access, CacheConfig, Config, MetricsAccess, Registry, Timeouts
 from mirrord.daemon.tap import wire
 from mirrord.front.login import Runner, run_inline
 from mirrord.front.usage import CertificateNote
@@ -59,6 +59,7 @@ class MemoryMirror:
         cache: CacheConfig | None = DEFAULT_CACHE,
         registries: dict[str, Registry] | None = None,
         access: Access | None = None,
+        metrics: MetricsAccess | None = None,
         hashers: Callable[[str], Hasher] = InlineHasher,
         login_checks: Runner = run_inline,
     ) -> None:
@@ -89,6 +90,7 @@ class MemoryMirror:
             timeouts=timeouts,
             cache=cache or CacheConfig(enabled=False),
             access=access or Access(),
+            metrics=metrics or MetricsAccess(),
             registries={
                 "docker.io": Registry("docker.io", upstreams, "library"),
                 **(registries or {}),
@@ -99,6 +101,9 @@ class MemoryMirror:
         self.wiring = wire(config, self.upstream, self.clock, note, hashers, login_checks)
         self.store = self.wiring.store
         self.metrics = self.wiring.metrics
+        # Traffic history, sampled each minute of the test clock.
+        self.history = self.wiring.history
+        self.history.startService()
         self.client = StubTreq(self.wiring.site.resource)
         # Serve with the daemon's own site (its request class, channel and
         # timeouts on the test clock), not treq's plain one.
