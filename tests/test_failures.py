@@ -212,3 +212,45 @@ class RetryAfterTests(SynchronousTestCase):
         self.mirror.clock.advance(21)
         self.pull()
         self.assertEqual(self.hub.counts["429"], 2)
+
+
+class DiskWorkOffTheReactorTests(SynchronousTestCase):
+    """A manifest's file, its tag's record and a blob's settled metadata are
+    written (and fsynced) through the disk worker, never on the reactor."""
+
+    def test_manifest_tag_and_meta_writes_go_through_the_worker(self) -> None:
+        from mirrord.store import disk
+        from mirrord.store.worker import InlineHasher
+
+        state = {"inside": False}
+        ran: list[str] = []
+        outside: list[str] = []
+
+        class Recording(InlineHasher):
+            def run(self, f, *args):
+                ran.append(getattr(f, "__name__", repr(f)))
+                state["inside"] = True
+                try:
+                    return super().run(f, *args)
+                finally:
+                    state["inside"] = False
+
+        real_write = disk._write_atomically
+
+        def guarded(path, data):
+            if not state["inside"]:
+                outside.append(str(path))
+            return real_write(path, data)
+
+        self.patch(disk, "_write_atomically", guarded)
+        mirror = MemoryMirror(
+            self, Path(tempfile.mkdtemp()), hashers=Recording, cache=CacheConfig(tag_ttl=0)
+        )
+        alice = {**ACCEPT, **mirror.pull_headers("alice/private", auth=("alice", "secret"))}
+        self.assertEqual(mirror.get("/v2/alice/private/manifests/latest", alice).code, 200)
+        blob = next(d for d in mirror.private.blobs if d != mirror.private.manifest_digest)
+        self.assertEqual(mirror.get(f"/v2/alice/private/blobs/{blob}", alice).code, 200)
+        mirror.clock.advance(1)
+        self.assertIn("write_bytes", ran)  # the manifest
+        self.assertIn("write_tag_file", ran)  # its tag
+        self.assertEqual(outside, [])

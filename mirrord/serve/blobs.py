@@ -5,6 +5,8 @@ from disk (``mirrord.store.fill``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 from twisted.internet.defer import ensureDeferred
@@ -152,8 +154,18 @@ class Blobs(CacheContext):
     async def _settle_publicity(self, fill: Fill, name: str, path: str) -> None:
         # Before publication the meta is written with the blob; after, update it.
         fill.meta.public = await self.access.is_public(name, path)
-        if fill.entry is not None:
-            self.store.update_meta(fill.digest, fill.meta)
+        entry = self.store.entries.get(fill.digest) if fill.entry is not None else None
+        if entry is not None:
+            entry.meta = fill.meta
+            # The file (and its fsync) on the disk worker.
+            meta = json.dumps(dataclasses.asdict(fill.meta)).encode()
+            self.hashers("sha256").run(self.store.write_meta, fill.digest, meta).addErrback(
+                lambda f: log.warn(
+                    "cannot update {digest}'s metadata: {error}",
+                    digest=fill.digest,
+                    error=str(f.value),
+                )
+            )
 
     async def _send_blob(
         self,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
@@ -21,7 +22,8 @@ from mirrord.registry.respond import API_VERSION
 from mirrord.serve.answer import copy_headers, note_cache, note_upstream, write_answer
 from mirrord.serve.cached import OCTET_STREAM, CacheContext, accepts, drop
 from mirrord.serve.privacy import credential_of
-from mirrord.store.disk import Entry, Meta, TagRecord
+from mirrord.store.disk import Entry, Meta, TagRecord, write_tag_file
+from mirrord.store.worker import put_bytes
 from mirrord.upstream.bodies import BodyTooLarge, read_small_body
 from mirrord.upstream.chain import FAILOVER_CODES, Answer
 
@@ -183,9 +185,8 @@ class Manifests(CacheContext):
         if digest.startswith("sha256:"):
             public = await self._publicity(headers, name, path)
             try:
-                self.store.put_bytes(
-                    digest, body, Meta(media_type, name, public, self.registry.name)
-                )
+                meta = Meta(media_type, name, public, self.registry.name)
+                await put_bytes(self.store, self.hashers("sha256"), digest, body, meta)
                 self.store.evict()
             except OSError as e:
                 # The client still gets the manifest; only the cache misses out.
@@ -204,10 +205,20 @@ class Manifests(CacheContext):
         stale serving (failing to write is no reason to fail the pull)."""
         if self.config.tag_ttl > 0:
             self._fresh.put((name, tag), record, self.config.tag_ttl)
-        try:
-            self.tags.put(self.registry.name, name, tag, record)
-        except OSError as e:
-            log.warn("cannot record tag {name}:{tag}: {error}", name=name, tag=tag, error=str(e))
+        job = self.tags.prepare(self.registry.name, name, tag, record)
+        if job is None:
+            return
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "cannot record tag {name}:{tag}: {error}",
+                name=name,
+                tag=tag,
+                error=str(failure.value),
+            )
+
+        # The file (and its fsync) on the disk worker; the index has it now.
+        self.hashers("sha256").run(write_tag_file, *job).addErrback(failed)
 
     async def _head_tag(self, tag: str, name: str, path: str, headers: Headers) -> Answer:
         """HEAD a tag upstream, sharing one HEAD between concurrent pulls

@@ -230,13 +230,6 @@ class BlobStore:
             self._pins = None  # a pinned manifest arrived: its children are pinned too
         return entry
 
-    def update_meta(self, digest: str, meta: Meta) -> None:
-        entry = self.entries.get(digest)
-        if entry is None:
-            return
-        entry.meta = meta
-        self.write_meta(digest, json.dumps(asdict(meta)).encode())
-
     def write_meta(self, digest: str, meta: bytes) -> None:
         """Replace a blob's ``meta.json`` (blocks on an fsync)."""
         _write_atomically(self.blob_dir(digest) / "meta.json", meta)
@@ -427,19 +420,29 @@ class TagStore:
             yield name, path.name.removesuffix(".json"), record
 
     def put(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
+        """Record a tag now, blocking on the disk (see ``prepare``)."""
+        job = self.prepare(registry, name, tag, record)
+        if job is not None:
+            write_tag_file(*job)
+
+    def prepare(
+        self, registry: str, name: str, tag: str, record: TagRecord
+    ) -> tuple[Path, bytes] | None:
+        """Update the index with a tag's record; return the file to write
+        (path, bytes) for the disk worker, or ``None`` when the file on disk
+        may stay as it is."""
         old = self.get(registry, name, tag)
         if (
             old is not None
             and dataclasses.replace(old, fetched=record.fetched) == record
             and record.fetched - old.fetched < TAG_REFRESH_EVERY
         ):
-            return  # unchanged and recent: keep the time on disk (errs stale-safe)
+            return None  # unchanged and recent: keep the time on disk (errs stale-safe)
         path = self._path(registry, name, tag)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, json.dumps(asdict(record)).encode())
         self._known[path] = record
         if old is None or old.digest != record.digest:
             self.version += 1
+        return path, json.dumps(asdict(record)).encode()
 
 
 def _read_tag(path: Path) -> TagRecord | None:
@@ -447,6 +450,12 @@ def _read_tag(path: Path) -> TagRecord | None:
         return TagRecord(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def write_tag_file(path: Path, data: bytes) -> None:
+    """A tag record's file, written whole (blocks on an fsync)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, data)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
