@@ -52,7 +52,7 @@ class ConfigTests(SynchronousTestCase):
             "[timeouts]\nconnect = 2\nresponse = 3.5\nbody_idle = 4\nclient_idle = 5\n"
             '[cache]\nenabled = false\nmax_size = "2MB"\nhigh_watermark = 0.9\n'
             "low_watermark = 0.5\nstale_max_age = 60\nfill_timeout = 70\nauth_ttl = 80\n"
-            "tag_ttl = 5\n"
+            "tag_ttl = 5\nresume_attempts = 2\n"
             'pinned = ["library/*"]\n'
             '[access]\nblock_user_agents = ["^curl/"]\nallow_clients = ["10.0.0.0/8"]\n'
             'trusted_proxies = ["127.0.0.1"]\nmax_connections_per_client = 3\n'
@@ -80,7 +80,7 @@ class ConfigTests(SynchronousTestCase):
             access_log="/tmp/access.log",
             default_registry="ghcr.io",
             timeouts=Timeouts(2, 3.5, 4, 5),
-            cache=CacheConfig(False, 2_000_000, 0.9, 0.5, 60, 70, 80, 5, ("library/*",)),
+            cache=CacheConfig(False, 2_000_000, 0.9, 0.5, 60, 70, 80, 5, 2, ("library/*",)),
             access=Access(
                 ("^curl/",),
                 ("10.0.0.0/8",),
@@ -159,6 +159,7 @@ class ConfigTests(SynchronousTestCase):
                 fill_timeout=600.0,
                 auth_ttl=300.0,
                 tag_ttl=60.0,
+                resume_attempts=3,
                 pinned=("library/*", "myorg/app:1.*"),
             ),
             access=Access(
