@@ -161,3 +161,27 @@ class ResumeTests(SynchronousTestCase):
         self.assertEqual(ranged.data, self.data[300_000:])
         self.assertEqual(first.data, self.data)
         self.assertEqual((self.hub.counts["cdn GET"], self.hub.counts["cdn ranged"]), (1, 0))
+
+    def test_range_on_disk_does_not_wait_for_the_fill(self) -> None:
+        """A Range request whose bytes are all on disk completes while the fill is still running."""
+        self.hub.cdn_hold_at = 100_000
+        self.start()
+        self.mirror.settle()
+        d, ranged = self.start({"Range": "bytes=1000-1999"})
+        self.mirror.settle()
+        self.assertEqual(self.successResultOf(d).code, 206)
+        self.assertTrue(ranged.whole, ranged.reason)
+        self.assertEqual(ranged.data, self.data[1000:2000])
+        self.assertIsNone(self.mirror.store.get(self.digest))  # the fill is still held
+
+    def test_head_of_a_blob_being_filled_answers_from_the_fill(self) -> None:
+        """HEAD of a blob being filled gives its size without asking upstream."""
+        self.hub.cdn_hold_at = 100_000
+        self.start()
+        self.mirror.settle()
+        requests = self.hub.counts["requests"]
+        reply = self.mirror.request("HEAD", self.path, self.headers)
+        self.assertEqual((reply.code, reply.header("content-length")), (200, str(SIZE)))
+        self.assertEqual(reply.header("docker-content-digest"), self.digest)
+        self.assertEqual(self.hub.counts["requests"], requests)
+        self.assertEqual(self.hub.counts["cdn HEAD"], 0)

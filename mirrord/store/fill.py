@@ -529,6 +529,10 @@ class FileStreamer:
         if end is None:
             # Chunked to the client: the final chunk waits for verification.
             return fill.written
+        if fill.expected_size is not None and end < fill.expected_size:
+            # A range short of the blob's end (a client resuming, or
+            # fetching a part): it is not the blob, nothing to hold back.
+            return min(fill.written, end)
         # Hold the last byte back until the blob is verified.
         return min(fill.written, end - 1)
 
