@@ -14,6 +14,8 @@ from typing import Any
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from tests.support.memory import MIRROR, MemoryMirror
 
@@ -185,3 +187,68 @@ class ResumeTests(SynchronousTestCase):
         self.assertEqual(reply.header("docker-content-digest"), self.digest)
         self.assertEqual(self.hub.counts["requests"], requests)
         self.assertEqual(self.hub.counts["cdn HEAD"], 0)
+
+
+class OddRanges(Resource):
+    """An upstream (no CDN) that cuts its first body after ``cut_at`` bytes
+    and answers a Range request with the whole blob (``mode="ignore"``) or
+    with a range from the wrong offset (``mode="wrong"``)."""
+
+    isLeaf = True
+
+    def __init__(self, data: bytes, cut_at: int, mode: str) -> None:
+        super().__init__()
+        self.data, self.cut_at, self.mode = data, cut_at, mode
+        self.gets: list[bytes | None] = []
+
+    def render_GET(self, request: Request) -> bytes:
+        spec = request.getHeader(b"range")
+        self.gets.append(spec)
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if spec is None or self.mode == "ignore":
+            body = self.data
+        else:
+            first = int(spec[6:].split(b"-")[0]) - 1  # "wrong": one byte early
+            body = self.data[first:]
+            request.setResponseCode(206)
+            request.setHeader(
+                b"content-range", b"bytes %d-%d/%d" % (first, len(self.data) - 1, len(self.data))
+            )
+        request.setHeader(b"content-length", b"%d" % len(body))
+        if len(self.gets) == 1:
+            request.write(body[: self.cut_at])
+            request.channel.transport.loseConnection()
+            return NOT_DONE_YET
+        return body
+
+
+class OddUpstreamTests(SynchronousTestCase):
+    def mirror(self, mode: str) -> tuple[MemoryMirror, OddRanges, bytes, str]:
+        tmp = Path(tempfile.mkdtemp())
+        mirror = MemoryMirror(self, tmp, upstreams=("http://odd.test",))
+        data = os.urandom(SIZE)
+        upstream = OddRanges(data, 250_000, mode)
+        mirror.add_host(b"odd.test", upstream)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        return mirror, upstream, data, f"/v2/library/x/blobs/{digest}"
+
+    def test_upstream_ignoring_range_still_completes_the_fill(self) -> None:
+        """A resume answered 200 (Range ignored): the bytes already held are
+        skipped and the client gets the blob once, whole."""
+        mirror, upstream, data, path = self.mirror("ignore")
+        reply = mirror.get(path)
+        self.assertEqual((reply.code, reply.body), (200, data))
+        self.assertEqual(upstream.gets, [None, b"bytes=250000-"])
+
+    def test_range_from_the_wrong_offset_is_not_taken(self) -> None:
+        """A 206 that does not start at the fill's offset is refused: each
+        attempt fails and the client is cut short rather than given wrong bytes."""
+        mirror, upstream, data, path = self.mirror("wrong")
+        body = Body()
+        d = mirror.client.get(MIRROR + path)
+        d.addCallback(lambda response: response.deliverBody(body))
+        d.addErrback(lambda _: None)
+        mirror.settle()
+        self.assertFalse(body.whole)
+        self.assertEqual(body.data, data[: len(body.data)])
+        self.assertEqual(len(upstream.gets), 1 + mirror.config.cache.resume_attempts)
