@@ -17,6 +17,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mirrord.config import CacheConfig
 from tests.support.memory import MIRROR, MemoryMirror
 
 SIZE = 600_000
@@ -141,6 +142,30 @@ class ResumeTests(SynchronousTestCase):
         self.mirror.settle()
         self.assertTrue(body.whole, body.reason)
         self.assertEqual(body.data, self.data)
+
+    def test_resumes_stop_at_fill_timeout(self) -> None:
+        """Resumes are tried only within fill_timeout of the first cut, even
+        with attempts left: then the client is cut off and nothing is cached."""
+        mirror = MemoryMirror(
+            self, Path(tempfile.mkdtemp()), cache=CacheConfig(tag_ttl=0, fill_timeout=100)
+        )
+        blob = Path(tempfile.mkdtemp()) / "blob"
+        blob.write_bytes(self.data)
+        mirror.hub.add_blob_file(self.digest, blob)
+        headers = mirror.pull_headers("library/alpine")
+        mirror.hub.cdn_hold_at = 100_000  # every body stalls after 100 kB
+        body = Body()
+        d = mirror.client.get(MIRROR + self.path, headers=headers)
+        d.addCallback(lambda response: response.deliverBody(body))
+        mirror.settle()
+        for _ in range(4):
+            mirror.clock.advance(mirror.config.timeouts.body_idle + 1)
+            mirror.settle()
+        # Cuts at 61 s (resume), 122 s (resume, 61 s after the first), 183 s (past 100 s: fail).
+        self.assertEqual(mirror.hub.counts["cdn ranged"], 2)
+        self.assertFalse(body.whole)
+        self.assertIsNotNone(body.reason)
+        self.assertIsNone(mirror.store.get(self.digest))
 
     def test_range_of_a_blob_being_filled_is_served_from_the_fill(self) -> None:
         """A client's Range request while the blob is being filled gets its
