@@ -248,9 +248,6 @@ class Fill(Protocol):
         if not reason.check(ResponseDone, PotentialDataLoss):
             self._cut(f"upstream body failed: {reason.value!r}")
             return
-        if self.expected_size is not None and self.received < self.expected_size:
-            self._cut(f"upstream body ended at {self.received} of {self.expected_size} bytes")
-            return
         # The worker may still hold bytes: its progress keeps this alive.
         self._still_going()
         self.hasher.hexdigest().addCallbacks(self._hashed, self._not_hashed)
