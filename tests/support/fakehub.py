@@ -78,7 +78,7 @@ class HubState:
     cdn_hold_at: int | None = None
     cdn_held: list[tuple[Request, Path, int, int]] = field(default_factory=list)
     # When set, the CDN closes the connection after this many bytes of a
-    # blob body, for the next ``cdn_cuts`` bodies (negative: every one).
+    # longer blob body, for the next ``cdn_cuts`` bodies (negative: every one).
     # Ranged GETs are counted in ``counts["cdn ranged"]``.
     cdn_cut_at: int | None = None
     cdn_cuts: int = 1
@@ -356,7 +356,8 @@ class Cdn(Resource):
             self.state.cdn_held.append((request, path, first + hold, last - first + 1 - hold))
             return NOT_DONE_YET
         cut = None
-        if self.state.cdn_cut_at is not None and self.state.cdn_cuts != 0:
+        cut_at = self.state.cdn_cut_at
+        if cut_at is not None and last - first + 1 > cut_at and self.state.cdn_cuts != 0:
             cut = self.state.cdn_cut_at
             self.state.cdn_cuts -= 1 if self.state.cdn_cuts > 0 else 0
             self.state.counts["cdn cuts"] += 1
