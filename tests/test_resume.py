@@ -95,6 +95,20 @@ class ResumeTests(SynchronousTestCase):
         self.assertEqual(registry[1].get("range"), ["bytes=200000-"])
         self.assertEqual(registry[1]["authorization"], registry[0]["authorization"])
 
+    def test_refused_resume_is_asked_again(self) -> None:
+        """A resume the CDN refuses (403, an expired signed URL) is tried
+        again through the registry, and the client still gets the whole blob."""
+        self.hub.cdn_cut_at, self.hub.cdn_cuts = 200_000, 1
+        self.hub.cdn_refuse_ranged = 1
+        d, body = self.start()
+        self.mirror.settle()
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertTrue(body.whole, body.reason)
+        self.assertEqual(body.data, self.data)
+        self.assertEqual((self.hub.counts["cdn GET"], self.hub.counts["cdn ranged"]), (3, 2))
+        registry = [u for m, u, _ in self.hub.seen if m == "GET" and u.startswith("/v2/library")]
+        self.assertEqual(len(registry), 3)
+
     def test_cut_every_time_aborts_the_client_and_caches_nothing(self) -> None:
         """A CDN that always cuts: after resume_attempts resumes the client
         is cut off short, nothing is cached, and the next request starts afresh."""

@@ -82,6 +82,9 @@ class HubState:
     # Ranged GETs are counted in ``counts["cdn ranged"]``.
     cdn_cut_at: int | None = None
     cdn_cuts: int = 1
+    # The next this many ranged GETs are refused 403, as S3 refuses an
+    # expired signed URL.
+    cdn_refuse_ranged: int = 0
     media_types: dict[str, str] = field(default_factory=dict)
     ratelimit: bool = False
     retry_after: int | None = None
@@ -333,6 +336,10 @@ class Cdn(Resource):
         spec = request.getHeader(b"range")
         if spec is not None:
             self.state.counts["cdn ranged"] += 1
+            if self.state.cdn_refuse_ranged > 0:
+                self.state.cdn_refuse_ranged -= 1
+                request.setResponseCode(403)
+                return b"<Error><Code>AccessDenied</Code><Message>expired</Message></Error>"
             start, _, end = spec.decode().removeprefix("bytes=").partition("-")
             first = int(start) if start else size - int(end)
             last = min(int(end), size - 1) if start and end else size - 1
