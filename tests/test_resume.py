@@ -80,6 +80,7 @@ class ResumeTests(SynchronousTestCase):
         self.assertEqual((self.hub.counts["cdn GET"], self.hub.counts["cdn ranged"]), (2, 1))
         ranged = [h for m, _, h in self.hub.seen if "range" in h]
         self.assertEqual(ranged[0]["range"], ["bytes=200000-"])
+        self.assertEqual(self.mirror.metrics.value("mirrord_fill_resumes_total"), 1)
         self.published()
         reply = self.mirror.get(self.path, self.headers)
         self.assertEqual((reply.header("x-mirrord-cache"), reply.body), ("HIT", self.data))

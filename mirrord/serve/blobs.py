@@ -135,6 +135,7 @@ class Blobs(CacheContext):
                 resume=lambda offset: self._resume(path, headers, offset),
                 resume_attempts=self.config.resume_attempts,
                 resume_window=self.config.fill_timeout,
+                on_resume=lambda _: self.metrics.resumes.inc(),
             )
         except OSError as e:
             # A full disk or no free descriptor: the client still gets the

@@ -139,6 +139,7 @@ class Fill(Protocol):
         resume: Resume | None = None,
         resume_attempts: int = 0,
         resume_window: float = 600.0,
+        on_resume: Callable[[int], None] = lambda offset: None,
     ) -> None:
         self.store = store
         self.digest = digest
@@ -178,6 +179,7 @@ class Fill(Protocol):
         self._resume = resume
         self._resume_attempts = resume_attempts
         self._resume_window = resume_window
+        self._on_resume = on_resume
         self._first_cut: float | None = None
         self._resuming: Deferred[IResponse | None] | None = None
         hasher.begin(self.temp, self._written, self._disk_failed)
@@ -297,6 +299,7 @@ class Fill(Protocol):
             self._idle = self._clock.callLater(self._body_idle, self._idle_out)
         self._still_going()
         offset = self.received
+        self._on_resume(offset)
         self._resuming = resuming = self._resume(offset)
         resuming.addCallbacks(self._resumed, self._not_resumed, callbackArgs=(offset,))
 
