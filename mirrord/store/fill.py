@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -106,7 +107,7 @@ class _Part(Protocol):
         self.fill._lost(self, reason)
 
 
-def range_start(headers: Any) -> tuple[int, int | None] | None:
+def range_start(headers: Headers) -> tuple[int, int | None] | None:
     """(first byte, total size or None) of ``Content-Range: bytes a-b/n``."""
     values = headers.getRawHeaders(b"content-range")
     if not values:
