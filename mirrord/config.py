@@ -70,6 +70,8 @@ class CacheConfig:
     # Seconds a tag revalidated upstream is answered from the cache without
     # asking again (0: every pull asks). See README ("Tags").
     tag_ttl: float = 60.0
+    # Times a fill cut off upstream resumes with Range (0: a cut fails it).
+    resume_attempts: int = 3
     pinned: tuple[str, ...] = ()
     # Images pulled through the mirror at start and every warm_interval
     # seconds ("name:tag" or "name@sha256:..."). See README ("Warm images").
@@ -237,6 +239,7 @@ _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
     "fill_timeout": (int, float),
     "auth_ttl": (int, float),
     "tag_ttl": (int, float),
+    "resume_attempts": int,
     "pinned": list,
     "warm": list,
     "warm_interval": (int, float),
@@ -452,6 +455,8 @@ def _cache(where: str, table: Mapping[str, Any]) -> CacheConfig:
             raise ConfigError(f"{where}: key {key!r} must be positive")
     if cache.tag_ttl < 0:
         raise ConfigError(f"{where}: key 'tag_ttl' must not be negative")
+    if cache.resume_attempts < 0:
+        raise ConfigError(f"{where}: key 'resume_attempts' must not be negative")
     return cache
 
 

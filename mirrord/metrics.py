@@ -50,6 +50,11 @@ class Metrics:
             "Upstream bodies that did not match their digest",
             registry=r,
         )
+        self.resumes = Counter(
+            "mirrord_fill_resumes",
+            "Range requests made to resume a fill whose upstream body was cut",
+            registry=r,
+        )
         self.cache_size = Gauge("mirrord_cache_size_bytes", "Bytes in the blob cache", registry=r)
         self.cache_entries = Gauge("mirrord_cache_entries", "Blobs in the cache", registry=r)
         self.cache_limit = Gauge(

@@ -57,7 +57,7 @@ class ConfigTests(SynchronousTestCase):
             "[timeouts]\nconnect = 2\nresponse = 3.5\nbody_idle = 4\nclient_idle = 5\n"
             '[cache]\nenabled = false\nmax_size = "2MB"\nhigh_watermark = 0.9\n'
             "low_watermark = 0.5\nstale_max_age = 60\nfill_timeout = 70\nauth_ttl = 80\n"
-            "tag_ttl = 5\n"
+            "tag_ttl = 5\nresume_attempts = 2\n"
             'pinned = ["library/*"]\n'
             'warm = ["library/alpine:3.20", "library/busybox@sha256:' + "a" * 64 + '"]\n'
             "warm_interval = 600\n"
@@ -105,6 +105,7 @@ class ConfigTests(SynchronousTestCase):
                 70,
                 80,
                 5,
+                2,
                 ("library/*",),
                 ("library/alpine:3.20", "library/busybox@sha256:" + "a" * 64),
                 600,
@@ -197,6 +198,7 @@ class ConfigTests(SynchronousTestCase):
                 fill_timeout=600.0,
                 auth_ttl=300.0,
                 tag_ttl=60.0,
+                resume_attempts=3,
                 pinned=("library/*", "myorg/app:1.*"),
                 warm=("library/alpine:3.20", "library/nginx:latest"),
                 warm_interval=21600.0,

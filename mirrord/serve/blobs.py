@@ -9,11 +9,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
 from mirrord.registry import errors
@@ -134,6 +134,10 @@ class Blobs(CacheContext):
                 self.timeouts.body_idle,
                 self.config.fill_timeout,
                 on_mismatch=lambda _: self.metrics.mismatches.inc(),
+                resume=lambda offset: self._resume(path, headers, offset),
+                resume_attempts=self.config.resume_attempts,
+                resume_window=self.config.fill_timeout,
+                on_resume=lambda _: self.metrics.resumes.inc(),
             )
         except OSError as e:
             # A full disk or no free descriptor: the client still gets the
@@ -150,6 +154,29 @@ class Blobs(CacheContext):
                 lambda f: log.failure("publicity check failed", f)
             )
         return fill, answer
+
+    def _resume(self, path: str, headers: Headers, offset: int) -> Deferred[IResponse | None]:
+        """The blob again from byte ``offset``, for a fill whose upstream
+        body was cut. A fresh GET to the registry, not the CDN URL again:
+        the signed URL may have expired. Same headers as the first GET (the
+        client's credentials or the mirror's identity): a fill outlives the
+        client that started it, and must not read as anyone else."""
+        return ensureDeferred(self._resume_from(path, headers, offset))
+
+    async def _resume_from(self, path: str, headers: Headers, offset: int) -> IResponse | None:
+        ranged = Headers(dict(headers.getAllRawHeaders()))
+        ranged.setRawHeaders(b"range", [b"bytes=%d-" % offset])
+        answer = await self.chain.request(b"GET", path, ranged)
+        if answer.code in (200, 206) and answer.body is None:
+            return answer.response
+        log.warn(
+            "resume of {path} from {offset} answered {code}",
+            path=path,
+            offset=offset,
+            code=answer.code,
+        )
+        drop(answer, self.clock, self.timeouts.body_idle)
+        return None
 
     async def _settle_publicity(self, fill: Fill, name: str, path: str) -> None:
         # Before publication the meta is written with the blob; after, update it.

@@ -12,6 +12,14 @@ connection is aborted instead. A fill does not depend on its readers: when
 the last one leaves it still completes, bounded by a timeout, so a retry is
 a hit.
 
+A fill survives a cut: when its upstream body stops early (the connection
+closed, an error, no progress for ``body_idle``) it asks its owner for a
+continuation body from the bytes it has received (a ``Range`` request,
+``resume``), up to ``resume_attempts`` times within ``resume_window``
+seconds of the first cut, and takes that body's bytes as if the first had
+gone on: the hash continues over them, readers never see the seam. Only
+when every attempt failed does the fill fail.
+
 When the disk fails the cache, not the client: a temporary file that
 cannot be created raises ``StoreUnavailable`` from ``Fill()`` before
 anything is sent; a write that fails mid-fill fails the fill once, with
@@ -26,20 +34,22 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from mirrord.store.disk import BlobStore, Entry, Meta, matches
 from mirrord.store.worker import Hasher
 from mirrord.tuning import send_room
-from mirrord.upstream.bodies import abort_client
+from mirrord.upstream.bodies import abort_client, discard_body
 
 log = Logger()
 
@@ -66,6 +76,50 @@ class StoreFailed(FillFailed):
         self.written = written
 
 
+# Asks the upstream again for the blob from byte ``offset`` on: a live
+# response whose body is not read yet, or None when the upstream refused.
+Resume = Callable[[int], "Deferred[IResponse | None]"]
+
+
+class _Part(Protocol):
+    """A continuation body, after a cut: its bytes go on from where the
+    fill's stopped. ``skip`` bytes are dropped first (an upstream that
+    ignored ``Range`` and sent the whole blob again)."""
+
+    def __init__(self, fill: Fill, skip: int) -> None:
+        self.fill = fill
+        self.skip = skip
+
+    def connectionMade(self) -> None:
+        self.fill._body_started(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.skip:
+            dropped = min(self.skip, len(data))
+            self.skip -= dropped
+            data = data[dropped:]
+            self.fill._still_going()
+            if not data:
+                return
+        self.fill._data(self, data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.fill._lost(self, reason)
+
+
+def range_start(headers: Headers) -> tuple[int, int | None] | None:
+    """(first byte, total size or None) of ``Content-Range: bytes a-b/n``."""
+    values = headers.getRawHeaders(b"content-range")
+    if not values:
+        return None
+    unit, _, rest = values[-1].strip().partition(b" ")
+    span, _, total = rest.partition(b"/")
+    first = span.partition(b"-")[0]
+    if unit.lower() != b"bytes" or not first.isdigit():
+        return None
+    return int(first), int(total) if total.isdigit() else None
+
+
 class Fill(Protocol):
     """One upstream body becoming one verified blob in the store.
 
@@ -83,6 +137,10 @@ class Fill(Protocol):
         body_idle: float,
         orphan_timeout: float,
         on_mismatch: Callable[[str], None] = lambda digest: None,
+        resume: Resume | None = None,
+        resume_attempts: int = 0,
+        resume_window: float = 600.0,
+        on_resume: Callable[[int], None] = lambda offset: None,
     ) -> None:
         self.store = store
         self.digest = digest
@@ -93,6 +151,11 @@ class Fill(Protocol):
         self.hexdigest = ""
         # Bytes in the temporary file (not merely received): readers' limit.
         self.written = 0
+        # Bytes handed to the disk worker: where a resumed body starts (the
+        # worker's queue lies between the two; it is in order, so the hash
+        # continues over the continuation's bytes).
+        self.received = 0
+        self.resumes = 0
         self.entry: Entry | None = None
         self.verified = False
         # Why the fill failed; readers stop at once.
@@ -110,6 +173,16 @@ class Fill(Protocol):
         self._orphaned: IDelayedCall | None = None
         self._waiting_for_disk = False
         self._body_ended = False
+        # The body whose bytes count (this fill itself, then a _Part per
+        # resume); None while a resume is being asked for.
+        self._body: Protocol | None = None
+        self._upstream: Any = None
+        self._resume = resume
+        self._resume_attempts = resume_attempts
+        self._resume_window = resume_window
+        self._on_resume = on_resume
+        self._first_cut: float | None = None
+        self._resuming: Deferred[IResponse | None] | None = None
         hasher.begin(self.temp, self._written, self._disk_failed)
 
     @property
@@ -117,13 +190,26 @@ class Fill(Protocol):
         return self.entry is not None or self.error is not None or self.unpublished is not None
 
     def connectionMade(self) -> None:
-        self._idle = self._clock.callLater(
-            self._body_idle, self._abandon, "no progress from the upstream or the disk"
-        )
+        self._body_started(self)
+        self._idle = self._clock.callLater(self._body_idle, self._idle_out)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.finished:
+        self._data(self, data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._lost(self, reason)
+
+    def _body_started(self, body: Protocol) -> None:
+        self._body = body
+        self._body_ended = False
+        self._upstream = body.transport
+        if self._waiting_for_disk:
+            self._upstream.pauseProducing()
+
+    def _data(self, body: Protocol, data: bytes) -> None:
+        if self.finished or body is not self._body:
             return
+        self.received += len(data)
         self.hasher.update(data)
         self._still_going()
         if self.hasher.congested() and not self._waiting_for_disk and not self.finished:
@@ -145,27 +231,125 @@ class Fill(Protocol):
         """Hold the upstream while the disk worker catches up: its queue is
         memory, shared by every fill."""
         self._waiting_for_disk = True
-        self.transport.pauseProducing()
+        self._upstream.pauseProducing()
 
         def resume(_: object) -> None:
             self._waiting_for_disk = False
-            if not self.finished and not self._body_ended:
+            if not self.finished and not self._body_ended and self._body is not None:
                 self._still_going()
-                self.transport.resumeProducing()
+                self._upstream.resumeProducing()
 
         self.hasher.drained().addBoth(resume)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def _lost(self, body: Protocol, reason: Failure) -> None:
+        if body is not self._body:
+            return  # a body given up on after a cut
         self._body_ended = True
         if self.finished:
             self._cancel_timers()
             return
         if not reason.check(ResponseDone, PotentialDataLoss):
-            self._fail(f"upstream body failed: {reason.value!r}")
+            self._cut(f"upstream body failed: {reason.value!r}")
             return
         # The worker may still hold bytes: its progress keeps this alive.
         self._still_going()
         self.hasher.hexdigest().addCallbacks(self._hashed, self._not_hashed)
+
+    def _idle_out(self) -> None:
+        """Nothing moved for ``body_idle``: a stalled upstream is a cut; a
+        stalled resume request is a failed attempt; a stalled disk fails."""
+        if self.finished:
+            return
+        if self._resuming is not None:
+            self._resuming.cancel()  # its errback counts the attempt
+        elif self._body is not None and not self._body_ended:
+            self._body = None
+            self._upstream.stopProducing()
+            self._cut("no progress from the upstream")
+        else:
+            self._abandon("no progress from the disk")
+
+    def _cut(self, why: str) -> None:
+        """The upstream body stopped before the blob's end: ask for the
+        rest, or fail when no attempt is left."""
+        self._body = None
+        now = self._clock.seconds()
+        if self._first_cut is None:
+            self._first_cut = now
+        if (
+            self._resume is None
+            or self.resumes >= self._resume_attempts
+            or now - self._first_cut > self._resume_window
+        ):
+            tried = f" ({self.resumes} resumes)" if self.resumes else ""
+            log.warn(
+                "fill of {digest} failed: {why}{tried}", digest=self.digest, why=why, tried=tried
+            )
+            self._fail(why + tried)
+            return
+        self.resumes += 1
+        log.warn(
+            "fill of {digest} cut at {offset} bytes ({why}): resume {attempt} of {attempts}",
+            digest=self.digest,
+            offset=self.received,
+            why=why,
+            attempt=self.resumes,
+            attempts=self._resume_attempts,
+        )
+        if self._idle is None or not self._idle.active():
+            self._idle = self._clock.callLater(self._body_idle, self._idle_out)
+        self._still_going()
+        offset = self.received
+        self._on_resume(offset)
+        self._resuming = resuming = self._resume(offset)
+        resuming.addCallbacks(self._resumed, self._not_resumed, callbackArgs=(offset,))
+
+    def _resumed(self, response: IResponse | None, offset: int) -> None:
+        self._resuming = None
+        if self.finished:
+            if response is not None:
+                discard_body(response, self._clock, self._body_idle)
+            return
+        if response is None:
+            self._cut("the upstream refused to resume")
+            return
+        skip = 0
+        if response.code == 206:
+            span = range_start(response.headers)
+            total = None if span is None else span[1]
+            if (
+                span is None
+                or span[0] != offset
+                or (None not in (total, self.expected_size) and total != self.expected_size)
+            ):
+                discard_body(response, self._clock, self._body_idle)
+                self._cut(f"asked for bytes from {offset}, got a range {span}")
+                return
+        elif response.code == 200 and (
+            response.length is UNKNOWN_LENGTH
+            or self.expected_size is None
+            or response.length == self.expected_size
+        ):
+            # The upstream ignored Range: the whole blob again. Dropping what
+            # we have costs bandwidth, not memory, and still completes the
+            # fill (and the digest is checked over the whole); giving up
+            # would fail every fill behind such an upstream.
+            skip = offset
+        else:
+            discard_body(response, self._clock, self._body_idle)
+            self._cut(f"the upstream answered {response.code} to a resume")
+            return
+        self._still_going()
+        response.deliverBody(_Part(self, skip))
+
+    def _not_resumed(self, failure: Failure) -> None:
+        self._resuming = None
+        if self.finished:
+            return
+        if failure.check(CancelledError):
+            self._cut("the resume request stalled")
+        else:
+            self._cut(f"cannot resume: {failure.value!r}")
 
     def _not_hashed(self, failure: Failure) -> None:
         if not self.finished:
@@ -259,11 +443,15 @@ class Fill(Protocol):
         self._release_upstream()
 
     def _release_upstream(self) -> None:
-        if self.transport is not None and not self._body_ended:
-            self.transport.stopProducing()
+        if self._upstream is not None and self._body is not None and not self._body_ended:
+            self._body = None
+            self._upstream.stopProducing()
 
     def _fail(self, why: str, error: FillFailed | None = None) -> None:
         self._cancel_timers()
+        if self._resuming is not None:
+            resuming, self._resuming = self._resuming, None
+            resuming.cancel()
         self.error = why
         self.hasher.discard()
         self._wake()
@@ -342,6 +530,10 @@ class FileStreamer:
         if end is None:
             # Chunked to the client: the final chunk waits for verification.
             return fill.written
+        if fill.expected_size is not None and end < fill.expected_size:
+            # A range short of the blob's end (a client resuming, or
+            # fetching a part): it is not the blob, nothing to hold back.
+            return min(fill.written, end)
         # Hold the last byte back until the blob is verified.
         return min(fill.written, end - 1)
 

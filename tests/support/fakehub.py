@@ -77,6 +77,14 @@ class HubState:
     # rest until ``release_cdn()``: a fill stays in progress.
     cdn_hold_at: int | None = None
     cdn_held: list[tuple[Request, Path, int, int]] = field(default_factory=list)
+    # When set, the CDN closes the connection after this many bytes of a
+    # longer blob body, for the next ``cdn_cuts`` bodies (negative: every one).
+    # Ranged GETs are counted in ``counts["cdn ranged"]``.
+    cdn_cut_at: int | None = None
+    cdn_cuts: int = 1
+    # The next this many ranged GETs are refused 403, as S3 refuses an
+    # expired signed URL.
+    cdn_refuse_ranged: int = 0
     media_types: dict[str, str] = field(default_factory=dict)
     ratelimit: bool = False
     retry_after: int | None = None
@@ -327,6 +335,11 @@ class Cdn(Resource):
         first, last = 0, size - 1
         spec = request.getHeader(b"range")
         if spec is not None:
+            self.state.counts["cdn ranged"] += 1
+            if self.state.cdn_refuse_ranged > 0:
+                self.state.cdn_refuse_ranged -= 1
+                request.setResponseCode(403)
+                return b"<Error><Code>AccessDenied</Code><Message>expired</Message></Error>"
             start, _, end = spec.decode().removeprefix("bytes=").partition("-")
             first = int(start) if start else size - int(end)
             last = min(int(end), size - 1) if start and end else size - 1
@@ -349,7 +362,13 @@ class Cdn(Resource):
                 request.write(f.read(hold))
             self.state.cdn_held.append((request, path, first + hold, last - first + 1 - hold))
             return NOT_DONE_YET
-        FileRangeProducer(request, path, first, last - first + 1, self.state.counts).start()
+        cut = None
+        cut_at = self.state.cdn_cut_at
+        if cut_at is not None and last - first + 1 > cut_at and self.state.cdn_cuts != 0:
+            cut = self.state.cdn_cut_at
+            self.state.cdn_cuts -= 1 if self.state.cdn_cuts > 0 else 0
+            self.state.counts["cdn cuts"] += 1
+        FileRangeProducer(request, path, first, last - first + 1, self.state.counts, cut).start()
         return NOT_DONE_YET
 
 
@@ -363,9 +382,17 @@ class FileRangeProducer:
     chunk = 256 * 1024
 
     def __init__(
-        self, request: Request, path: Path, offset: int, length: int, counts: Counter | None = None
+        self,
+        request: Request,
+        path: Path,
+        offset: int,
+        length: int,
+        counts: Counter | None = None,
+        cut_at: int | None = None,
     ) -> None:
         self.counts = counts
+        # Close the connection after this many bytes: a cut transfer.
+        self.cut_at = cut_at
         self.request = request
         self.file = path.open("rb")
         self.file.seek(offset)
@@ -380,11 +407,22 @@ class FileRangeProducer:
 
     def _produce(self) -> None:
         while not self.paused and not self.stopped and self.left > 0:
-            data = self.file.read(min(self.chunk, self.left))
+            size = min(self.chunk, self.left)
+            if self.cut_at is not None:
+                size = min(size, self.cut_at)
+            data = self.file.read(size)
             self.left -= len(data)
             if self.counts is not None:
                 self.counts["cdn bytes"] += len(data)
             self.request.write(data)
+            if self.cut_at is not None:
+                self.cut_at -= len(data)
+                if self.cut_at == 0:
+                    self.stopped = True
+                    self.file.close()
+                    self.request.unregisterProducer()
+                    self.request.channel.transport.loseConnection()
+                    return
         if self.left == 0 and not self.stopped:
             self.stopped = True
             self.file.close()
