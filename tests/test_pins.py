@@ -147,3 +147,28 @@ class PinTests(SynchronousTestCase):
         self.reads.clear()
         self.assertEqual(self.publish_and_evict(10), [])
         self.assertEqual(self.reads, [])
+
+
+class TagRecordsFollowTheirManifestTests(SynchronousTestCase):
+    def test_evicted_manifest_takes_its_tag_records(self) -> None:
+        """Tag records go with their evicted manifest: the tags kept stay
+        bounded by the cache (a record alone could never be served)."""
+        root = Path(tempfile.mkdtemp())
+        store = BlobStore(root, 1000, 0.9, 0.8)
+        kept = b'{"keep": 1}'
+        gone = b'{"gone": 2}'
+        for data in (gone, kept):
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            store.put_bytes(digest, data, Meta("application/json", "library/app"))
+        store.tags.put("docker.io", "library/app", "old", TagRecord(_d(gone), "x", 11, 1.0, True))
+        store.tags.put("docker.io", "library/app", "new", TagRecord(_d(kept), "x", 11, 2.0, True))
+        store.entries[_d(gone)].last_access = 0
+        store.max_size = 15  # over the high watermark: the older manifest goes
+        self.assertEqual(store.evict(), [_d(gone)])
+        self.assertIsNone(store.tags.get("docker.io", "library/app", "old"))
+        self.assertFalse((root / "tags" / "docker.io" / "library/app" / "old.json").exists())
+        self.assertIsNotNone(store.tags.get("docker.io", "library/app", "new"))
+
+
+def _d(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

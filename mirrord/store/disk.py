@@ -353,6 +353,10 @@ class BlobStore:
             self._forget(entry)
             self._remove_files(entry.digest)
             removed.append(entry.digest)
+        # A tag record is only ever served with its manifest: it goes with
+        # it, so the tags kept (on disk and in memory) are bounded by the
+        # cache too.
+        self.tags.forget_digests(set(removed))
         return removed
 
     def _forget(self, entry: Entry) -> None:
@@ -418,6 +422,16 @@ class TagStore:
             relative = path.relative_to(self.root / "tags")
             name = "/".join(relative.parts[1:-1])
             yield name, path.name.removesuffix(".json"), record
+
+    def forget_digests(self, digests: set[str]) -> None:
+        """Drop the records of tags that point to any of ``digests``."""
+        if not digests:
+            return
+        for path, record in list(self._known.items()):
+            if record.digest in digests:
+                del self._known[path]
+                path.unlink(missing_ok=True)
+                self.version += 1
 
     def put(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
         """Record a tag now, blocking on the disk (see ``prepare``)."""
