@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import tempfile
 from collections.abc import Callable
 from email.utils import formatdate
@@ -254,3 +255,37 @@ class DiskWorkOffTheReactorTests(SynchronousTestCase):
         self.assertIn("write_bytes", ran)  # the manifest
         self.assertIn("write_tag_file", ran)  # its tag
         self.assertEqual(outside, [])
+
+
+class DiskFullMidFillTests(SynchronousTestCase):
+    def test_client_gets_the_rest_from_upstream_when_the_disk_fills(self) -> None:
+        """The disk fills up mid-fill: the client still gets the whole, right
+        blob (the rest passed through with one ranged request), nothing is
+        cached, and the log says why once."""
+        events = Events(self)
+        mirror = MemoryMirror(self, Path(tempfile.mkdtemp()))
+        layers = [d for d in mirror.alpine.blobs if d != mirror.alpine.manifest_digest]
+        blob = max(layers, key=lambda d: len(mirror.alpine.blobs[d]))
+        headers = mirror.pull_headers("library/alpine")
+        mirror.hub.cdn_hold_at = 10_000
+        pending = mirror.client.get(
+            "https://mirror.test" + f"/v2/library/alpine/blobs/{blob}", headers=headers
+        )
+        mirror.settle()
+        fill = mirror.wiring.in_flight.get(blob)
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, fill.temp._fd)  # no space left from now on
+        os.close(full)
+        mirror.hub.cdn_hold_at = None
+        mirror.hub.release_cdn()
+        mirror.settle()
+        response = self.successResultOf(pending)
+        self.assertEqual(response.code, 200)
+        body = self.successResultOf(treq.content(response))
+        self.assertEqual(_digest(body), blob)
+        mirror.clock.advance(1)
+        self.assertIsNone(mirror.store.get(blob))
+        ranged = [s for s in mirror.hub.seen if s[0] == "GET" and "range" in s[2]]
+        self.assertEqual(len(ranged), 2)  # the registry's GET and its CDN redirect
+        self.assertEqual(len(events.matching("fill of {digest} stopped")), 1)
+        self.assertEqual(events.failures(), [])

@@ -325,6 +325,8 @@ class Wiring:
     metrics: Metrics
     # Per-minute traffic for the status page; a service the daemon starts.
     history: History
+    # The fetches in flight, one per digest for the whole daemon.
+    in_flight: InFlight
 
 
 def wire(
@@ -415,7 +417,7 @@ def wire(
     site.count_body = lambda source, size: metrics.bytes_served.labels(source).inc(size)
     if config.access_log:
         site.combined_log = CombinedLog(Path(config.access_log))
-    return Wiring(site, targets, store, metrics, history)
+    return Wiring(site, targets, store, metrics, history, in_flight)
 
 
 def build_service(

@@ -21,8 +21,9 @@ from mirrord.registry.respond import API_VERSION, abort_client, write_error
 from mirrord.serve.answer import note_cache, note_upstream, write_answer
 from mirrord.serve.cached import OCTET_STREAM, CacheContext, drop
 from mirrord.store.disk import Entry, Meta
-from mirrord.store.fill import Fill, FillFailed, stream_file
+from mirrord.store.fill import Fill, FillFailed, StoreFailed, stream_file
 from mirrord.store.inflight import Starting
+from mirrord.upstream.bodies import relay_body
 from mirrord.upstream.chain import Answer
 
 log = Logger()
@@ -76,7 +77,13 @@ class Blobs(CacheContext):
                     return
                 if fill.error is None:
                     await self._send_blob(
-                        request, digest, fill.expected_size, fill.meta, "COALESCED", fill=fill
+                        request,
+                        digest,
+                        fill.expected_size,
+                        fill.meta,
+                        "COALESCED",
+                        fill=fill,
+                        upstream=(path, headers),
                     )
                     return
                 continue
@@ -105,7 +112,15 @@ class Blobs(CacheContext):
             return
         fill, answer = outcome
         note_upstream(request, answer)
-        await self._send_blob(request, digest, fill.expected_size, fill.meta, "MISS", fill=fill)
+        await self._send_blob(
+            request,
+            digest,
+            fill.expected_size,
+            fill.meta,
+            "MISS",
+            fill=fill,
+            upstream=(path, headers),
+        )
 
     async def _start_fill(
         self, digest: str, name: str, path: str, headers: Headers
@@ -178,6 +193,28 @@ class Blobs(CacheContext):
         drop(answer, self.clock, self.timeouts.body_idle)
         return None
 
+    async def _send_rest(
+        self, request: Request, upstream: tuple[str, Headers], first: int, last: int
+    ) -> None:
+        """The cache's disk failed mid-fill: the client already has bytes up
+        to ``first``; the rest comes straight from upstream (not cached)."""
+        log.warn(
+            "disk failed while filling: sending bytes {first}-{last} from upstream",
+            first=first,
+            last=last,
+        )
+        path, headers = upstream
+        ranged = headers.copy()
+        ranged.setRawHeaders(b"range", [b"bytes=%d-%d" % (first, last)])
+        answer = await self.chain.request(b"GET", path, ranged)
+        spans = answer.headers.getRawHeaders(b"content-range", [b""])[-1]
+        if answer.code != 206 or not spans.startswith(b"bytes %d-" % first):
+            drop(answer, self.clock, self.timeouts.body_idle)
+            abort_client(request)
+            return
+        note_upstream(request, answer)
+        await relay_body(request, answer.response, self.clock, self.timeouts)
+
     async def _settle_publicity(self, fill: Fill, name: str, path: str) -> None:
         # Before publication the meta is written with the blob; after, update it.
         fill.meta.public = await self.access.is_public(name, path)
@@ -203,7 +240,11 @@ class Blobs(CacheContext):
         status: str,
         entry: Entry | None = None,
         fill: Fill | None = None,
+        upstream: tuple[str, Headers] | None = None,
     ) -> None:
+        """Send a blob from the store or a fill. ``upstream`` (path and
+        headers) is where the rest comes from if the cache's disk fails
+        the fill while this client reads it."""
         self.metrics.cache.labels(status).inc()
         note_cache(request, status)
         request.setHeader(*API_VERSION)
@@ -257,6 +298,11 @@ class Blobs(CacheContext):
                     503, "UNAVAILABLE", f"cannot open the cached blob: {e.strerror or e}"
                 ) from None
             await streaming
+        except StoreFailed as e:
+            if upstream is None or length is None:
+                abort_client(request)
+                return
+            await self._send_rest(request, upstream, e.written, offset + length - 1)
         except FillFailed as e:
             record = getattr(request, "access", None)
             if record is not None:

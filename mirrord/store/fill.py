@@ -160,6 +160,9 @@ class Fill(Protocol):
         self.verified = False
         # Why the fill failed; readers stop at once.
         self.error: str | None = None
+        # The cache's disk failed it (the upstream bytes were fine): readers
+        # hand their client over to the upstream instead of cutting it.
+        self.store_failed = False
         # Why a verified fill was not cached; readers still finish.
         self.unpublished: str | None = None
         self.readers = 0
@@ -416,6 +419,7 @@ class Fill(Protocol):
             return
         why = f"cannot write the cache file: {error}"
         log.error("fill of {digest} stopped, not cached: {why}", digest=self.digest, why=why)
+        self.store_failed = True
         self._fail(why, StoreFailed(why, self.written))
         self._release_upstream()
 
@@ -548,7 +552,10 @@ class FileStreamer:
         self._waiting = False
         while not self._stopped:
             if self._fill is not None and self._fill.error is not None:
-                self._close(error=self._fill.error)
+                if self._fill.store_failed:
+                    self._hand_over()
+                else:
+                    self._close(error=self._fill.error)
                 return
             end = self._known_end()
             if end is not None and self._position >= end:
@@ -599,6 +606,20 @@ class FileStreamer:
         if self._stalled is not None and self._stalled.active():
             self._stalled.cancel()
         self._stalled = None
+
+    def _hand_over(self) -> None:
+        """The cache's disk failed, not the upstream: stop here, the client
+        still connected and its body unfinished, for the caller to send the
+        rest from upstream (``StoreFailed`` says from where)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._cancel_stalled()
+        os.close(self._fd)
+        if self._fill is not None:
+            self._fill.remove_reader()
+        self._request.unregisterProducer()
+        self.done.errback(StoreFailed(self._fill.error or "", self._position))
 
     def _close(self, error: str | None = None, gone: bool = False) -> None:
         if self._stopped:
