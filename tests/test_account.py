@@ -226,3 +226,17 @@ class MirrorTokenFormatTests(SynchronousTestCase):
         self.assertIsNone(tokens.check(token.replace(".", "!", 1)))
         now[0] += lifetime
         self.assertIsNone(tokens.check(token))
+
+
+class OAuth2FormTests(SynchronousTestCase):
+    def test_account_token_by_the_oauth2_form_where_get_is_refused(self) -> None:
+        """A realm that refuses Basic on GET gets the OAuth2 password form."""
+        mirror = MemoryMirror(
+            self, Path(tempfile.mkdtemp()), registries=hub_with_account(), cache=None
+        )
+        mirror.hub.users["mirror"] = "pw"
+        mirror.hub.token_post_only = True
+        headers = {**ACCEPT, **mirror.pull_headers("library/alpine")}
+        self.assertEqual(mirror.get(ALPINE, headers).code, 200)
+        self.assertEqual(mirror.hub.pulls, {"mirror": 1})
+        self.assertEqual(mirror.hub.counts["token mirror"], 1)  # the POST (the GET was refused)

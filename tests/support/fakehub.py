@@ -68,6 +68,8 @@ class HubState:
     epoch: int = 0
     # The token service is down (503) while the registry may be up.
     auth_down: bool = False
+    # The token service takes credentials only in the OAuth2 form (POST).
+    token_post_only: bool = False
     # Manifest GETs (pulls) counted per identity, as Hub does: the user a
     # token was issued to, or "anonymous"; each has ``quota`` pulls.
     pulls: Counter = field(default_factory=Counter)
@@ -161,6 +163,9 @@ class HubToken(Resource):
         self.state.counts["token"] += 1
         if self.state.auth_down:
             return _error(request, 503, "UNAVAILABLE", "token service unavailable")
+        if self.state.token_post_only and request.method != b"POST":
+            if request.getHeader(b"authorization"):
+                return _error(request, 405, "UNSUPPORTED", "use the OAuth2 form")
         pairs = [(k.decode(), v.decode()) for k, vs in request.args.items() for v in vs]
         if request.method == b"POST":
             pairs += parse_qsl(request.content.read().decode())
@@ -197,7 +202,7 @@ class HubToken(Resource):
         header = request.getHeader(b"authorization") or b""
         if header.startswith(b"Basic "):
             user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-        elif params.get("grant_type") == ["password"]:
+        elif "password" in params.get("grant_type", []):  # args and form may both hold it
             user, password = params["username"][0], params["password"][0]
         if user is None:
             return None
