@@ -119,6 +119,16 @@ class MirrordChannel(http.HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(431, "UNSUPPORTED", "request line or header fields too large")
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted answers a request it cannot parse (request line, header
+        # syntax, all headers over totalHeadersSize) with a bare 400 and no
+        # body; registry clients get the JSON error here as everywhere else.
+        # A private hook: tests/test_fuzz.py fails if Twisted renames it.
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self.refuse(431, "UNSUPPORTED", "request header fields too large")
+        else:
+            self.refuse(400, "UNSUPPORTED", "malformed HTTP request")
+
     def refuse(self, status: int, code: str, message: str) -> None:
         """Answer with a registry error and close, before any resource runs."""
         body = error_body(code, message)

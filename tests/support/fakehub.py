@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -37,7 +38,7 @@ TOOMANY = (
 
 def _headers(request: Request) -> dict[str, list[str]]:
     return {
-        name.decode().lower(): [v.decode() for v in values]
+        name.decode().lower(): [v.decode("latin-1") for v in values]
         for name, values in request.requestHeaders.getAllRawHeaders()
     }
 
@@ -238,6 +239,13 @@ class HubV2(Resource):
         return b""
 
 
+def _number(digits: bytes) -> int | None:
+    """A Range bound; absurdly long ones are just very large."""
+    if not digits:
+        return None
+    return int(digits) if len(digits) <= 30 else 10**30
+
+
 class Cdn(Resource):
     """Serves blobs by path like Hub's CDN; rejects a second auth mechanism."""
 
@@ -267,12 +275,12 @@ class Cdn(Resource):
             return b"<Error><Code>NoSuchKey</Code></Error>"
         size = path.stat().st_size
         first, last = 0, size - 1
-        spec = request.getHeader(b"range")
-        if spec is not None:
-            start, _, end = spec.decode().removeprefix("bytes=").partition("-")
-            first = int(start) if start else size - int(end)
-            last = min(int(end), size - 1) if start and end else size - 1
-            if first >= size:
+        spec = re.fullmatch(rb"bytes=(\d*)-(\d*)", request.getHeader(b"range") or b"")
+        if spec is not None and spec.group(0) != b"bytes=-":  # else ignored, as RFC 9110 says
+            start, end = (_number(n) for n in spec.groups())
+            first = start if start is not None else max(0, size - (end or 0))
+            last = min(end, size - 1) if start is not None and end is not None else size - 1
+            if first >= size or first > last:
                 request.setResponseCode(416)
                 request.setHeader(b"content-range", f"bytes */{size}".encode())
                 return b""
