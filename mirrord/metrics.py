@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
 from twisted.web.server import Request
+
+from mirrord.respond import ReadOnlyResource
 
 
 class Metrics:
@@ -72,7 +73,7 @@ class Metrics:
         return out
 
 
-class MetricsResource(Resource):
+class MetricsResource(ReadOnlyResource):
     isLeaf = True
 
     def __init__(self, metrics: Metrics) -> None:

@@ -19,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from mirrord import accesslog, errors
 from mirrord.errors import error_body
 from mirrord.guard import Guard, GuardedRoot
-from mirrord.respond import client_address, plain_address, write_error
+from mirrord.respond import ReadOnlyResource, client_address, plain_address, write_error
 
 # The mirror takes no uploads; the largest body it reads is a /token form.
 MAX_REQUEST_BODY = 64 * 1024
@@ -176,7 +176,7 @@ class MirrordSite(Site):
         pass
 
 
-class _Healthz(Resource):
+class _Healthz(ReadOnlyResource):
     isLeaf = True
 
     def render_GET(self, request: Request) -> bytes:
@@ -187,7 +187,7 @@ class _Healthz(Resource):
     render_HEAD = render_GET
 
 
-class _Root(Resource):
+class _Root(ReadOnlyResource):
     """``/`` is the usage page; other unknown paths answer a JSON 404."""
 
     def __init__(self, usage: Callable[[Request], bytes]) -> None:
