@@ -584,7 +584,10 @@ def main(argv: list[str]) -> int:
         def sampler() -> None:
             next_report = started + 60
             while not done.wait(args.interval):
-                samples.append(sample(mirror.pid, started))
+                try:
+                    samples.append(sample(mirror.pid, started))
+                except OSError:
+                    return  # the daemon is gone: the clients will say so
                 if time.monotonic() >= next_report:
                     next_report += 60
                     last = samples[-1]
@@ -613,9 +616,10 @@ def main(argv: list[str]) -> int:
         watcher.join()
         elapsed = time.monotonic() - started
         time.sleep(5)  # let the daemon close what the clients left
-        quiet = sample(mirror.pid, started)
         if mirror.proc is not None and mirror.proc.poll() is not None:
-            raise RuntimeError("mirrord died during the soak")
+            print(f"FAILED: mirrord died during the soak:\n{mirror.output()[-3000:]}")
+            return 1
+        quiet = sample(mirror.pid, started)
         if not samples:
             samples.append(quiet)
         code = mirror.stop()

@@ -263,6 +263,19 @@ header_sets = st.lists(
         st.tuples(st.just("Authorization"), authorizations),
         st.tuples(st.just("X-Forwarded-For"), forwarded),
         st.tuples(
+            st.just("Content-Type"),
+            st.sampled_from(
+                [
+                    "application/x-www-form-urlencoded",
+                    "multipart/form-data; boundary=x",
+                    "multipart/form-data",
+                    "application/json",
+                ]
+            )
+            | hostile_text,
+        ),
+        st.tuples(st.just("Expect"), st.sampled_from(["100-continue", "x"])),
+        st.tuples(
             st.sampled_from(["User-Agent", "If-None-Match", "X-Real-IP", "Cookie"]), hostile_text
         ),
     ),
@@ -280,6 +293,7 @@ class Hostile:
     headers: list[tuple[str, str]]
     raw_target: bool  # send non-ASCII bytes in the target as they are
     root: str = "/v2/"
+    body: bytes = b""  # sent with its Content-Length; "chunked" sends none
 
     @property
     def registry_api(self) -> bool:
@@ -304,8 +318,14 @@ class Hostile:
             # Header values are bytes on the wire: obs-text (0x80-0xff) included.
             data = value.encode("utf-8").translate(None, b"\r\n\x00")
             lines.append(name.encode() + b": " + data)
+        if self.body == b"chunked":
+            # A body of unknown length, never sent: refused at once (413).
+            lines.append(b"Transfer-Encoding: chunked")
+        elif self.body:
+            lines.append(b"Content-Length: %d" % len(self.body))
         lines.append(b"Connection: close")
-        return b"\r\n".join(lines) + b"\r\n\r\n"
+        body = b"" if self.body == b"chunked" else self.body
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 requests = st.builds(
@@ -318,6 +338,19 @@ requests = st.builds(
     root=st.one_of(
         st.just("/v2/"),
         st.sampled_from(["/v2/", "/v2/", "/v2/", "/token", "/", "/v2", "/healthz", "/x/"]),
+    ),
+    body=st.one_of(
+        st.just(b""),
+        st.sampled_from(
+            [
+                b"chunked",
+                b"grant_type=password&username=alice&password=secret&service=fakehub",
+                b"grant_type=refresh_token&refresh_token=%ff%00&scope=repository:x:pull",
+                b"{}",
+                b"x" * 70_000,
+            ]
+        ),
+        st.binary(max_size=300),
     ),
 )
 
@@ -407,6 +440,8 @@ class RawReply:
 
 
 def parse_reply(data: bytes, method: str) -> RawReply:
+    while data.startswith(b"HTTP/1.1 100 "):  # interim (Expect: 100-continue)
+        data = data.partition(b"\r\n\r\n")[2]
     head, sep, rest = data.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ")[1])
