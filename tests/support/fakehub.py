@@ -95,9 +95,9 @@ class HubState:
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(value[len(b"Bearer fake.") :]))
-        except ValueError:
-            return None
-        return data["user"], data["repos"]
+            return data["user"], list(data["repos"])
+        except (ValueError, KeyError, TypeError):
+            return None  # a forged or mangled token grants nothing
 
 
 class HubToken(Resource):
