@@ -278,6 +278,7 @@ header_sets = st.lists(
         st.tuples(
             st.sampled_from(["User-Agent", "If-None-Match", "X-Real-IP", "Cookie"]), hostile_text
         ),
+        st.tuples(st.just("User-Agent"), st.sampled_from(["docker/27.0", "EvilBot/1.0", ""])),
     ),
     max_size=8,
 )
@@ -576,9 +577,17 @@ class FuzzTests(Hostility):
 
 
 class LoginFuzzTests(Hostility):
-    """The same with mirror login on: credentials are checked first."""
+    """The same with the guard fully on: mirror login, an allow-list, a
+    trusted proxy (so X-Forwarded-For counts), agent blocks and limits."""
 
-    access = Access(users={"ops": make_hash("s3cret")})
+    access = Access(
+        users={"ops": make_hash("s3cret")},
+        allow_clients=("127.0.0.0/8", "10.0.0.0/8", "::1"),
+        trusted_proxies=("127.0.0.1",),
+        block_user_agents=("[Ee]vil",),
+        max_requests_per_client=4,
+        max_connections_per_client=4,
+    )
 
     def login(self) -> str:
         token = self.mirror.token("repository:library/alpine:pull", auth=("ops", "s3cret"))
