@@ -56,6 +56,16 @@ class MirrordRequest(Request):
             return
         super().gotLength(length)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        try:
+            super().requestReceived(command, path, version)
+        except ValueError:
+            # Twisted parses a POST form's Content-Type with the email
+            # package, which raises on a value holding a line separator
+            # (0x1c-0x1e, 0x85): that would escape dataReceived with no
+            # answer. (process() catches its own errors; this is parsing.)
+            self.channel._respondToBadRequestAndDisconnect()
+
     def process(self) -> None:
         if self.refused:
             return

@@ -667,3 +667,11 @@ class HostileRegressions(Hostility):
                 request = Hostile(method, "", [], [], False, root=root)
                 self.assert_refused(request, 405, "UNSUPPORTED")
             self.assertEqual(self.check(Hostile("GET", "", [], [], False, root=root)).status, 200)
+
+    def test_post_form_with_line_separator_in_content_type_gets_json_400(self) -> None:
+        """A POST whose Content-Type holds a byte Python reads as a line break
+        (0x85, 0x1c) gets a JSON 400, not an exception out of the parser."""
+        for value in ("\x850", "x\x1cy"):
+            for root in ("/token", "/v2/"):
+                request = Hostile("POST", "", [], [("Content-Type", value)], False, root, b"a=b")
+                self.assert_refused(request, 400, "UNSUPPORTED")
