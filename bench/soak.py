@@ -603,10 +603,11 @@ def main(argv: list[str]) -> int:
                 target=Client(world, tally, random.Random(args.seed * 1000 + i)).run,
                 args=(deadline,),
                 name=f"client-{i}",
+                daemon=True,  # Ctrl-C ends the run without waiting for them
             )
             for i in range(args.clients)
         ]
-        watcher = threading.Thread(target=sampler, name="sampler")
+        watcher = threading.Thread(target=sampler, name="sampler", daemon=True)
         watcher.start()
         for thread in threads:
             thread.start()
