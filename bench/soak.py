@@ -635,6 +635,9 @@ def main(argv: list[str]) -> int:
         print("\nPASSED")
         failed = False
         return 0
+    except KeyboardInterrupt:
+        print("soak: interrupted", file=sys.stderr)
+        return 130
     finally:
         for process in reversed(started_processes):
             process.stop()
