@@ -111,7 +111,7 @@ class HubToken(Resource):
         self.state.counts["token"] += 1
         pairs = [(k.decode(), v.decode()) for k, vs in request.args.items() for v in vs]
         if request.method == b"POST":
-            pairs += parse_qsl(request.content.read().decode())
+            pairs += parse_qsl(request.content.read().decode("latin-1"))
         params: dict[str, list[str]] = {}
         for k, v in pairs:
             params.setdefault(k, []).append(v)
@@ -143,7 +143,11 @@ class HubToken(Resource):
         user = password = None
         header = request.getHeader(b"authorization") or b""
         if header.startswith(b"Basic "):
-            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            try:
+                credentials = base64.b64decode(header[6:]).decode()
+            except ValueError:  # not base64, or not UTF-8
+                return False
+            user, _, password = credentials.partition(":")
         elif params.get("grant_type") == ["password"]:
             user, password = params["username"][0], params["password"][0]
         if user is None:
