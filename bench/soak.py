@@ -372,17 +372,15 @@ class Client:
         conn = self.connect()
         try:
             # Guesses come from an address of their own, so the limit they
-            # meet does not stop this client's pulls.
+            # meet (429 after too many) does not stop this client's pulls.
             guesser = self.address.replace("10.1.", "10.66.", 1)
             response = self.ask(
                 conn, "GET", path, {"Authorization": wrong, "X-Forwarded-For": guesser}
             )
-            # 429 once this address has guessed too often: the limit working.
             self.expect(response, 401, 429)
             body = json.loads(response.read())
             if body["errors"][0]["code"] not in ("UNAUTHORIZED", "TOOMANYREQUESTS"):
                 raise Unexpected(f"wrong password on {path}: {body}")
-
         finally:
             conn.close()
 

@@ -14,11 +14,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord.registry import errors
-from mirrord.registry.respond import write_error
+from mirrord.registry.respond import ReadOnlyResource, write_error
 
 
 class Metrics:
@@ -132,7 +131,7 @@ class _WithoutCreated:
             yield family
 
 
-class MetricsResource(Resource):
+class MetricsResource(ReadOnlyResource):
     """``/metrics``, for the clients ``allows`` admits; the others get 403
     ``DENIED`` as a registry JSON error, like every refusal of the mirror."""
 

@@ -21,7 +21,12 @@ from mirrord.front.guard import Guard, GuardedRoot
 from mirrord.front.usage import CONTENT_SECURITY_POLICY
 from mirrord.registry import errors
 from mirrord.registry.errors import error_body
-from mirrord.registry.respond import client_address, plain_address, write_error
+from mirrord.registry.respond import (
+    ReadOnlyResource,
+    client_address,
+    plain_address,
+    write_error,
+)
 
 # The mirror takes no uploads; the largest body it reads is a /token form.
 MAX_REQUEST_BODY = 64 * 1024
@@ -57,6 +62,16 @@ class MirrordRequest(Request):
             self.channel.refuse(413, "SIZE_INVALID", "request body too large for a mirror")
             return
         super().gotLength(length)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        try:
+            super().requestReceived(command, path, version)
+        except ValueError:
+            # Twisted parses a POST form's Content-Type with the email
+            # package, which raises on a value holding a line separator
+            # (0x1c-0x1e, 0x85): that would escape dataReceived with no
+            # answer. (process() catches its own errors; this is parsing.)
+            self.channel._respondToBadRequestAndDisconnect()
 
     def process(self) -> None:
         if self.refused:
@@ -127,6 +142,16 @@ class MirrordChannel(http.HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(431, "UNSUPPORTED", "request line or header fields too large")
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted answers a request it cannot parse (request line, header
+        # syntax, all headers over totalHeadersSize) with a bare 400 and no
+        # body; registry clients get the JSON error here as everywhere else.
+        # A private hook: tests/test_fuzz.py fails if Twisted renames it.
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self.refuse(431, "UNSUPPORTED", "request header fields too large")
+        else:
+            self.refuse(400, "UNSUPPORTED", "malformed HTTP request")
+
     def refuse(self, status: int, code: str, message: str) -> None:
         """Answer with a registry error and close, before any resource runs."""
         body = error_body(code, message)
@@ -176,7 +201,7 @@ class MirrordSite(Site):
         pass
 
 
-class _Healthz(Resource):
+class _Healthz(ReadOnlyResource):
     isLeaf = True
 
     def render_GET(self, request: Request) -> bytes:
@@ -187,7 +212,7 @@ class _Healthz(Resource):
     render_HEAD = render_GET
 
 
-class _Root(Resource):
+class _Root(ReadOnlyResource):
     """``/`` is the usage page; other unknown paths answer a JSON 404."""
 
     def __init__(self, usage: Callable[[Request], bytes]) -> None:

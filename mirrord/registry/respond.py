@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-from twisted.web.server import Request
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
+from mirrord.registry import errors
 from mirrord.registry.errors import RegistryError
 
 API_VERSION = (b"Docker-Distribution-Api-Version", b"registry/2.0")
@@ -27,6 +29,17 @@ def write_error(request: Request, error: RegistryError) -> None:
         request.setHeader(b"Allow", b"GET, HEAD")
     request.write(body)
     request.finish()
+
+
+class ReadOnlyResource(Resource):
+    """A resource of GET and HEAD: any other method gets the registry's 405
+    (Twisted alone answers an HTML 405, or 501 for a method it does not know)."""
+
+    def render(self, request: Request) -> bytes | int:
+        if request.method not in (b"GET", b"HEAD"):
+            write_error(request, errors.unsupported_method(request.method.decode("latin-1")))
+            return NOT_DONE_YET
+        return super().render(request)
 
 
 def client_host(request: Request) -> str:

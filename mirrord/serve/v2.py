@@ -79,15 +79,29 @@ def check_repository(registry: Registry, name: str) -> None:
         raise errors.denied(f"repository {name!r} is not mirrored here")
 
 
-def check_range(value: bytes | None) -> None:
-    """Only a single byte range is supported; anything else is unsatisfiable."""
-    if value is None:
-        return
-    if not _RANGE_RE.fullmatch(value.strip()):
-        raise errors.range_invalid(value.decode("latin-1"))
-    first, _, last = value.strip()[6:].partition(b"-")
+# No blob is 10**18 bytes: a bound with more digits says "to the end" (last)
+# or cannot be satisfied (first), and Python refuses int() past 4300 digits.
+MAX_RANGE_DIGITS = 18
+
+
+def check_range(values: list[bytes]) -> bytes:
+    """The one ``bytes=`` range of a blob request, with absurd bounds made
+    plain; anything else (several ranges or Range headers, bad syntax) is
+    unsatisfiable here and never forwarded. Twisted already stripped the
+    spaces and tabs around the value."""
+    if len(values) != 1 or not _RANGE_RE.fullmatch(values[0]):
+        raise errors.range_invalid(b", ".join(values).decode("latin-1"))
+    first, _, last = values[0][6:].partition(b"-")
+    first, last = first.lstrip(b"0") or first[:1], last.lstrip(b"0") or last[:1]
+    if len(first) > MAX_RANGE_DIGITS:
+        raise errors.range_invalid(values[0].decode("latin-1"))
+    if not first and len(last) > MAX_RANGE_DIGITS:
+        return b"bytes=0-"  # a suffix longer than any blob: all of it
+    if len(last) > MAX_RANGE_DIGITS:
+        last = b""
     if first and last and int(last) < int(first):
-        raise errors.range_invalid(value.decode("latin-1"))
+        raise errors.range_invalid(values[0].decode("latin-1"))
+    return b"bytes=" + first + b"-" + last
 
 
 class RegistryProxy(Resource):
@@ -134,8 +148,10 @@ class RegistryProxy(Resource):
         ref = reference.parse(route.path)
         if ref.name:
             check_repository(route.registry, upstream_name(ref, route.registry))
-        if ref.kind is Kind.BLOB:
-            check_range(request.getHeader(b"range"))
+        if ref.kind is Kind.BLOB and request.requestHeaders.hasHeader(b"range"):
+            # What the cache and the upstream see is the range as checked.
+            checked = check_range(request.requestHeaders.getRawHeaders(b"range", []))
+            request.requestHeaders.setRawHeaders(b"range", [checked])
         return route, ref
 
     async def _serve(self, request: Request, route: Route[Backend], ref: Reference) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -37,7 +38,7 @@ TOOMANY = (
 
 def _headers(request: Request) -> dict[str, list[str]]:
     return {
-        name.decode().lower(): [v.decode() for v in values]
+        name.decode().lower(): [v.decode("latin-1") for v in values]
         for name, values in request.requestHeaders.getAllRawHeaders()
     }
 
@@ -141,11 +142,13 @@ class HubState:
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(value[len(b"Bearer fake.") :]))
-        except ValueError:
-            return None
-        if data.get("epoch", 0) != self.epoch:
+            user, repos = data["user"], list(data["repos"])
+            epoch = data.get("epoch", 0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None  # a forged or mangled token grants nothing
+        if epoch != self.epoch:
             return None  # expired
-        return data["user"], data["repos"]
+        return user, repos
 
     def identity(self, request: Request) -> str:
         access = self.access(request)
@@ -168,7 +171,7 @@ class HubToken(Resource):
                 return _error(request, 405, "UNSUPPORTED", "use the OAuth2 form")
         pairs = [(k.decode(), v.decode()) for k, vs in request.args.items() for v in vs]
         if request.method == b"POST":
-            pairs += parse_qsl(request.content.read().decode())
+            pairs += parse_qsl(request.content.read().decode("latin-1"))
         params: dict[str, list[str]] = {}
         for k, v in pairs:
             params.setdefault(k, []).append(v)
@@ -201,7 +204,11 @@ class HubToken(Resource):
         user = password = None
         header = request.getHeader(b"authorization") or b""
         if header.startswith(b"Basic "):
-            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            try:
+                credentials = base64.b64decode(header[6:]).decode()
+            except ValueError:  # not base64, or not UTF-8
+                return False
+            user, _, password = credentials.partition(":")
         elif "password" in params.get("grant_type", []):  # args and form may both hold it
             user, password = params["username"][0], params["password"][0]
         if user is None:
@@ -309,6 +316,13 @@ class HubV2(Resource):
         return b""
 
 
+def _number(digits: bytes) -> int | None:
+    """A Range bound; absurdly long ones are just very large."""
+    if not digits:
+        return None
+    return int(digits) if len(digits) <= 30 else 10**30
+
+
 class Cdn(Resource):
     """Serves blobs by path like Hub's CDN; rejects a second auth mechanism."""
 
@@ -338,17 +352,17 @@ class Cdn(Resource):
             return b"<Error><Code>NoSuchKey</Code></Error>"
         size = path.stat().st_size
         first, last = 0, size - 1
-        spec = request.getHeader(b"range")
-        if spec is not None:
+        spec = re.fullmatch(rb"bytes=(\d*)-(\d*)", request.getHeader(b"range") or b"")
+        if spec is not None and spec.group(0) != b"bytes=-":  # else ignored, as RFC 9110 says
             self.state.counts["cdn ranged"] += 1
             if self.state.cdn_refuse_ranged > 0:
                 self.state.cdn_refuse_ranged -= 1
                 request.setResponseCode(403)
                 return b"<Error><Code>AccessDenied</Code><Message>expired</Message></Error>"
-            start, _, end = spec.decode().removeprefix("bytes=").partition("-")
-            first = int(start) if start else size - int(end)
-            last = min(int(end), size - 1) if start and end else size - 1
-            if first >= size:
+            start, end = (_number(n) for n in spec.groups())
+            first = start if start is not None else max(0, size - (end or 0))
+            last = min(end, size - 1) if start is not None and end is not None else size - 1
+            if first >= size or first > last:
                 request.setResponseCode(416)
                 request.setHeader(b"content-range", f"bytes */{size}".encode())
                 return b""
