@@ -289,3 +289,29 @@ class DiskFullMidFillTests(SynchronousTestCase):
         self.assertEqual(len(ranged), 2)  # the registry's GET and its CDN redirect
         self.assertEqual(len(events.matching("fill of {digest} stopped")), 1)
         self.assertEqual(events.failures(), [])
+
+
+class NoDescriptorForAHitTests(SynchronousTestCase):
+    def test_hit_that_cannot_be_opened_is_passed_through(self) -> None:
+        """No free descriptor to open a cached blob: the client still gets
+        the right bytes, from upstream."""
+        mirror = MemoryMirror(self, Path(tempfile.mkdtemp()))
+        headers = mirror.pull_headers("library/alpine")
+        blob = next(d for d in mirror.alpine.blobs if d != mirror.alpine.manifest_digest)
+        path = f"/v2/library/alpine/blobs/{blob}"
+        self.assertEqual(mirror.get(path, headers).code, 200)
+        mirror.clock.advance(1)
+        self.assertIsNotNone(mirror.store.get(blob))
+        real_open = os.open
+
+        def no_descriptors(name, *args, **kwargs):
+            if "/cache/blobs/" in str(name):
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real_open(name, *args, **kwargs)
+
+        self.patch(os, "open", no_descriptors)
+        cdn = mirror.hub.counts["cdn GET"]
+        reply = mirror.get(path, headers)
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(_digest(reply.body), blob)
+        self.assertEqual(mirror.hub.counts["cdn GET"], cdn + 1)

@@ -64,7 +64,13 @@ class Blobs(CacheContext):
                 if entry is None:
                     continue
                 await self._send_blob(
-                    request, entry.digest, entry.size, entry.meta, "HIT", entry=entry
+                    request,
+                    entry.digest,
+                    entry.size,
+                    entry.meta,
+                    "HIT",
+                    entry=entry,
+                    upstream=(path, headers),
                 )
                 return
             current = self.in_flight.get(digest)
@@ -294,9 +300,18 @@ class Blobs(CacheContext):
             except FileNotFoundError:
                 raise _Vanished() from None
             except OSError as e:  # no free descriptor, say
-                raise errors.RegistryError(
-                    503, "UNAVAILABLE", f"cannot open the cached blob: {e.strerror or e}"
-                ) from None
+                if upstream is None:
+                    raise errors.RegistryError(
+                        503, "UNAVAILABLE", f"cannot open the cached blob: {e.strerror or e}"
+                    ) from None
+                log.warn(
+                    "cannot open {digest} ({error}): passing the request through",
+                    digest=digest,
+                    error=e.strerror or str(e),
+                )
+                path, headers = upstream
+                await self._pass(request, path, headers)
+                return
             await streaming
         except StoreFailed as e:
             if upstream is None or length is None:
