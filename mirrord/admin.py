@@ -216,11 +216,24 @@ def print_image(image: dict, out: TextIO) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mirrord-admin", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", "-c", type=Path, help="TOML configuration file")
-    p.add_argument("--state-dir", type=Path, help="state directory (default: the config's)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    # The common options go before or after the command (``mirrord-admin
+    # check-config --config FILE``, as ``twistd mirrord --check-config``).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS, help="TOML file")
+    common.add_argument(
+        "--state-dir", type=Path, default=argparse.SUPPRESS, help="default: the config's"
+    )
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON out")
+    p = argparse.ArgumentParser(
+        prog="mirrord-admin", description=__doc__.split("\n\n")[0], parents=[common]
+    )
     sub = p.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return add(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     sub.add_parser("list", help="cached repositories and tags, sizes, blob counts, last use")
     show = sub.add_parser("show", help="one image's manifests and blobs")
     show.add_argument("image", help="NAME[:TAG|@DIGEST]")
@@ -239,8 +252,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     args = parser().parse_args(argv)
+    for name, default in (("config", None), ("state_dir", None), ("json", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
     if args.command == "check-config":
-        return _check_config(args.config, args.state_dir)
+        return _check_config(args.config, args.state_dir, err)
     try:
         config = configuration.load(args.config)
     except ConfigError as e:
@@ -287,7 +303,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
     return 0
 
 
-def _check_config(path: Path | None, state_dir: Path | None) -> int:
+def _check_config(path: Path | None, state_dir: Path | None, err: TextIO) -> int:
     """``twistd mirrord --check-config``, the same check."""
     from mirrord.daemon.tap import Options
 
@@ -300,7 +316,7 @@ def _check_config(path: Path | None, state_dir: Path | None) -> int:
         Options().parseOptions(argv)
     except SystemExit as e:
         if isinstance(e.code, str):
-            sys.stderr.write(e.code + "\n")
+            err.write(e.code + "\n")
             return 1
         return int(e.code or 0)
     return 0

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -176,6 +177,23 @@ class InventoryTests(SynchronousTestCase):
 
     def _blob(self, data: bytes) -> tuple[str, bytes, Meta]:
         return _digest(data), data, Meta(LAYER, "library/new", True, "docker.io")
+
+
+class CheckConfigTests(SynchronousTestCase):
+    def test_check_config_is_the_daemons_check(self) -> None:
+        """`mirrord-admin check-config` exits 0 with the settings, or 1 with the file's error."""
+        tmp = Path(tempfile.mkdtemp())
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        good = tmp / "good.toml"
+        good.write_text(f'state_dir = "{tmp / "state"}"\n')
+        self.assertEqual(run("check-config", "--config", str(good))[0], 0)
+        self.assertIn(f"mirrord: configuration {good} is ok", stdout.getvalue())
+        bad = tmp / "bad.toml"
+        bad.write_text("bogus = 1\n")
+        code, _, err = run("check-config", "--config", str(bad))
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith(f"mirrord: {bad}: unknown key 'bogus'"), err)
 
 
 class SocketTests(SynchronousTestCase):
