@@ -41,6 +41,8 @@ def test_list_and_delete_through_the_socket_of_a_running_daemon(
         deleted = json.loads(admin(state, "--json", "delete", "library/alpine").stdout)
         assert len(deleted["blobs"]) == alpine[0]["blobs"]
         assert not list((state / "cache" / "blobs").glob("*/*/*/data"))
+        # The daemon did it (its index and gauges follow), not the CLI behind its back.
+        assert "admin deleted" in (workdir / "mirror-admin.log").read_text()
         assert json.loads(admin(state, "--json", "list").stdout) == []
 
         before = hub.control()["counts"]
