@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -157,12 +158,10 @@ def connect(state_dir: Path, configured_pins: tuple[str, ...], writing: bool) ->
 def _held(lock: Path) -> bool:
     """Whether twisted's PID lock beside the socket names a live process."""
     try:
-        pid = int(lock.readlink() if lock.is_symlink() else lock.read_text())
+        pid = int(os.readlink(lock) if lock.is_symlink() else lock.read_text())
     except (OSError, ValueError):
         return False
     try:
-        import os
-
         os.kill(pid, 0)
     except ProcessLookupError:
         return False

@@ -175,6 +175,20 @@ class InventoryTests(SynchronousTestCase):
         code, out, _ = run("--state-dir", str(self.cache.state), "pins")
         self.assertIn("admin pins: library/app:1.*", out)
 
+    def test_no_write_while_a_daemon_holds_the_state_directory(self) -> None:
+        """With a live daemon's lock beside a socket that does not answer, a delete is refused;
+        reads still work, and a lock left by a dead process does not block."""
+        lock = self.cache.state / "admin.sock.lock"
+        os.symlink(str(os.getpid()), lock)
+        code, _, err = run("--state-dir", str(self.cache.state), "delete", "library/other")
+        self.assertEqual(code, 1)
+        self.assertIn("its socket does not answer: not writing", err)
+        self.assertTrue(self.store.data_path(self.cache.other["layer"]).exists())
+        self.assertEqual(run("--state-dir", str(self.cache.state), "list")[0], 0)
+        lock.unlink()
+        os.symlink("999999999", lock)
+        self.assertEqual(run("--state-dir", str(self.cache.state), "delete", "library/other")[0], 0)
+
     def _blob(self, data: bytes) -> tuple[str, bytes, Meta]:
         return _digest(data), data, Meta(LAYER, "library/new", True, "docker.io")
 
