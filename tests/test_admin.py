@@ -243,6 +243,25 @@ class SocketTests(SynchronousTestCase):
         listed = self.ask({"op": "list"})[-1]["result"]
         self.assertEqual([t["tag"] for t in listed[0]["tags"]], ["1.0"])
 
+    def test_manifest_arriving_while_a_delete_is_planned_keeps_its_layers(self) -> None:
+        """A manifest cached while the delete was planned (off the reactor) keeps what it
+        references: the plan is made again."""
+        layer = self.cache.other["layer"]
+        late = json.dumps({"schemaVersion": 2, "layers": [{"digest": layer}]}).encode()
+
+        def run(f, *args):  # a pull publishes a manifest while the worker plans
+            result = maybeDeferred(f, *args)
+            if f is inventory.plan_delete and _digest(late) not in self.store.entries:
+                self.cache.put(late, OCI_MANIFEST, "library/copy")
+            return result
+
+        self.admin.run = run
+        answer = self.ask({"op": "delete", "target": "library/other"})[-1]
+        self.assertTrue(answer["ok"], answer)
+        self.assertNotIn(layer, answer["result"]["blobs"])
+        self.assertTrue(self.store.data_path(layer).exists())
+        self.assertNotIn(self.cache.other["manifest"], self.store.entries)
+
     def test_pin_through_the_socket_applies_at_once(self) -> None:
         """A pin on the socket protects the image from the next eviction and is saved."""
         self.assertEqual(self.ask({"op": "pin", "pattern": "library/other"})[-1]["ok"], True)

@@ -32,6 +32,7 @@ T = TypeVar("T")
 log = Logger()
 SOCKET_NAME = "admin.sock"
 IDLE_TIMEOUT = 60.0
+REPLANS = 3
 Runner = Callable[..., Deferred]
 
 
@@ -121,7 +122,19 @@ class Admin:
 
     @inlineCallbacks
     def _delete(self, target: inventory.Target, dry_run: bool, progress: Callable) -> Any:
-        plan = yield self.run(inventory.plan_delete, inventory.View.of(self.store), target)
+        for _ in range(REPLANS):
+            view, version = inventory.View.of(self.store), self.store.tags.version
+            plan = yield self.run(inventory.plan_delete, view, target)
+            # Planning ran on the disk worker while pulls went on: a tag
+            # moved or a manifest arrived since may reference what the
+            # plan removes. Then plan again, from a fresh snapshot.
+            if self.store.tags.version == version and not any(
+                inventory.is_manifest(self.store.entries[d])
+                for d in self.store.entries.keys() - view.entries.keys()
+            ):
+                break
+        else:
+            raise ValueError("the cache changed during each try; try again")
         result = plan.describe()
         if dry_run:
             return result

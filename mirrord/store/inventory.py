@@ -54,11 +54,16 @@ class Plan:
         }
 
 
+def is_manifest(entry: Entry) -> bool:
+    """Whether a blob may be a manifest (one that references others)."""
+    return "json" in entry.meta.media_type and entry.size <= MANIFEST_LIMIT
+
+
 def children(view: View, digest: str) -> list[str]:
     """The digests a cached manifest references (config, layers, the
     manifests of an index); none for a layer or a blob not cached."""
     entry = view.entries.get(digest)
-    if entry is None or entry.size > MANIFEST_LIMIT or "json" not in entry.meta.media_type:
+    if entry is None or not is_manifest(entry):
         return []
     try:
         document = json.loads(view.data_path(digest).read_bytes())
@@ -249,9 +254,7 @@ def plan_delete(view: View, target: Target) -> Plan:
         r.digest for registry, name, tag, r in view.tags if (registry, name, tag) not in gone
     ]
     kept_roots += [
-        e.digest
-        for e in view.entries.values()
-        if e.digest not in doomed and "json" in e.meta.media_type and e.size <= MANIFEST_LIMIT
+        e.digest for e in view.entries.values() if e.digest not in doomed and is_manifest(e)
     ]
     keep = closure(view, kept_roots, cache)
     blobs = {d: view.entries[d].size for d in doomed - keep if d in view.entries}
