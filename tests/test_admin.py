@@ -193,6 +193,30 @@ class InventoryTests(SynchronousTestCase):
         return _digest(data), data, Meta(LAYER, "library/new", True, "docker.io")
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class ProgressTests(SynchronousTestCase):
+    def test_progress_is_one_updating_line_on_a_terminal_and_plain_lines_otherwise(self) -> None:
+        """On a terminal progress rewrites one line and ends it; in a log, no escapes."""
+        tty = Terminal()
+        progress = admin.Progress(tty, "removing blobs")
+        for done in range(1, 4):
+            progress(done, 3)
+        progress.close()
+        self.assertTrue(tty.getvalue().startswith("\rremoving blobs: 1/3\x1b[K"))
+        self.assertTrue(tty.getvalue().endswith("\rremoving blobs: 3/3\x1b[K\n"))
+        self.assertEqual(tty.getvalue().count("\n"), 1)
+        log = io.StringIO()
+        progress = admin.Progress(log, "removing blobs")
+        for done in range(1, 4):
+            progress(done, 3)
+        progress.close()
+        self.assertEqual(log.getvalue(), "removing blobs: 1/3\nremoving blobs: 3/3\n")
+
+
 class CheckConfigTests(SynchronousTestCase):
     def test_check_config_is_the_daemons_check(self) -> None:
         """`mirrord-admin check-config` exits 0 with the settings, or 1 with the file's error."""
