@@ -23,6 +23,7 @@ from mirrord import config as configuration
 from mirrord.config import Config, ConfigError, Registry
 from mirrord.daemon import check
 from mirrord.daemon.acme import AcmeService, Issuer, held_certificate
+from mirrord.daemon.admin import admin_service
 from mirrord.daemon.alpn import ALPNResponder
 from mirrord.daemon.http01 import HTTP01Responder, challenge_site
 from mirrord.daemon.service import MirrordService
@@ -53,6 +54,7 @@ from mirrord.serve.token import TokenProxy, TokenTarget
 from mirrord.serve.v2 import Backend, PassThrough, RegistryProxy
 from mirrord.store.disk import BlobStore
 from mirrord.store.inflight import InFlight
+from mirrord.store.inventory import read_pins
 from mirrord.store.worker import Hasher, HashWorker, InlineHasher
 from mirrord.tokens import MirrorTokens
 from mirrord.tuning import LargeWriteTLSFactory, UpstreamEndpoints, raise_mmap_threshold
@@ -188,7 +190,7 @@ def open_store(config: Config, clock: IReactorTime) -> BlobStore | None:
         config.cache.max_size,
         config.cache.high_watermark,
         config.cache.low_watermark,
-        config.cache.pinned,
+        config.cache.pinned + read_pins(root),
         now=clock.seconds,
     )
     entries, removed = store.rebuild()
@@ -445,6 +447,10 @@ def build_service(
         reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker
     )
     wiring.history.setServiceParent(service)
+    if wiring.store is not None:
+        admin_service(
+            reactor, Path(config.state_dir), wiring.store, hash_worker.run, config.cache.pinned
+        ).setServiceParent(service)
     if acme_by is not None:
         http = HTTP01Responder() if acme_by == "http-01" else None
         acme = AcmeService(

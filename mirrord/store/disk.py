@@ -359,6 +359,26 @@ class BlobStore:
         self.tags.forget_digests(set(removed))
         return removed
 
+    def forget(self, digest: str) -> bool:
+        """Drop a blob from the index (an admin's delete), unless a client
+        is reading it; its files are the caller's to remove (``remove_files``,
+        blocking). Whether it was dropped."""
+        entry = self.entries.get(digest)
+        if entry is None or entry.readers:
+            return False
+        self._forget(entry)
+        self._pins = None
+        return True
+
+    def remove_files(self, digest: str) -> None:
+        """A blob's files, gone (blocks on the disk)."""
+        self._remove_files(digest)
+
+    def set_pins(self, patterns: tuple[str, ...]) -> None:
+        """Replace the pin patterns (the config's plus an admin's)."""
+        self.pinned = patterns
+        self._pins = None
+
     def _forget(self, entry: Entry) -> None:
         if self.entries.pop(entry.digest, None) is not None:
             self.size -= entry.size
@@ -432,6 +452,23 @@ class TagStore:
                 del self._known[path]
                 path.unlink(missing_ok=True)
                 self.version += 1
+
+    def all(self) -> list[tuple[str, str, str, TagRecord]]:
+        """Every (registry, repository, tag, record)."""
+        list(self.records())  # reads the disk the first time
+        found = []
+        for path, record in list(self._known.items()):
+            parts = path.relative_to(self.root / "tags").parts
+            found.append((parts[0], "/".join(parts[1:-1]), path.name.removesuffix(".json"), record))
+        return found
+
+    def forget(self, registry: str, name: str, tag: str) -> Path:
+        """Drop a tag from the index; returns its file, for the caller to
+        remove (blocking)."""
+        path = self._path(registry, name, tag)
+        if self._known.pop(path, None) is not None:
+            self.version += 1
+        return path
 
     def put(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
         """Record a tag now, blocking on the disk (see ``prepare``)."""
