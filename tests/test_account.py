@@ -240,3 +240,18 @@ class OAuth2FormTests(SynchronousTestCase):
         self.assertEqual(mirror.get(ALPINE, headers).code, 200)
         self.assertEqual(mirror.hub.pulls, {"mirror": 1})
         self.assertEqual(mirror.hub.counts["token mirror"], 1)  # the POST (the GET was refused)
+
+
+class FreshDaemonTests(SynchronousTestCase):
+    def test_docker_hub_is_known_to_use_tokens_before_it_answers(self) -> None:
+        """A fresh daemon mirroring Docker Hub answers /v2/ with the mirror's
+        challenge without asking Hub (down, or not yet asked)."""
+        mirror = MemoryMirror(
+            self, Path(tempfile.mkdtemp()), upstreams=("https://registry-1.docker.io",)
+        )
+        reply = mirror.get("/v2/")
+        self.assertEqual(reply.code, 401)
+        self.assertIn('service="registry.docker.io"', reply.header("www-authenticate"))
+        token = mirror.get("/token?service=registry.docker.io&scope=repository:alpine:pull")
+        self.assertEqual(token.code, 200)
+        self.assertTrue(token.json()["token"].startswith("mirrord."))

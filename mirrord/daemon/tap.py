@@ -44,7 +44,7 @@ from mirrord.front.site import MirrordSite, build_site
 from mirrord.front.status import FiguresAccess, StatusSource, totals
 from mirrord.front.usage import CertificateNote, render_usage
 from mirrord.metrics import Metrics, MetricsResource
-from mirrord.registry.challenges import RealmBook
+from mirrord.registry.challenges import KNOWN_REALMS, RealmBook
 from mirrord.registry.imageref import parse_image
 from mirrord.registry.routing import Router
 from mirrord.serve.clients import ClientAuth
@@ -369,7 +369,11 @@ def wire(
             account=account_of(registry),
             quota_reserve=config.quota_reserve,
         )
-        targets[name] = TokenTarget(registry, chain, RealmBook())
+        realms = RealmBook()
+        for url in registry.upstreams:
+            if url in KNOWN_REALMS:
+                realms.learn(KNOWN_REALMS[url])
+        targets[name] = TokenTarget(registry, chain, realms)
         checks[name] = access_checks(config, targets[name], follower, clock)
         backend = build_backend(
             config, targets[name], store, follower, clock, metrics, hashers, in_flight, checks[name]

@@ -91,6 +91,16 @@ class RealmBook:
         return next(iter(self._realms), None)
 
 
+# Token services known without asking: Docker Hub's, so a fresh daemon
+# answers /v2/ and /token the same way before the upstream ever answered
+# (and during an outage at its first start).
+KNOWN_REALMS: dict[str, Challenge] = {
+    "https://registry-1.docker.io": Challenge(
+        "Bearer", {"realm": "https://auth.docker.io/token", "service": "registry.docker.io"}
+    ),
+}
+
+
 def rewrite_challenges(values: list[bytes], book: RealmBook, token_url: str) -> list[bytes]:
     """Point Bearer realms at the mirror's ``/token`` and remember the real ones."""
     out = []

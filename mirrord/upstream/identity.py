@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 
 from mirrord.expiring import Expiring
 from mirrord.registry import errors
-from mirrord.registry.challenges import Challenge, parse_challenge
+from mirrord.registry.challenges import KNOWN_REALMS, Challenge, parse_challenge
 from mirrord.upstream.bodies import read_small_body
 
 log = Logger()
@@ -233,6 +233,9 @@ class MirrorIdentity:
         if tokens is None:
             account = self.account if upstream == self.primary else None
             tokens = UpstreamTokens(upstream, self.follower, self.clock, account)
+            known = KNOWN_REALMS.get(upstream)
+            if known is not None:
+                tokens.learn(known)
             self._by_upstream[upstream] = tokens
         return tokens
 
