@@ -263,14 +263,11 @@ class Guard:
         return None
 
     def _token_ok(self, token: bytes) -> bool:
-        """A token handed to a logged-in client: signed by the mirror for a
-        login, or (from before) relayed and remembered."""
-        assert self.login is not None
-        if self.tokens is not None:
-            grant = self.tokens.check(token.decode("latin-1"))
-            if grant is not None:
-                return bool(grant.login)
-        return self.login.token_ok(token)
+        """A token the mirror signed for a logged-in client (on /token)."""
+        if self.tokens is None:
+            return False
+        grant = self.tokens.check(token.decode("latin-1"))
+        return grant is not None and bool(grant.login)
 
     def _check_refused(self, failure: Failure) -> Decision:
         failure.trap(LoginBusy)

@@ -142,7 +142,6 @@ class MirrorLogin:
         self._ttl = ttl
         self._run = run
         self._answers: Expiring[bytes, bool] = Expiring(now)
-        self._tokens: Expiring[bytes, bool] = Expiring(now)
         self._checking: dict[bytes, _SharedCheck] = {}
         # An unknown user costs the same scrypt as a known one, so the time
         # of a refusal does not tell which user names exist.
@@ -208,9 +207,3 @@ class MirrorLogin:
             if self._checking.get(key) is shared:
                 del self._checking[key]
             shared.work.cancel()
-
-    def issued(self, token: str, expires_in: float) -> None:
-        self._tokens.put(hashlib.sha256(token.encode()).digest(), True, expires_in)
-
-    def token_ok(self, token: bytes) -> bool:
-        return self._tokens.get(hashlib.sha256(token).digest()) is not None
