@@ -611,24 +611,15 @@ class FileStreamer:
         """The cache's disk failed, not the upstream: stop here, the client
         still connected and its body unfinished, for the caller to send the
         rest from upstream (``StoreFailed`` says from where)."""
-        if self._stopped:
+        if not self._release():
             return
-        self._stopped = True
-        self._cancel_stalled()
-        os.close(self._fd)
-        if self._fill is not None:
-            self._fill.remove_reader()
         self._request.unregisterProducer()
+        assert self._fill is not None
         self.done.errback(StoreFailed(self._fill.error or "", self._position))
 
     def _close(self, error: str | None = None, gone: bool = False) -> None:
-        if self._stopped:
+        if not self._release():
             return
-        self._stopped = True
-        self._cancel_stalled()
-        os.close(self._fd)
-        if self._fill is not None:
-            self._fill.remove_reader()
         if gone:
             self.done.errback(FillFailed("client went away"))
         elif error is not None:
@@ -638,6 +629,18 @@ class FileStreamer:
             self._request.unregisterProducer()
             self._request.finish()
             self.done.callback(self.sent)
+
+    def _release(self) -> bool:
+        """Stop once: the timer, the file and the fill's reader count.
+        False if already stopped."""
+        if self._stopped:
+            return False
+        self._stopped = True
+        self._cancel_stalled()
+        os.close(self._fd)
+        if self._fill is not None:
+            self._fill.remove_reader()
+        return True
 
 
 def stream_file(
