@@ -12,74 +12,19 @@ import tempfile
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord.config import CacheConfig, parse_size
 from mirrord.front.chart import human_bytes
 from mirrord.store.disk import BlobStore, Meta, TagRecord, TagStore
 from mirrord.store.worker import InlineHasher
+from tests.support.blobs import Collector, PacedBlobs
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
 from tests.support.page import parse
 
 ACCEPT = {"Accept": [OCI_MANIFEST]}
-
-
-class PacedBlobs(Resource):
-    """Serves blobs by digest; can stop after ``hold_at`` bytes until released,
-    or send corrupt bytes. Counts GETs."""
-
-    isLeaf = True
-
-    def __init__(self, blobs: dict[str, bytes]) -> None:
-        super().__init__()
-        self.blobs = blobs
-        self.gets = 0
-        self.hold_at: int | None = None
-        self.corrupt = False
-        self.held: list[tuple[Request, bytes]] = []
-
-    def render_GET(self, request: Request) -> bytes | int:
-        self.gets += 1
-        digest = request.path.decode().rsplit("/", 1)[-1]
-        data = self.blobs[digest]
-        if self.corrupt:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        request.setHeader(b"content-length", b"%d" % len(data))
-        request.setHeader(b"content-type", b"application/octet-stream")
-        if self.hold_at is None:
-            return data
-        request.write(data[: self.hold_at])
-        self.held.append((request, data[self.hold_at :]))
-        return NOT_DONE_YET
-
-    def release(self) -> None:
-        for request, rest in self.held:
-            if not request._disconnected:
-                request.write(rest)
-                request.finish()
-        self.held.clear()
-
-
-class Collector(Protocol):
-    """Reads a response body; can hang up after the first chunk."""
-
-    def __init__(self, hang_up: bool = False) -> None:
-        self.data = b""
-        self.hang_up = hang_up
-        self.reason = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.hang_up:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason) -> None:
-        self.reason = reason
 
 
 class LateHasher(InlineHasher):

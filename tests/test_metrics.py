@@ -13,9 +13,9 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord.config import CacheConfig
+from tests.support.blobs import PacedBlobs
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MIRROR, MemoryMirror
-from tests.test_single_fetch import Gate
 
 ACCEPT = {"Accept": [OCI_MANIFEST]}
 
@@ -86,7 +86,7 @@ class MetricsTests(SynchronousTestCase):
                 mirror = self.mirror(cache)
                 data = os.urandom(400_000)
                 digest = "sha256:" + hashlib.sha256(data).hexdigest()
-                gate = Gate({digest: data})
+                gate = PacedBlobs({digest: data})
                 gate.hold_at = 150_000
                 mirror.add_host(b"gate.test", gate)
                 mirror.wiring.targets["docker.io"].chain.set_urls(["http://gate.test"])

@@ -10,93 +10,18 @@ import tempfile
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord.config import Registry
+from tests.support.blobs import Collector, PacedBlobs
 from tests.support.memory import MIRROR, MemoryMirror
-
-
-class Gate(Resource):
-    """Serves blobs by digest and counts GETs. It can park requests before
-    any header (``park``), stop after ``hold_at`` bytes, or answer parked
-    requests 503 (``fail_parked``)."""
-
-    isLeaf = True
-
-    def __init__(self, blobs: dict[str, bytes]) -> None:
-        super().__init__()
-        self.blobs = blobs
-        self.gets = 0
-        self.park = False
-        self.fail_parked = False
-        self.hold_at: int | None = None
-        self.parked: list[Request] = []
-        self.held: list[tuple[Request, bytes]] = []
-
-    def render_GET(self, request: Request) -> bytes | int:
-        self.gets += 1
-        if self.park:
-            self.parked.append(request)
-            return NOT_DONE_YET
-        return self._answer(request)
-
-    def _answer(self, request: Request) -> bytes | int:
-        data = self.blobs[request.path.decode().rsplit("/", 1)[-1]]
-        request.setHeader(b"content-length", b"%d" % len(data))
-        request.setHeader(b"content-type", b"application/octet-stream")
-        if self.hold_at is None:
-            return data
-        request.write(data[: self.hold_at])
-        self.held.append((request, data[self.hold_at :]))
-        return NOT_DONE_YET
-
-    def answer_parked(self) -> None:
-        parked, self.parked, self.park = self.parked, [], False
-        for request in parked:
-            if request._disconnected:
-                continue
-            if self.fail_parked:
-                request.setResponseCode(503)
-                request.setHeader(b"content-type", b"application/json")
-                request.write(b'{"errors":[{"code":"UNAVAILABLE","message":"down"}]}')
-                request.finish()
-                continue
-            body = self._answer(request)
-            if body is not NOT_DONE_YET:
-                request.write(body)
-                request.finish()
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for request, rest in held:
-            if not request._disconnected:
-                request.write(rest)
-                request.finish()
-
-
-class Reader(Protocol):
-    def __init__(self, hang_up: bool = False) -> None:
-        self.data = b""
-        self.hang_up = hang_up
-        self.ended = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.hang_up:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason: object) -> None:
-        self.ended = True
 
 
 class SingleFetchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.data = os.urandom(300_000)
         self.digest = "sha256:" + hashlib.sha256(self.data).hexdigest()
-        self.gate = Gate({self.digest: self.data})
+        self.gate = PacedBlobs({self.digest: self.data})
         self.mirror = MemoryMirror(
             self,
             Path(tempfile.mkdtemp()),
@@ -106,8 +31,8 @@ class SingleFetchTests(SynchronousTestCase):
         self.mirror.add_host(b"gate.test", self.gate)
         self.path = f"/v2/library/x/blobs/{self.digest}"
 
-    def start(self, path: str | None = None, hang_up: bool = False) -> tuple[Deferred, Reader]:
-        reader = Reader(hang_up)
+    def start(self, path: str | None = None, hang_up: bool = False) -> tuple[Deferred, Collector]:
+        reader = Collector(hang_up)
         d = self.mirror.client.get(MIRROR + (path or self.path))
         d.addCallback(lambda response: (response.deliverBody(reader), response)[1])
         return d, reader

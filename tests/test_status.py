@@ -20,10 +20,10 @@ from mirrord.front.history import History, Totals
 from mirrord.front.texts import TEXTS
 from mirrord.front.usage import COPY_SCRIPT
 from mirrord.store.disk import Meta
+from tests.support.blobs import PacedBlobs
 from tests.support.images import OCI_MANIFEST
 from tests.support.memory import MemoryMirror
 from tests.support.page import parse
-from tests.test_single_fetch import Gate
 
 ACCEPT = {"Accept": [OCI_MANIFEST]}
 EN = {"Accept-Language": "en-US,en;q=0.9"}
@@ -200,7 +200,7 @@ class StatusPageTests(SynchronousTestCase):
         mirror = self.mirror()
         data = os.urandom(300_000)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        gate = Gate({digest: data})
+        gate = PacedBlobs({digest: data})
         gate.hold_at = 100_000
         mirror.add_host(b"gate.test", gate)
         mirror.wiring.targets["docker.io"].chain.set_urls(["http://gate.test"])
