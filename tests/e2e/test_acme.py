@@ -118,7 +118,13 @@ def start_pebble(
 
 
 def start_acme_mirror(
-    workdir: Path, pki: Pki, name: str, port: int, pebble: Pebble, extra: str = ""
+    workdir: Path,
+    pki: Pki,
+    name: str,
+    port: int,
+    pebble: Pebble,
+    extra: str = "",
+    workers: str = "1",
 ) -> tuple[Process, Path]:
     state = workdir / f"state-acme-{name}"
     config = workdir / f"acme-{name}.toml"
@@ -140,6 +146,8 @@ def start_acme_mirror(
             str(state),
             "--upstream",
             f"http://127.0.0.1:{DEAD_PORT}",
+            "--workers",
+            workers,
         ),
         port,
         workdir / f"mirror-acme-{name}.log",

@@ -67,7 +67,9 @@ def _owner(server_port: int, client: socket.socket, pids: list[int]) -> int | No
     """The pid among ``pids`` holding the server side of ``client``'s connection."""
     client_port = client.getsockname()[1]
     inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+    table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    table += Path("/proc/net/tcp6").read_text().splitlines()[1:]  # a dual-stack listener
+    for line in table:
         fields = line.split()
         local, remote = fields[1], fields[2]
         if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == (
@@ -393,3 +395,65 @@ def test_stop_sends_what_a_finished_response_left_in_buffers(
         assert mirror.proc.wait(30) == 0
     finally:
         mirror.stop()
+
+
+def _certificate_of(port: int, workers: list[int]) -> dict[int, int]:
+    """The serial each worker shows a client naming the ACME domain (new
+    connections until every worker was seen, or a bound)."""
+    from tests.e2e.test_acme import DOMAIN
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    seen: dict[int, int] = {}
+    for _ in range(60):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=DOMAIN) as tls:
+                owner = _owner(port, tls, workers)
+                der = tls.getpeercert(binary_form=True)
+                if owner is not None and der is not None:
+                    from cryptography import x509
+
+                    seen[owner] = x509.load_der_x509_certificate(der).serial_number
+        if len(seen) == len(workers):
+            break
+    return seen
+
+
+def test_acme_with_workers_every_worker_serves_the_issued_and_renewed(
+    workdir: Path, pki: Pki
+) -> None:
+    """workers = 2 with ACME (TLS-ALPN-01 on the shared listener): the certificate
+    worker 1 obtains, and the one it renews, are served by every worker."""
+    from tests.e2e.test_acme import issuer, served_certificate, start_acme_mirror, start_pebble
+
+    port = free_port()
+    pebble = start_pebble(workdir, pki, "workers", port, validity=60)
+    try:
+        mirror, _ = start_acme_mirror(
+            workdir, pki, "workers", port, pebble, "acme_renew_before = 50\n", workers="2"
+        )
+        try:
+            _wait(lambda: "all 2 workers listen" in mirror.output(), "workers listening")
+            workers = _workers(mirror.pid)
+            _wait(lambda: issuer(served_certificate(port)).startswith("Pebble"), "issuance", 60)
+            _wait(lambda: mirror.output().count("reloaded: certificate") >= 2, "reloads", 20)
+            first = _certificate_of(port, workers)
+            assert sorted(first) == workers
+            assert len(set(first.values())) == 1, first
+            (serial,) = set(first.values())
+            _wait(lambda: served_certificate(port).serial_number != serial, "a renewal", 60)
+            _wait(
+                lambda: (
+                    len(set((now := _certificate_of(port, workers)).values())) == 1
+                    and serial not in now.values()
+                    and sorted(now) == workers
+                ),
+                "every worker on the renewed certificate",
+                20,
+            )
+            assert "renewed the ACME certificate" in mirror.output()
+        finally:
+            assert mirror.stop() == 0
+    finally:
+        pebble.stop()
