@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config
 from mirrord.daemon import logs, ufw
+from mirrord.daemon.role import Role
 from mirrord.daemon.systemd import notify
 from mirrord.expiring import Expiring
 from mirrord.registry.respond import plain_address
@@ -43,8 +44,8 @@ class _Terminal(io.StringIO):
 
 
 class LogTests(SynchronousTestCase):
-    def emit(self, stream: io.StringIO) -> str:
-        publisher = LogPublisher(logs.observer(stream))
+    def emit(self, stream: io.StringIO, role: Role | None = None) -> str:
+        publisher = LogPublisher(logs.observer(stream, role or Role()))
         Logger(namespace="mirrord.access", observer=publisher).info(
             "{client} GET {path} -> {status}", client="10.0.0.1", path="/v2/", status=200
         )
@@ -60,6 +61,17 @@ class LogTests(SynchronousTestCase):
     def test_text_on_a_terminal(self) -> None:
         line = self.emit(_Terminal())
         self.assertIn("[mirrord.access#info] 10.0.0.1 GET /v2/ -> 200", line)
+
+    def test_a_workers_events_say_which_worker(self) -> None:
+        """In worker 2 of 2 each event carries worker=2, in JSON and on a terminal;
+        the one process's events carry no worker."""
+        role = Role(2, 2, Path("/state/workers"))
+        record = json.loads(self.emit(_NotATerminal(), role))
+        self.assertEqual((record["worker"], record["status"]), (2, 200))
+        self.assertIn(
+            "[mirrord.access#info worker=2] 10.0.0.1 GET /v2/ -> 200", self.emit(_Terminal(), role)
+        )
+        self.assertNotIn("worker", json.loads(self.emit(_NotATerminal())))
 
 
 class UfwTests(SynchronousTestCase):
