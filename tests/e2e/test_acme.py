@@ -296,20 +296,24 @@ def test_failed_challenge_logged_retried_and_self_signed_kept(workdir: Path, pki
         pebble.stop()
 
 
-def test_http01_on_a_plain_listener(workdir: Path, pki: Pki) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_http01_on_a_plain_listener(workdir: Path, pki: Pki, workers: str) -> None:
     """With acme_challenge = "http-01" Pebble validates on mirrord's plain HTTP
-    listener, which serves nothing else, and the certificate is served on TLS."""
+    listener, which serves nothing else, and the certificate is served on TLS
+    (with 2 workers: the port-80 socket is worker 1's, where ACME runs)."""
     port, http_port = free_port(), free_port()
-    pebble = start_pebble(workdir, pki, "http01", DEAD_PORT, http_port=http_port)
+    name = f"http01-{workers}"
+    pebble = start_pebble(workdir, pki, name, DEAD_PORT, http_port=http_port)
     try:
         mirror, _ = start_acme_mirror(
             workdir,
             pki,
-            "http01",
+            name,
             port,
             pebble,
             'acme_challenge = "http-01"\n'
             f'acme_http_listen = "tcp:{http_port}:interface=127.0.0.1"\n',
+            workers,
         )
         try:
             wait_for(
