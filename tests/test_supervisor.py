@@ -10,12 +10,13 @@ from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTer
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mirrord.config import ConfigError
+from mirrord.config import Config, ConfigError
 from mirrord.daemon import supervisor
 from mirrord.daemon.role import SHARED_DIR, WORKER, WORKERS
 from mirrord.daemon.supervisor import CONTROL_FD, Launcher, Supervisor
@@ -169,6 +170,21 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(h.told, ["RELOADING=1"])
         h.current(2).says("READY=1")
         self.assertEqual(h.told, ["RELOADING=1", "READY=1"])
+
+    def test_a_new_worker_count_waits_for_a_restart(self) -> None:
+        """A reload whose file asks for another number of workers keeps the running
+        ones and says the change takes a restart."""
+        h = self.harness(check=lambda: Config(workers=3))
+        h.all_ready()
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        h.supervisor.reload("SIGHUP")
+        self.assertEqual(len(h.supervisor.workers), 2)
+        self.assertEqual([h.current(i).signals for i in (1, 2)], [["HUP"], ["HUP"]])
+        self.assertIn(
+            (2, 3), [(e.get("running"), e.get("wanted")) for e in events if "wanted" in e]
+        )
 
     def test_a_starting_worker_is_not_sent_signals(self) -> None:
         """SIGHUP and SIGUSR1 go only to workers that said READY=1 (a starting worker

@@ -155,7 +155,7 @@ class Supervisor(Service):
         shared_dir: Path,
         bind: Callable[[], list[Bound]],
         launch: Launch,
-        check: Callable[[], object],
+        check: Callable[[], object],  # raises what is wrong; returns the Config
         grace_period: float,
         prepare: Callable[[], None] = lambda: None,
         notify: Callable[[str], object] = notify,
@@ -352,7 +352,7 @@ class Supervisor(Service):
             return
         self.notify("RELOADING=1")
         try:
-            self.check()
+            checked = self.check()
         except Exception as e:
             log.error(
                 "reload ({why}) refused, every worker keeps the running setup: {error}",
@@ -361,6 +361,13 @@ class Supervisor(Service):
             )
             self.notify("READY=1")
             return
+        wanted = getattr(checked, "workers", self.count)
+        if wanted != self.count:
+            log.warn(
+                "workers changed ({running} -> {wanted}): takes effect on restart",
+                running=self.count,
+                wanted=wanted,
+            )
         # Only workers that said READY=1 have their SIGHUP handler: one
         # still starting would die of the signal (it reads the new file).
         told = [w for w in self.workers if w.ready and w.process is not None]
