@@ -184,7 +184,7 @@ def open_store(config: Config, clock: IReactorTime) -> BlobStore | None:
     """The cache shared by every registry (it is content-addressed)."""
     if not config.cache.enabled:
         return None
-    root = Path(config.state_dir) / "cache"
+    root = Path(config.state_dir) / config.cache.path
     store = BlobStore(
         root,
         config.cache.max_size,

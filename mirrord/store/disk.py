@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import errno
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -30,6 +31,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from mirrord.store import shared
+from mirrord.store.shared import Claim
 
 
 class DigestMismatch(Exception):
@@ -98,14 +102,21 @@ class TempBlob:
     """A blob being written to a temporary file. Its hash is the caller's
     (see ``mirrord.store.worker``): publishing needs the hex digest. Every
     method blocks on the disk; a fill calls them from the disk worker, and
-    only from there, so its descriptor is never closed under a write."""
+    only from there, so its descriptor is never closed under a write.
 
-    def __init__(self, path: Path) -> None:
+    The file stays open, under ``flock``, until ``discard`` (after the blob
+    is linked into place): another process's restart scan leaves a locked
+    file alone, and a fill's lock (``claim``, ``mirrord.store.shared``)
+    tells other processes the fill is alive."""
+
+    def __init__(self, path: Path, claim: Claim | None = None) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.claim = claim
+        self._fd = claim.fd if claim is not None else _locked_new(path)
         self.size = 0
         self._synced = 0
         self.closed = False
+        self._flushed = False
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -117,17 +128,36 @@ class TempBlob:
             self._synced = self.size
 
     def finish(self) -> None:
-        if self.closed:
+        """Flush to the disk; the file stays open (and locked) until ``discard``."""
+        if self.closed or self._flushed:
             return
         os.fsync(self._fd)
+        self._flushed = True
+
+    def discard(self) -> None:
+        """Remove the temporary name, then close: the lock goes last, so no
+        other process takes over a file about to disappear."""
+        if self.closed:
+            return
+        self.path.unlink(missing_ok=True)
+        if self.claim is not None:
+            self.claim.fd = -1
+            shared.about_path(self.path).unlink(missing_ok=True)
         os.close(self._fd)
         self.closed = True
 
-    def discard(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-            self.closed = True
-        self.path.unlink(missing_ok=True)
+
+def _locked_new(path: Path) -> int:
+    """A new file at ``path``, open and locked. Another process's restart
+    scan may remove it between the open and the lock: then it is made again,
+    so the file this returns is the one at ``path``, and locked."""
+    for _ in range(shared.CLAIM_ATTEMPTS):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if shared.same_file(fd, path):
+            return fd
+        os.close(fd)
+    raise OSError(errno.EBUSY, f"{path} keeps disappearing")
 
 
 @dataclass
@@ -163,10 +193,7 @@ class BlobStore:
 
     def rebuild(self) -> tuple[int, int]:
         """Index what is on disk; remove interrupted fills. Returns (entries, removed)."""
-        removed = 0
-        for temp in (self.root / "tmp").iterdir():
-            temp.unlink(missing_ok=True)
-            removed += 1
+        removed = self.scan_temporary()
         self.entries.clear()
         self.size = 0
         self._pins = None
@@ -185,7 +212,50 @@ class BlobStore:
             self.size += stat.st_size
         return len(self.entries), removed
 
-    def new_temp(self, size: int | None = None) -> TempBlob:
+    def scan_temporary(self) -> int:
+        """Remove what interrupted fills left in ``tmp/``, except the files
+        of fills a live process holds (another daemon sharing the cache):
+        their lock says so. Returns how many files went."""
+        removed = 0
+        for temp in (self.root / "tmp").iterdir():
+            owner = temp
+            if temp.name.endswith(shared.ABOUT_SUFFIX):
+                owner = temp.with_suffix(shared.FILL_SUFFIX)
+            if shared.is_held(owner):
+                continue
+            temp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def claim(self, digest: str) -> Claim:
+        """Take ``digest``'s fill lock across processes (blocks; see
+        ``mirrord.store.shared.claim``)."""
+        return shared.claim(self.root / "tmp", digest, self.data_path(digest))
+
+    def probe(self, claim: Claim) -> shared.Probe:
+        """Another process's fill of the blob ``claim`` follows (blocks)."""
+        digest = claim.path.name.removesuffix(shared.FILL_SUFFIX).replace("-", ":", 1)
+        return shared.probe(claim, self.data_path(digest), self.blob_dir(digest) / "meta.json")
+
+    def find(self, digest: str) -> Entry | None:
+        """A blob on disk that this process has not indexed (another process
+        published it): its entry, or None (blocks; the disk worker's)."""
+        data = self.data_path(digest)
+        try:
+            stat = data.stat()
+            meta = Meta(**json.loads((data.parent / "meta.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        return Entry(digest, stat.st_size, meta, self.now())
+
+    def adopt(self, entry: Entry) -> Entry:
+        """Index a blob ``find`` saw (the reactor's), unless already known."""
+        known = self.entries.get(entry.digest)
+        if known is not None:
+            return known
+        return self.add(entry.digest, entry.size, entry.meta, entry.last_access)
+
+    def new_temp(self, size: int | None = None, claim: Claim | None = None) -> TempBlob:
         """A new temporary file for a blob of ``size`` bytes (if known), or
         ``StoreUnavailable`` before anything is written: no free descriptor,
         or a disk without room for it (a write failing mid-fill is the
@@ -196,6 +266,8 @@ class BlobStore:
                 stat = os.statvfs(directory)
                 if stat.f_bavail * stat.f_frsize < size:
                     raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} for {size} bytes")
+            if claim is not None:
+                return TempBlob(claim.path, claim)
             return TempBlob(directory / uuid.uuid4().hex)
         except OSError as e:
             raise StoreUnavailable(e.errno, f"cannot create a cache file: {e.strerror}") from e
