@@ -192,6 +192,7 @@ def open_store(config: Config, clock: IReactorTime) -> BlobStore | None:
         config.cache.low_watermark,
         config.cache.pinned + read_pins(root),
         now=clock.seconds,
+        share=True,
     )
     entries, removed = store.rebuild()
     log.info(
@@ -349,6 +350,8 @@ def wire(
         agent, clock, config.timeouts.response, config.max_redirects, config.timeouts.body_idle
     )
     store = open_store(config, clock)
+    if store is not None:
+        store.offload = hashers("sha256").run  # the shared index's work: the disk worker's
     tokens = MirrorTokens.from_state(Path(config.state_dir), clock.seconds)
 
     def count_request(kind: str) -> None:

@@ -31,8 +31,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mirrord.store import shared
+from mirrord.store.index import SharedIndex, pinned_repository
 from mirrord.store.shared import Claim
 
 
@@ -96,6 +98,8 @@ _start_writeback = _writeback_starter()
 WRITEBACK_EVERY = 16 << 20
 TOUCH_EVERY = 3600.0
 TAG_REFRESH_EVERY = 60.0
+# Seconds between two batches of hits sent to the shared index.
+TOUCHES_EVERY = 30.0
 
 
 class TempBlob:
@@ -178,11 +182,23 @@ class BlobStore:
     _pins: set[str] | None = field(default=None, init=False)
     _pins_version: int = field(default=-1, init=False)
     _pins_missing: set[str] = field(default_factory=set, init=False)
+    # Several processes may use the directory: the size limit, eviction and
+    # pins go through the index they share (``mirrord.store.index``), on the
+    # disk worker (``offload(f, *args)`` runs f there, returning a Deferred).
+    share: bool = False
+    offload: Callable[..., Any] | None = None
+    shared: SharedIndex | None = field(default=None, init=False)
+    _touched: dict[str, float] = field(default_factory=dict, init=False)
+    _touches_sent: float = field(default=0.0, init=False)
+    _evicting: bool = field(default=False, init=False)
+    _evict_again: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         (self.root / "blobs").mkdir(exist_ok=True)
         self.tags = TagStore(self.root)
+        if self.share:
+            self.shared = SharedIndex(self.root)
 
     def blob_dir(self, digest: str) -> Path:
         algorithm, hexdigest = digest.split(":", 1)
@@ -210,6 +226,13 @@ class BlobStore:
                 continue
             self.entries[digest] = Entry(digest, stat.st_size, meta, stat.st_mtime)
             self.size += stat.st_size
+        if self.shared is not None:
+            found = self.entries.values()
+            self.shared.reconcile(
+                [(e.digest, e.size, e.last_access, e.meta.repository) for e in found],
+                lambda digest: self.data_path(digest).exists(),
+            )
+            self.size = self.shared.total()
         return len(self.entries), removed
 
     def scan_temporary(self) -> int:
@@ -287,6 +310,9 @@ class BlobStore:
         staged = directory / f".data.{uuid.uuid4().hex}"
         os.link(temp.path, staged)
         os.replace(staged, directory / "data")
+        if self.shared is not None:
+            repository = json.loads(meta).get("repository", "")
+            self.shared.put(digest, temp.size, when, repository)
 
     def add(self, digest: str, size: int, meta: Meta, when: float) -> Entry:
         """Index a blob ``commit`` put in place (the reactor's bookkeeping)."""
@@ -344,7 +370,20 @@ class BlobStore:
             except OSError:
                 pass
         entry.last_access = now
+        if self.shared is not None:
+            self._touched[digest] = now
+            if now - self._touches_sent > TOUCHES_EVERY:
+                self._send_touches(now)
         return entry
+
+    def _send_touches(self, now: float) -> None:
+        """This process's hits, to the shared index (batched: one worker
+        job a ``TOUCHES_EVERY``), so another process's eviction sees them."""
+        if self.offload is None or self.shared is None:
+            return
+        touched, self._touched = self._touched, {}
+        self._touches_sent = now
+        self.offload(self.shared.touch, touched).addErrback(lambda _: None)
 
     def read(self, digest: str) -> bytes | None:
         """A small blob's bytes (manifests)."""
@@ -411,7 +450,13 @@ class BlobStore:
 
     def evict(self) -> list[str]:
         """Above the high watermark, remove least recently used blobs until
-        under the low one. Blobs being read and pinned blobs stay."""
+        under the low one. Blobs being read and pinned blobs stay.
+
+        With a shared index the total is every process's, and the work is
+        the disk worker's: the blobs removed are returned only when it ran
+        at once (an inline worker); the index follows when it is done."""
+        if self.shared is not None and self.offload is not None:
+            return self._evict_shared()
         if self.size <= self.max_size * self.high_watermark:
             return []
         target = self.max_size * self.low_watermark
@@ -430,6 +475,97 @@ class BlobStore:
         # cache too.
         self.tags.forget_digests(set(removed))
         return removed
+
+    def _evict_shared(self) -> list[str]:
+        if self._evicting:
+            self._evict_again = True
+            return []
+        assert self.shared is not None and self.offload is not None
+        self._evicting = True
+        busy = {digest for digest, entry in self.entries.items() if entry.readers}
+        keep = busy | self.pinned_by_tag()
+        pinned = pinned_repository(self.pinned)
+        tag_patterns = [p for p in self.pinned if ":" in p]
+        touched, self._touched = self._touched, {}
+        shared = self.shared
+
+        def evict() -> tuple[list[str], int]:
+            # On the disk worker: tags pinned by patterns, as every process
+            # wrote them (this process's own index may not know them all).
+            kept = keep | self.tag_pins_on_disk(tag_patterns)
+            return shared.evict(
+                self.max_size,
+                self.high_watermark,
+                self.low_watermark,
+                lambda digest, repository: digest in kept or pinned(repository),
+                self._unlink_blob,
+                touched,
+            )
+
+        result: list[str] = []
+
+        def evicted(outcome: tuple[list[str], int]) -> None:
+            removed, total = outcome
+            for digest in removed:
+                entry = self.entries.get(digest)
+                if entry is not None:
+                    self._forget(entry)
+            self.size = total
+            self.tags.forget_digests(set(removed))
+            result.extend(removed)
+
+        def done(_: object) -> None:
+            self._evicting = False
+            if self._evict_again:
+                self._evict_again = False
+                self.evict()
+
+        self.offload(evict).addCallback(evicted).addBoth(done)
+        return result
+
+    def tag_pins_on_disk(self, patterns: list[str]) -> set[str]:
+        """Everything tags matching ``patterns`` need, read from the tag
+        files and manifests on disk (blocking): what any process recorded."""
+        if not patterns:
+            return set()
+        keep: set[str] = set()
+        for path in (self.root / "tags").glob("*/**/*.json"):
+            relative = path.relative_to(self.root / "tags")
+            name = "/".join(relative.parts[1:-1])
+            tag = path.name.removesuffix(".json")
+            if not any(fnmatch.fnmatchcase(f"{name}:{tag}", p) for p in patterns):
+                continue
+            record = _read_tag(path)
+            if record is not None:
+                self._referenced_on_disk(record.digest, keep)
+        return keep
+
+    def _referenced_on_disk(self, digest: str, keep: set[str]) -> None:
+        stack = [digest]
+        while stack:
+            digest = stack.pop()
+            if digest in keep:
+                continue
+            keep.add(digest)
+            try:
+                data = self.data_path(digest)
+                if data.stat().st_size > 4 << 20:
+                    continue
+                meta = json.loads((data.parent / "meta.json").read_text())
+                if "json" not in meta.get("media_type", ""):
+                    continue
+                document = json.loads(data.read_bytes())
+            except (OSError, ValueError, AttributeError):
+                continue
+            if not isinstance(document, dict):
+                continue
+            for child in [
+                document.get("config"),
+                *document.get("layers", []),
+                *document.get("manifests", []),
+            ]:
+                if isinstance(child, dict) and isinstance(child.get("digest"), str):
+                    stack.append(child["digest"])
 
     def forget(self, digest: str) -> bool:
         """Drop a blob from the index (an admin's delete), unless a client
@@ -456,6 +592,11 @@ class BlobStore:
             self.size -= entry.size
 
     def _remove_files(self, digest: str) -> None:
+        self._unlink_blob(digest)
+        if self.shared is not None:
+            self.shared.remove(digest)
+
+    def _unlink_blob(self, digest: str) -> None:
         directory = self.blob_dir(digest)
         for name in ("data", "meta.json"):
             (directory / name).unlink(missing_ok=True)

@@ -248,3 +248,28 @@ def test_restart_scan_of_one_leaves_the_others_fill(workdir: Path, pki: Pki, sha
     assert after.get("GET blobs", 0) - before.get("GET blobs", 0) == 1
     assert "cache=HIT" in late.output()
     assert "removed 0 leftovers" in late.output()
+
+
+def test_size_limit_holds_for_both_daemons_together(workdir: Path, pki: Pki, shared_hub) -> None:
+    """Blobs pulled alternately through two daemons on one 20 MB cache: the
+    blobs on disk stay under 20 MB together, the latest one still cached."""
+    hub, _, smalls = shared_hub
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    mirrors = _pair(workdir, pki, hub, "evict", 'max_size = "20MB"\n')
+    cache = workdir / "evict-cache"
+    try:
+        for i, blob in enumerate(smalls):
+            got = _fetch(context, mirrors[i % 2].port, blob.digest, SMALL)
+            assert got.complete and got.body == blob.data
+            hexdigest = blob.digest.split(":", 1)[1]
+            latest = cache / "blobs" / "sha256" / hexdigest[:2] / hexdigest / "data"
+            _wait_for(lambda latest=latest: latest.exists())
+            _wait_for(lambda: _blob_bytes(cache) <= 20_000_000, timeout=10)
+            sizes = _blob_bytes(cache)
+            assert sizes <= 20_000_000, sizes
+        assert latest.exists()
+    finally:
+        for mirror in mirrors:
+            mirror.stop()
+    logs = mirrors[0].output() + mirrors[1].output()
+    assert "Traceback" not in logs
