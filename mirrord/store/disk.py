@@ -643,6 +643,21 @@ class TagStore:
             self._known[path] = record
         return record
 
+    def read(self, registry: str, name: str, tag: str) -> TagRecord | None:
+        """The tag's record as on disk now, written by any process (blocks;
+        the index is not changed: ``learn`` does that, on the reactor)."""
+        return _read_tag(self._path(registry, name, tag))
+
+    def learn(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
+        """Take a record ``read`` found (another process may have written it)."""
+        path = self._path(registry, name, tag)
+        old = self._known.get(path)
+        if old is not None and old.fetched >= record.fetched:
+            return
+        self._known[path] = record
+        if old is None or old.digest != record.digest:
+            self.version += 1
+
     def records(self) -> Iterator[tuple[str, str, TagRecord]]:
         """Every (repository, tag, record), across registries: read from
         disk the first time, from memory after."""

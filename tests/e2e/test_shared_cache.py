@@ -7,6 +7,7 @@ restart scan leaves the other's fill alone."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import signal
 import socket
@@ -273,3 +274,48 @@ def test_size_limit_holds_for_both_daemons_together(workdir: Path, pki: Pki, sha
             mirror.stop()
     logs = mirrors[0].output() + mirrors[1].output()
     assert "Traceback" not in logs
+
+
+ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
+
+
+def _manifest(context: ssl.SSLContext, port: int) -> tuple[int, bytes, str]:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    try:
+        conn.request("GET", "/v2/library/alpine/manifests/latest", headers={"Accept": ACCEPT})
+        response = conn.getresponse()
+        return response.status, response.read(), response.getheader("Warning") or ""
+    finally:
+        conn.close()
+
+
+def test_tag_fetched_by_one_is_served_stale_by_the_other(
+    workdir: Path, pki: Pki, shared_hub
+) -> None:
+    """A tag pulled through one daemon is answered by the other, which never
+    pulled it, from the shared cache while the upstream is down (stale)."""
+    hub, _, _ = shared_hub
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    first, other = _pair(workdir, pki, hub, "stale", "tag_ttl = 0\n")
+    try:
+        status, body, _ = _manifest(context, first.port)
+        assert status == 200
+        _wait_for(lambda: any((workdir / "stale-cache" / "tags").glob("*/**/latest.json")))
+        hub.control(outage=True)
+        try:
+            status, stale, warning = _manifest(context, other.port)
+        finally:
+            hub.control(outage=False)
+    finally:
+        first.stop()
+        other.stop()
+    assert (status, stale) == (200, body)
+    assert "Stale" in warning
+    assert "cache=STALE" in other.output()
