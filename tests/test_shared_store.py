@@ -306,3 +306,19 @@ class TwoMirrorsTests(SynchronousTestCase):
         reply = b.get(self.path)
         self.assertEqual(reply.body, self.data)
         self.assertEqual(self.upstream.gets, 2)
+
+    def test_filler_gone_before_its_headers_leaves_the_fill_to_the_waiting_mirror(self) -> None:
+        """A process that took the lock and died before the upstream answered:
+        the mirror waiting on it makes no GET meanwhile, then fills itself."""
+        _, b = self.mirrors
+        dead = b.store.claim(self.digest)  # as another process would hold it
+        reader, _ = self.start(b)
+        b.clock.pump([0.05] * 20)
+        b.settle()
+        self.assertEqual((self.upstream.gets, reader.data), (0, b""))
+        dead.release()
+        b.clock.advance(0.05)
+        b.settle()
+        self.assertEqual(reader.data, self.data)
+        reader.reason.trap(ResponseDone)
+        self.assertEqual(self.upstream.gets, 1)

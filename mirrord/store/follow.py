@@ -108,9 +108,13 @@ class RemoteFill:
             return
         now = self._clock.seconds()
         if probe.about is not None and not self._described:
+            try:
+                self.meta = Meta(**probe.about["meta"])
+                self.expected_size = probe.about["size"]
+            except (TypeError, KeyError) as e:
+                self._fail(f"the fill's description is unreadable: {e!r}")
+                return
             self._described = True
-            self.meta = Meta(**probe.about["meta"])
-            self.expected_size = probe.about["size"]
         if probe.published:
             self._published(probe.size)
             return
