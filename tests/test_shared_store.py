@@ -218,6 +218,16 @@ class SharedIndexTests(SynchronousTestCase):
         self.one.reconcile([("found", 200, 2.0, "x")], lambda digest: digest == "found")
         self.assertEqual((self.two.digests(), self.two.total()), ({"found"}, 200))
 
+    def test_blob_found_on_disk_but_never_recorded_counts_once_found(self) -> None:
+        """A blob whose publisher died between linking it and recording it
+        counts against the limit once a process finds it."""
+        unrecorded = BlobStore(self.root, 1 << 30)  # writes no index
+        unrecorded.put_bytes(_digest(b"orphan"), b"orphan", Meta())
+        finder = BlobStore(self.root, 1 << 30, share=True)
+        self.assertEqual(self.one.total(), 0)
+        self.assertIsNotNone(finder.find(_digest(b"orphan")))
+        self.assertEqual(self.one.total(), len(b"orphan"))
+
 
 class TwoMirrorsTests(SynchronousTestCase):
     """Two in-memory mirrors on one cache directory, as two daemons."""

@@ -269,6 +269,8 @@ class BlobStore:
             meta = Meta(**json.loads((data.parent / "meta.json").read_text()))
         except (OSError, ValueError, TypeError):
             return None
+        if self.shared is not None:
+            self.shared.ensure(digest, stat.st_size, stat.st_mtime, meta.repository)
         return Entry(digest, stat.st_size, meta, self.now())
 
     def adopt(self, entry: Entry) -> Entry:

@@ -94,6 +94,7 @@ class RemoteFill:
         return self.entry is not None or self.error is not None
 
     def start(self) -> Deferred[RemoteFill]:
+        log.info("{digest}: another process is filling it; following its file", digest=self.digest)
         self._poll()
         return self.ready
 

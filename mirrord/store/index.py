@@ -54,6 +54,13 @@ class SharedIndex:
             (digest, size, when, repository),
         )
 
+    def ensure(self, digest: str, size: int, when: float, repository: str) -> None:
+        """A blob found on disk: counted, if its publisher died before
+        recording it (kept as it is when already there)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?)", (digest, size, when, repository)
+        )
+
     def remove(self, digest: str) -> None:
         self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
 
