@@ -229,6 +229,35 @@ class SharedIndexTests(SynchronousTestCase):
         self.assertEqual(self.one.total(), len(b"orphan"))
 
 
+class SharedEvictionTests(SynchronousTestCase):
+    """Eviction by one process, with what the others recorded."""
+
+    def setUp(self) -> None:
+        self.root = Path(tempfile.mkdtemp())
+        self.stores = [
+            BlobStore(self.root, 1000, 0.9, 0.6, share=True, offload=maybeDeferred)
+            for _ in range(2)
+        ]
+
+    def put(self, store: BlobStore, name: bytes, repository: str) -> str:
+        data = name * (300 // len(name))
+        digest = _digest(data)
+        store.put_bytes(digest, data, Meta(repository=repository))
+        return digest
+
+    def test_pin_set_through_another_process_holds(self) -> None:
+        """A repository an admin pinned through another process (pins.json)
+        is kept by this process's eviction, whatever its age."""
+        one, two = self.stores
+        kept = self.put(one, b"keep", "library/keep")
+        (self.root / "pins.json").write_text('["library/keep"]')  # as the other's admin wrote
+        others = [self.put(two, name, "x") for name in (b"aa", b"bb", b"cc")]
+        one.evict()
+        self.assertTrue(one.data_path(kept).exists())
+        self.assertFalse(two.data_path(others[0]).exists())
+        self.assertLessEqual(sum(p.stat().st_size for p in self.root.glob("blobs/*/*/*/data")), 900)
+
+
 class TwoMirrorsTests(SynchronousTestCase):
     """Two in-memory mirrors on one cache directory, as two daemons."""
 

@@ -151,6 +151,15 @@ class TempBlob:
         self.closed = True
 
 
+def _admin_pins(root: Path) -> tuple[str, ...]:
+    """The pins an admin set (``pins.json``, see ``mirrord.store.inventory``)."""
+    try:
+        pins = json.loads((root / "pins.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    return tuple(p for p in pins if isinstance(p, str)) if isinstance(pins, list) else ()
+
+
 def _locked_new(path: Path) -> int:
     """A new file at ``path``, open and locked. Another process's restart
     scan may remove it between the open and the lock: then it is made again,
@@ -486,15 +495,17 @@ class BlobStore:
         self._evicting = True
         busy = {digest for digest, entry in self.entries.items() if entry.readers}
         keep = busy | self.pinned_by_tag()
-        pinned = pinned_repository(self.pinned)
-        tag_patterns = [p for p in self.pinned if ":" in p]
+        configured = self.pinned
         touched, self._touched = self._touched, {}
         shared = self.shared
 
         def evict() -> tuple[list[str], int]:
-            # On the disk worker: tags pinned by patterns, as every process
-            # wrote them (this process's own index may not know them all).
-            kept = keep | self.tag_pins_on_disk(tag_patterns)
+            # On the disk worker: the pins an admin set through any process
+            # (pins.json), and tags pinned by patterns as every process wrote
+            # them (this process's own index may not know them all).
+            patterns = (*configured, *_admin_pins(self.root))
+            pinned = pinned_repository(patterns)
+            kept = keep | self.tag_pins_on_disk([p for p in patterns if ":" in p])
             return shared.evict(
                 self.max_size,
                 self.high_watermark,
