@@ -9,10 +9,17 @@ cache root (as distribution lays it out)::
     blobs/sha256/ab/<hex>/data       the bytes, verified against <hex>
     blobs/sha256/ab/<hex>/meta.json  media type, repository, whether public
     tags/<registry>/<repository>/<tag>.json   the digest a tag last had
-    tmp/                             fills in progress; emptied at startup
+    tmp/                             fills in progress, each file locked by
+                                     its process; the unlocked ones are
+                                     removed at startup
+    index.sqlite                     what every process using the directory
+                                     counts on (``mirrord.store.index``)
 
 A blob becomes visible only after its length and digest match (temporary
 file, fsync, link into place), so unverified bytes never become a hit.
+Several processes may share the directory (``share``): fills are made once
+across them (``mirrord.store.shared``), and the size limit, eviction and
+pins go through the shared index on the disk worker.
 """
 
 from __future__ import annotations
