@@ -92,12 +92,17 @@ class Remote:
 class Local:
     """A stopped daemon's state directory, opened directly."""
 
-    def __init__(self, state_dir: Path, configured_pins: tuple[str, ...]) -> None:
-        root = state_dir / "cache"
+    def __init__(
+        self, state_dir: Path, configured_pins: tuple[str, ...], cache: str = "cache"
+    ) -> None:
+        root = state_dir / cache
         if not (root / "blobs").is_dir():
             raise AdminError(f"no cache under {state_dir}")
         self.configured_pins = configured_pins
-        self.store = BlobStore(root, 0, pinned=configured_pins + inventory.read_pins(root))
+        # The index other daemons sharing the cache count on sees the deletes.
+        self.store = BlobStore(
+            root, 0, pinned=configured_pins + inventory.read_pins(root), share=True
+        )
         self.store.entries.clear()
         self._indexed = False
 
@@ -132,7 +137,9 @@ def _quiet(done: int, total: int) -> None:
     pass
 
 
-def connect(state_dir: Path, configured_pins: tuple[str, ...], writing: bool) -> Remote | Local:
+def connect(
+    state_dir: Path, configured_pins: tuple[str, ...], writing: bool, cache: str = "cache"
+) -> Remote | Local:
     """The daemon's socket when it answers, else the state directory."""
     path = state_dir / SOCKET_NAME
     if path.exists():
@@ -152,7 +159,7 @@ def connect(state_dir: Path, configured_pins: tuple[str, ...], writing: bool) ->
     lock = state_dir / f"{SOCKET_NAME}.lock"
     if writing and _held(lock):
         raise AdminError(f"a daemon holds {lock} but its socket does not answer: not writing")
-    return Local(state_dir, configured_pins)
+    return Local(state_dir, configured_pins, cache)
 
 
 def _held(lock: Path) -> bool:
@@ -272,7 +279,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
     writing = args.command in ("pin", "unpin") or (args.command == "delete" and not args.dry_run)
     progress = Progress(err, "removing blobs")
     try:
-        target = connect(state_dir, config.cache.pinned, writing)
+        target = connect(state_dir, config.cache.pinned, writing, config.cache.path)
         result = target.call(request, progress)
     except (AdminError, LookupError, ValueError, OSError) as e:
         progress.close()

@@ -78,6 +78,9 @@ class CacheConfig:
     # seconds ("name:tag" or "name@sha256:..."). See README ("Warm images").
     warm: tuple[str, ...] = ()
     warm_interval: float = 6 * 3600.0
+    # Where the cache lives (relative to ``state_dir``): another disk, or one
+    # directory several daemons share (each fill is still made once).
+    path: str = "cache"
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,7 @@ _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
     "pinned": list,
     "warm": list,
     "warm_interval": (int, float),
+    "path": str,
 }
 _REGISTRY_TYPES: dict[str, type | tuple[type, ...]] = {
     "upstreams": list,

@@ -23,6 +23,7 @@ from mirrord.daemon.admin import Admin, AdminProtocol
 from mirrord.daemon.tap import open_store
 from mirrord.store import inventory
 from mirrord.store.disk import BlobStore, Meta, TagRecord
+from mirrord.store.index import SharedIndex
 from tests.support.images import OCI_CONFIG, OCI_MANIFEST
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -111,6 +112,25 @@ class InventoryTests(SynchronousTestCase):
             self.assertIn(digest, after.entries)
         tags = {(name, tag) for _, name, tag, _ in after.tags.all()}
         self.assertEqual(tags, {("library/app", "2.0"), ("library/other", "latest")})
+
+    def test_cache_elsewhere_is_found_and_its_shared_index_follows_a_delete(self) -> None:
+        """With ``[cache] path`` elsewhere, a stopped daemon's cache is found
+        there, and a delete leaves the index other daemons count on in step."""
+        state = Path(tempfile.mkdtemp())
+        config = state / "mirrord.toml"
+        config.write_text(
+            f'state_dir = "{state}"\n[cache]\npath = "{self.cache.state / "cache"}"\n'
+        )
+        index = SharedIndex(self.cache.state / "cache")
+        self.addCleanup(index.close)
+        index.reconcile(
+            [(d, e.size, 1.0, e.meta.repository) for d, e in self.store.entries.items()],
+            lambda digest: True,
+        )
+        code, out, err = run("--config", str(config), "delete", "library/app:1.0")
+        self.assertEqual(code, 0, err)
+        self.assertIn("removed 1 tags, 3 blobs", out)
+        self.assertEqual(index.digests(), set(self.store.entries) - set(self.cache.one.values()))
 
     def test_delete_repository_removes_everything_it_alone_holds(self) -> None:
         """Deleting library/app removes both tags and every blob of the repository."""

@@ -63,6 +63,7 @@ class ConfigTests(SynchronousTestCase):
             'pinned = ["library/*"]\n'
             'warm = ["library/alpine:3.20", "library/busybox@sha256:' + "a" * 64 + '"]\n'
             "warm_interval = 600\n"
+            'path = "/srv/cache"\n'
             '[access]\nblock_user_agents = ["^curl/"]\nallow_clients = ["10.0.0.0/8"]\n'
             'trusted_proxies = ["127.0.0.1"]\nmax_connections_per_client = 3\n'
             "max_requests_per_client = 4\nretry_after = 5\n"
@@ -112,6 +113,7 @@ class ConfigTests(SynchronousTestCase):
                 ("library/*",),
                 ("library/alpine:3.20", "library/busybox@sha256:" + "a" * 64),
                 600,
+                "/srv/cache",
             ),
             access=Access(
                 ("^curl/",),

@@ -91,7 +91,7 @@ class FailureTests(SynchronousTestCase):
                 mirror = MemoryMirror(self, Path(tempfile.mkdtemp()))
                 self.events.seen.clear()
 
-                def refuse(code: int = code) -> None:
+                def refuse(*_: object, code: int = code) -> None:
                     raise OSError(code, "refused by the test")
 
                 mirror.store.new_temp = refuse

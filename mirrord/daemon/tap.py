@@ -233,7 +233,7 @@ def open_store(config: Config, clock: IReactorTime) -> BlobStore | None:
     """The cache shared by every registry (it is content-addressed)."""
     if not config.cache.enabled:
         return None
-    root = Path(config.state_dir) / "cache"
+    root = Path(config.state_dir) / config.cache.path
     store = BlobStore(
         root,
         config.cache.max_size,
@@ -241,6 +241,7 @@ def open_store(config: Config, clock: IReactorTime) -> BlobStore | None:
         config.cache.low_watermark,
         config.cache.pinned + read_pins(root),
         now=clock.seconds,
+        share=True,
     )
     entries, removed = store.rebuild()
     log.info(
@@ -404,6 +405,8 @@ def wire(
         agent, clock, config.timeouts.response, config.max_redirects, config.timeouts.body_idle
     )
     store = open_store(config, clock)
+    if store is not None:
+        store.offload = hashers("sha256").run  # the shared index's work: the disk worker's
     tokens = MirrorTokens.from_state(Path(config.state_dir), clock.seconds)
 
     def count_request(kind: str) -> None:

@@ -1,7 +1,9 @@
 """Blobs by digest: from the store when present and the client may see
 them; otherwise fetched once per daemon (``mirrord.store.inflight``), with
 every client of the digest, the first included, following that one fill
-from disk (``mirrord.store.fill``)."""
+from disk (``mirrord.store.fill``). Across processes sharing the cache,
+the fill's lock (``mirrord.store.shared``) makes it once per host: a
+process that finds it held follows the other's file (``mirrord.store.follow``)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from mirrord.serve.answer import note_cache, note_upstream, write_answer
 from mirrord.serve.cached import OCTET_STREAM, CacheContext, drop
 from mirrord.store.disk import Entry, Meta
 from mirrord.store.fill import Fill, FillFailed, StoreFailed, stream_file
+from mirrord.store.follow import RemoteFill
 from mirrord.store.inflight import Starting
+from mirrord.store.shared import Claim, Published
 from mirrord.upstream.bodies import relay_body
 from mirrord.upstream.chain import Answer
 
@@ -54,6 +58,7 @@ class Blobs(CacheContext):
     async def _serve_once(
         self, request: Request, digest: str, name: str, path: str, headers: Headers
     ) -> None:
+        looked = False
         while True:
             entry = self.store.get(digest)
             if entry is not None:
@@ -93,17 +98,33 @@ class Blobs(CacheContext):
                     )
                     return
                 continue
+            if not looked:
+                # Another process sharing the cache may have it: one look on
+                # the disk worker (never on the reactor), then the table again.
+                looked = True
+                await self._adopt_from_disk(digest)
+                continue
             if request.method == b"HEAD" or request.getHeader(b"range") is not None:
                 await self._pass(request, path, headers)
                 return
-            await self._lead_fill(request, digest, name, path, headers)
+            if await self._lead_fill(request, digest, name, path, headers):
+                continue
             return
+
+    async def _adopt_from_disk(self, digest: str) -> bool:
+        """Index a blob another process published; whether there was one."""
+        found = await self.hashers("sha256").run(self.store.find, digest)
+        if found is None:
+            return False
+        self.store.adopt(found)
+        return True
 
     async def _lead_fill(
         self, request: Request, digest: str, name: str, path: str, headers: Headers
-    ) -> None:
+    ) -> bool:
         """Start the one upstream fetch of ``digest`` and follow it. The
-        start belongs to the in-flight table: leaving does not cancel it."""
+        start belongs to the in-flight table: leaving does not cancel it.
+        True when the blob turned out to be published already: look again."""
         work = ensureDeferred(self._start_fill(digest, name, path, headers))
         starting = self.in_flight.start(
             digest,
@@ -112,10 +133,24 @@ class Blobs(CacheContext):
             lambda outcome: _drop_outcome(outcome, self.clock, self.timeouts.body_idle),
         )
         outcome = await starting.lead()
+        if outcome is _PUBLISHED:
+            return True
         if isinstance(outcome, Answer):
             note_cache(request, "MISS")
             await write_answer(request, outcome, self.realms, self.clock, self.timeouts)
-            return
+            return False
+        if isinstance(outcome, RemoteFill):
+            if not await self._refused(request, outcome.meta, headers, path):
+                await self._send_blob(
+                    request,
+                    digest,
+                    outcome.expected_size,
+                    outcome.meta,
+                    "COALESCED",
+                    fill=outcome,
+                    upstream=(path, headers),
+                )
+            return False
         fill, answer = outcome
         note_upstream(request, answer)
         await self._send_blob(
@@ -127,14 +162,75 @@ class Blobs(CacheContext):
             fill=fill,
             upstream=(path, headers),
         )
+        return False
+
+    async def _claim(self, digest: str) -> Claim | RemoteFill | object:
+        """This process's right to fill ``digest`` (its lock), or another
+        process's fill to follow, or ``_PUBLISHED``. A filler that goes
+        before saying what it fetched leaves the lock to the next try."""
+        run = self.hashers(digest.split(":", 1)[0]).run
+        for _ in range(CLAIM_TRIES):
+            try:
+                claim = await run(self.store.claim, digest)
+            except Published:
+                found = await run(self.store.find, digest)
+                if found is None:
+                    continue  # evicted at once: claim again
+                self.store.adopt(found)
+                return _PUBLISHED
+            if claim.locked:
+                return claim
+            follower = RemoteFill(
+                self.store,
+                claim,
+                digest,
+                run,
+                self.clock,
+                max(self.timeouts.response, self.timeouts.body_idle)
+                * (self.config.resume_attempts + 2),
+                self.config.fill_timeout,
+            )
+            try:
+                return await follower.start()
+            except FillFailed:
+                if follower.verified:
+                    return _PUBLISHED
+                continue
+        raise errors.RegistryError(503, "UNAVAILABLE", "the blob's fill keeps failing")
 
     async def _start_fill(
         self, digest: str, name: str, path: str, headers: Headers
-    ) -> tuple[Fill, Answer] | Answer:
+    ) -> tuple[Fill, Answer] | Answer | RemoteFill | object:
         """GET upstream; a 200 becomes a running ``Fill``, anything else is
-        the leader's answer."""
-        answer = await self.chain.request(b"GET", path, headers)
+        the leader's answer. Another process filling it is followed instead."""
+        try:
+            claim = await self._claim(digest)
+        except OSError as e:
+            # The shared lock cannot be taken (a read-only disk...): fill
+            # without it, as one process would.
+            log.warn("no fill lock for {digest}: {error}", digest=digest, error=str(e))
+            claim = None
+        if not isinstance(claim, Claim | None):
+            return claim
+        return await self._fetch_fill(digest, name, path, headers, claim)
+
+    def _let_go(self, claim: Claim | None) -> None:
+        """No fill after all: drop the lock (and its empty file) on the disk worker."""
+        if claim is not None:
+            self.hashers("sha256").run(claim.release).addErrback(
+                lambda f: log.warn("cannot drop a fill lock: {error}", error=str(f.value))
+            )
+
+    async def _fetch_fill(
+        self, digest: str, name: str, path: str, headers: Headers, claim: Claim | None
+    ) -> tuple[Fill, Answer] | Answer:
+        try:
+            answer = await self.chain.request(b"GET", path, headers)
+        except BaseException:
+            self._let_go(claim)
+            raise
         if answer.code != 200 or answer.body is not None:
+            self._let_go(claim)
             return answer
         length = answer.response.length
         content_type = answer.headers.getRawHeaders(b"content-type", [OCTET_STREAM.encode()])[-1]
@@ -159,11 +255,13 @@ class Blobs(CacheContext):
                 resume_attempts=self.config.resume_attempts,
                 resume_window=self.config.fill_timeout,
                 on_resume=lambda _: self.metrics.resumes.inc(),
+                claim=claim,
             )
         except OSError as e:
             # A full disk or no free descriptor: the client still gets the
             # blob, passed through; nothing is cached.
             log.warn("not caching {digest}: {error}", digest=digest, error=str(e))
+            self._let_go(claim)
             return answer
         answer.response.deliverBody(fill)
         # Bounded even if nobody ever reads it (the leader may have gone).
@@ -245,7 +343,7 @@ class Blobs(CacheContext):
         meta: Meta,
         status: str,
         entry: Entry | None = None,
-        fill: Fill | None = None,
+        fill: Fill | RemoteFill | None = None,
         upstream: tuple[str, Headers] | None = None,
     ) -> None:
         """Send a blob from the store or a fill. ``upstream`` (path and
@@ -283,7 +381,7 @@ class Blobs(CacheContext):
             entry = self.store.get(digest)
             if entry is None:
                 raise _Vanished()
-        path = following.temp.path if following is not None else self.store.data_path(digest)
+        path = following.path if following is not None else self.store.data_path(digest)
         if entry is not None:
             entry.readers += 1
         try:
@@ -341,11 +439,21 @@ def _byte_range(value: bytes | None, size: int) -> tuple[int, int] | None:
     return int(first), min(int(last), size - 1) if last else size - 1
 
 
-def _fill_in(outcome: tuple[Fill, Answer] | Answer) -> Fill | None:
-    return None if isinstance(outcome, Answer) else outcome[0]
+# The outcome of a start that found the blob published by another process.
+_PUBLISHED = object()
+# Claims of one fill in a row (each after another process's fill failed).
+CLAIM_TRIES = 3
 
 
-def _drop_outcome(outcome: tuple[Fill, Answer] | Answer, clock: IReactorTime, idle: float) -> None:
+def _fill_in(
+    outcome: tuple[Fill, Answer] | Answer | RemoteFill | object,
+) -> Fill | RemoteFill | None:
+    if isinstance(outcome, RemoteFill):
+        return outcome
+    return outcome[0] if isinstance(outcome, tuple) else None
+
+
+def _drop_outcome(outcome: object, clock: IReactorTime, idle: float) -> None:
     """The leader left before the upstream answered: nobody reads an
     answer that did not become a fill."""
     if isinstance(outcome, Answer):

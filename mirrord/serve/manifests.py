@@ -46,7 +46,7 @@ class Manifests(CacheContext):
     async def by_digest(
         self, request: Request, digest: str, name: str, path: str, headers: Headers
     ) -> None:
-        cached = self._cached_manifest(digest)
+        cached = self._cached_manifest(digest) or await self._manifest_on_disk(digest)
         if cached is not None:
             entry, body = cached
             if await self._refused(request, entry.meta, headers, path):
@@ -72,7 +72,7 @@ class Manifests(CacheContext):
         except errors.RegistryError as e:
             failure = e
         if head is None or head.code in FAILOVER_CODES:
-            if self._serve_stale(request, tag, name, headers):
+            if await self._serve_stale(request, tag, name, headers):
                 drop(head, self.clock, self.timeouts.body_idle)
                 return
             if failure is not None:
@@ -89,7 +89,9 @@ class Manifests(CacheContext):
             return
         self.access.remember(headers, name)
         digest = head.headers.getRawHeaders(b"docker-content-digest", [b""])[-1].decode("latin-1")
-        cached = self._cached_manifest(digest) if digest else None
+        cached = None
+        if digest:
+            cached = self._cached_manifest(digest) or await self._manifest_on_disk(digest)
         if cached is not None:
             entry, body = cached
             self._record_tag(
@@ -146,6 +148,15 @@ class Manifests(CacheContext):
             return None
         body = self.store.read(digest)
         return (entry, body) if body is not None else None
+
+    async def _manifest_on_disk(self, digest: str) -> tuple[Entry, bytes] | None:
+        """A manifest another process sharing the cache stored: indexed
+        here from the disk worker's look (a miss only; hits never wait)."""
+        found = await self.hashers("sha256").run(self.store.find, digest)
+        if found is None:
+            return None
+        self.store.adopt(found)
+        return self._cached_manifest(digest)
 
     async def _fetch_manifest(
         self,
@@ -244,8 +255,16 @@ class Manifests(CacheContext):
         mine.callback(head if head.code == 200 else None)
         return head
 
-    def _serve_stale(self, request: Request, tag: str, name: str, headers: Headers) -> bool:
-        record = self.tags.get(self.registry.name, name, tag)
+    async def _serve_stale(self, request: Request, tag: str, name: str, headers: Headers) -> bool:
+        # The tag as any process sharing the cache last recorded it (read
+        # on the disk worker: this is the outage path, not the hot one).
+        record = await self.hashers("sha256").run(self.tags.read, self.registry.name, name, tag)
+        if record is not None:
+            self.tags.learn(self.registry.name, name, tag, record)
+            if self._cached_manifest(record.digest) is None:
+                await self._manifest_on_disk(record.digest)
+        else:
+            record = self.tags.get(self.registry.name, name, tag)
         if record is None or self.clock.seconds() - record.fetched > self.config.stale_max_age:
             return False
         return self._serve_recent(request, tag, name, headers, record, "STALE")

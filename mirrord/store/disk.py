@@ -9,10 +9,17 @@ cache root (as distribution lays it out)::
     blobs/sha256/ab/<hex>/data       the bytes, verified against <hex>
     blobs/sha256/ab/<hex>/meta.json  media type, repository, whether public
     tags/<registry>/<repository>/<tag>.json   the digest a tag last had
-    tmp/                             fills in progress; emptied at startup
+    tmp/                             fills in progress, each file locked by
+                                     its process; the unlocked ones are
+                                     removed at startup
+    index.sqlite                     what every process using the directory
+                                     counts on (``mirrord.store.index``)
 
 A blob becomes visible only after its length and digest match (temporary
 file, fsync, link into place), so unverified bytes never become a hit.
+Several processes may share the directory (``share``): fills are made once
+across them (``mirrord.store.shared``), and the size limit, eviction and
+pins go through the shared index on the disk worker.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import errno
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -30,6 +38,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from mirrord.store import shared
+from mirrord.store.index import SharedIndex, pinned_repository
+from mirrord.store.shared import Claim
 
 
 class DigestMismatch(Exception):
@@ -92,20 +105,29 @@ _start_writeback = _writeback_starter()
 WRITEBACK_EVERY = 16 << 20
 TOUCH_EVERY = 3600.0
 TAG_REFRESH_EVERY = 60.0
+# Seconds between two batches of hits sent to the shared index.
+TOUCHES_EVERY = 30.0
 
 
 class TempBlob:
     """A blob being written to a temporary file. Its hash is the caller's
     (see ``mirrord.store.worker``): publishing needs the hex digest. Every
     method blocks on the disk; a fill calls them from the disk worker, and
-    only from there, so its descriptor is never closed under a write."""
+    only from there, so its descriptor is never closed under a write.
 
-    def __init__(self, path: Path) -> None:
+    The file stays open, under ``flock``, until ``discard`` (after the blob
+    is linked into place): another process's restart scan leaves a locked
+    file alone, and a fill's lock (``claim``, ``mirrord.store.shared``)
+    tells other processes the fill is alive."""
+
+    def __init__(self, path: Path, claim: Claim | None = None) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.claim = claim
+        self._fd = claim.fd if claim is not None else _locked_new(path)
         self.size = 0
         self._synced = 0
         self.closed = False
+        self._flushed = False
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -117,17 +139,45 @@ class TempBlob:
             self._synced = self.size
 
     def finish(self) -> None:
-        if self.closed:
+        """Flush to the disk; the file stays open (and locked) until ``discard``."""
+        if self.closed or self._flushed:
             return
         os.fsync(self._fd)
+        self._flushed = True
+
+    def discard(self) -> None:
+        """Remove the temporary name, then close: the lock goes last, so no
+        other process takes over a file about to disappear."""
+        if self.closed:
+            return
+        self.path.unlink(missing_ok=True)
+        if self.claim is not None:
+            self.claim.fd = -1
+            shared.about_path(self.path).unlink(missing_ok=True)
         os.close(self._fd)
         self.closed = True
 
-    def discard(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-            self.closed = True
-        self.path.unlink(missing_ok=True)
+
+def _admin_pins(root: Path) -> tuple[str, ...]:
+    """The pins an admin set (``pins.json``, see ``mirrord.store.inventory``)."""
+    try:
+        pins = json.loads((root / "pins.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    return tuple(p for p in pins if isinstance(p, str)) if isinstance(pins, list) else ()
+
+
+def _locked_new(path: Path) -> int:
+    """A new file at ``path``, open and locked. Another process's restart
+    scan may remove it between the open and the lock: then it is made again,
+    so the file this returns is the one at ``path``, and locked."""
+    for _ in range(shared.CLAIM_ATTEMPTS):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if shared.same_file(fd, path):
+            return fd
+        os.close(fd)
+    raise OSError(errno.EBUSY, f"{path} keeps disappearing")
 
 
 @dataclass
@@ -148,11 +198,23 @@ class BlobStore:
     _pins: set[str] | None = field(default=None, init=False)
     _pins_version: int = field(default=-1, init=False)
     _pins_missing: set[str] = field(default_factory=set, init=False)
+    # Several processes may use the directory: the size limit, eviction and
+    # pins go through the index they share (``mirrord.store.index``), on the
+    # disk worker (``offload(f, *args)`` runs f there, returning a Deferred).
+    share: bool = False
+    offload: Callable[..., Any] | None = None
+    shared: SharedIndex | None = field(default=None, init=False)
+    _touched: dict[str, float] = field(default_factory=dict, init=False)
+    _touches_sent: float = field(default=0.0, init=False)
+    _evicting: bool = field(default=False, init=False)
+    _evict_again: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         (self.root / "blobs").mkdir(exist_ok=True)
         self.tags = TagStore(self.root)
+        if self.share:
+            self.shared = SharedIndex(self.root)
 
     def blob_dir(self, digest: str) -> Path:
         algorithm, hexdigest = digest.split(":", 1)
@@ -163,10 +225,7 @@ class BlobStore:
 
     def rebuild(self) -> tuple[int, int]:
         """Index what is on disk; remove interrupted fills. Returns (entries, removed)."""
-        removed = 0
-        for temp in (self.root / "tmp").iterdir():
-            temp.unlink(missing_ok=True)
-            removed += 1
+        removed = self.scan_temporary()
         self.entries.clear()
         self.size = 0
         self._pins = None
@@ -183,9 +242,61 @@ class BlobStore:
                 continue
             self.entries[digest] = Entry(digest, stat.st_size, meta, stat.st_mtime)
             self.size += stat.st_size
+        if self.shared is not None:
+            found = self.entries.values()
+            self.shared.reconcile(
+                [(e.digest, e.size, e.last_access, e.meta.repository) for e in found],
+                lambda digest: self.data_path(digest).exists(),
+            )
+            self.size = self.shared.total()
         return len(self.entries), removed
 
-    def new_temp(self, size: int | None = None) -> TempBlob:
+    def scan_temporary(self) -> int:
+        """Remove what interrupted fills left in ``tmp/``, except the files
+        of fills a live process holds (another daemon sharing the cache):
+        their lock says so. Returns how many files went."""
+        removed = 0
+        for temp in (self.root / "tmp").iterdir():
+            owner = temp
+            if temp.name.endswith(shared.ABOUT_SUFFIX):
+                owner = temp.with_suffix(shared.FILL_SUFFIX)
+            if shared.is_held(owner):
+                continue
+            temp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def claim(self, digest: str) -> Claim:
+        """Take ``digest``'s fill lock across processes (blocks; see
+        ``mirrord.store.shared.claim``)."""
+        return shared.claim(self.root / "tmp", digest, self.data_path(digest))
+
+    def probe(self, claim: Claim) -> shared.Probe:
+        """Another process's fill of the blob ``claim`` follows (blocks)."""
+        digest = claim.path.name.removesuffix(shared.FILL_SUFFIX).replace("-", ":", 1)
+        return shared.probe(claim, self.data_path(digest), self.blob_dir(digest) / "meta.json")
+
+    def find(self, digest: str) -> Entry | None:
+        """A blob on disk that this process has not indexed (another process
+        published it): its entry, or None (blocks; the disk worker's)."""
+        data = self.data_path(digest)
+        try:
+            stat = data.stat()
+            meta = Meta(**json.loads((data.parent / "meta.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if self.shared is not None:
+            self.shared.ensure(digest, stat.st_size, stat.st_mtime, meta.repository)
+        return Entry(digest, stat.st_size, meta, self.now())
+
+    def adopt(self, entry: Entry) -> Entry:
+        """Index a blob ``find`` saw (the reactor's), unless already known."""
+        known = self.entries.get(entry.digest)
+        if known is not None:
+            return known
+        return self.add(entry.digest, entry.size, entry.meta, entry.last_access)
+
+    def new_temp(self, size: int | None = None, claim: Claim | None = None) -> TempBlob:
         """A new temporary file for a blob of ``size`` bytes (if known), or
         ``StoreUnavailable`` before anything is written: no free descriptor,
         or a disk without room for it (a write failing mid-fill is the
@@ -196,6 +307,8 @@ class BlobStore:
                 stat = os.statvfs(directory)
                 if stat.f_bavail * stat.f_frsize < size:
                     raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} for {size} bytes")
+            if claim is not None:
+                return TempBlob(claim.path, claim)
             return TempBlob(directory / uuid.uuid4().hex)
         except OSError as e:
             raise StoreUnavailable(e.errno, f"cannot create a cache file: {e.strerror}") from e
@@ -215,6 +328,9 @@ class BlobStore:
         staged = directory / f".data.{uuid.uuid4().hex}"
         os.link(temp.path, staged)
         os.replace(staged, directory / "data")
+        if self.shared is not None:
+            repository = json.loads(meta).get("repository", "")
+            self.shared.put(digest, temp.size, when, repository)
 
     def add(self, digest: str, size: int, meta: Meta, when: float) -> Entry:
         """Index a blob ``commit`` put in place (the reactor's bookkeeping)."""
@@ -272,7 +388,20 @@ class BlobStore:
             except OSError:
                 pass
         entry.last_access = now
+        if self.shared is not None:
+            self._touched[digest] = now
+            if now - self._touches_sent > TOUCHES_EVERY:
+                self._send_touches(now)
         return entry
+
+    def _send_touches(self, now: float) -> None:
+        """This process's hits, to the shared index (batched: one worker
+        job a ``TOUCHES_EVERY``), so another process's eviction sees them."""
+        if self.offload is None or self.shared is None:
+            return
+        touched, self._touched = self._touched, {}
+        self._touches_sent = now
+        self.offload(self.shared.touch, touched).addErrback(lambda _: None)
 
     def read(self, digest: str) -> bytes | None:
         """A small blob's bytes (manifests)."""
@@ -339,7 +468,13 @@ class BlobStore:
 
     def evict(self) -> list[str]:
         """Above the high watermark, remove least recently used blobs until
-        under the low one. Blobs being read and pinned blobs stay."""
+        under the low one. Blobs being read and pinned blobs stay.
+
+        With a shared index the total is every process's, and the work is
+        the disk worker's: the blobs removed are returned only when it ran
+        at once (an inline worker); the index follows when it is done."""
+        if self.shared is not None and self.offload is not None:
+            return self._evict_shared()
         if self.size <= self.max_size * self.high_watermark:
             return []
         target = self.max_size * self.low_watermark
@@ -358,6 +493,99 @@ class BlobStore:
         # cache too.
         self.tags.forget_digests(set(removed))
         return removed
+
+    def _evict_shared(self) -> list[str]:
+        if self._evicting:
+            self._evict_again = True
+            return []
+        assert self.shared is not None and self.offload is not None
+        self._evicting = True
+        busy = {digest for digest, entry in self.entries.items() if entry.readers}
+        keep = busy | self.pinned_by_tag()
+        configured = self.pinned
+        touched, self._touched = self._touched, {}
+        shared = self.shared
+
+        def evict() -> tuple[list[str], int]:
+            # On the disk worker: the pins an admin set through any process
+            # (pins.json), and tags pinned by patterns as every process wrote
+            # them (this process's own index may not know them all).
+            patterns = (*configured, *_admin_pins(self.root))
+            pinned = pinned_repository(patterns)
+            kept = keep | self.tag_pins_on_disk([p for p in patterns if ":" in p])
+            return shared.evict(
+                self.max_size,
+                self.high_watermark,
+                self.low_watermark,
+                lambda digest, repository: digest in kept or pinned(repository),
+                self._unlink_blob,
+                touched,
+            )
+
+        result: list[str] = []
+
+        def evicted(outcome: tuple[list[str], int]) -> None:
+            removed, total = outcome
+            for digest in removed:
+                entry = self.entries.get(digest)
+                if entry is not None:
+                    self._forget(entry)
+            self.size = total
+            self.tags.forget_digests(set(removed))
+            result.extend(removed)
+
+        def done(_: object) -> None:
+            self._evicting = False
+            if self._evict_again:
+                self._evict_again = False
+                self.evict()
+
+        self.offload(evict).addCallback(evicted).addBoth(done)
+        return result
+
+    def tag_pins_on_disk(self, patterns: list[str]) -> set[str]:
+        """Everything tags matching ``patterns`` need, read from the tag
+        files and manifests on disk (blocking): what any process recorded."""
+        if not patterns:
+            return set()
+        keep: set[str] = set()
+        for path in (self.root / "tags").glob("*/**/*.json"):
+            relative = path.relative_to(self.root / "tags")
+            name = "/".join(relative.parts[1:-1])
+            tag = path.name.removesuffix(".json")
+            if not any(fnmatch.fnmatchcase(f"{name}:{tag}", p) for p in patterns):
+                continue
+            record = _read_tag(path)
+            if record is not None:
+                self._referenced_on_disk(record.digest, keep)
+        return keep
+
+    def _referenced_on_disk(self, digest: str, keep: set[str]) -> None:
+        stack = [digest]
+        while stack:
+            digest = stack.pop()
+            if digest in keep:
+                continue
+            keep.add(digest)
+            try:
+                data = self.data_path(digest)
+                if data.stat().st_size > 4 << 20:
+                    continue
+                meta = json.loads((data.parent / "meta.json").read_text())
+                if "json" not in meta.get("media_type", ""):
+                    continue
+                document = json.loads(data.read_bytes())
+            except (OSError, ValueError, AttributeError):
+                continue
+            if not isinstance(document, dict):
+                continue
+            for child in [
+                document.get("config"),
+                *document.get("layers", []),
+                *document.get("manifests", []),
+            ]:
+                if isinstance(child, dict) and isinstance(child.get("digest"), str):
+                    stack.append(child["digest"])
 
     def forget(self, digest: str) -> bool:
         """Drop a blob from the index (an admin's delete), unless a client
@@ -384,6 +612,11 @@ class BlobStore:
             self.size -= entry.size
 
     def _remove_files(self, digest: str) -> None:
+        self._unlink_blob(digest)
+        if self.shared is not None:
+            self.shared.remove(digest)
+
+    def _unlink_blob(self, digest: str) -> None:
         directory = self.blob_dir(digest)
         for name in ("data", "meta.json"):
             (directory / name).unlink(missing_ok=True)
@@ -429,6 +662,21 @@ class TagStore:
         if record is not None:
             self._known[path] = record
         return record
+
+    def read(self, registry: str, name: str, tag: str) -> TagRecord | None:
+        """The tag's record as on disk now, written by any process (blocks;
+        the index is not changed: ``learn`` does that, on the reactor)."""
+        return _read_tag(self._path(registry, name, tag))
+
+    def learn(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
+        """Take a record ``read`` found (another process may have written it)."""
+        path = self._path(registry, name, tag)
+        old = self._known.get(path)
+        if old is not None and old.fetched >= record.fetched:
+            return
+        self._known[path] = record
+        if old is None or old.digest != record.digest:
+            self.version += 1
 
     def records(self) -> Iterator[tuple[str, str, TagRecord]]:
         """Every (repository, tag, record), across registries: read from

@@ -47,6 +47,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from mirrord.store.disk import BlobStore, Entry, Meta, matches
+from mirrord.store.shared import Claim, describe
 from mirrord.store.worker import Hasher
 from mirrord.tuning import send_room
 from mirrord.upstream.bodies import abort_client, discard_body
@@ -141,13 +142,14 @@ class Fill(Protocol):
         resume_attempts: int = 0,
         resume_window: float = 600.0,
         on_resume: Callable[[int], None] = lambda offset: None,
+        claim: Claim | None = None,
     ) -> None:
         self.store = store
         self.digest = digest
         self.meta = meta
         self.expected_size = expected_size
         self.hasher = hasher
-        self.temp = store.new_temp(expected_size)
+        self.temp = store.new_temp(expected_size, claim)
         self.hexdigest = ""
         # Bytes in the temporary file (not merely received): readers' limit.
         self.written = 0
@@ -187,6 +189,18 @@ class Fill(Protocol):
         self._first_cut: float | None = None
         self._resuming: Deferred[IResponse | None] | None = None
         hasher.begin(self.temp, self._written, self._disk_failed)
+        if claim is not None:
+            # Other processes follow this file: what they need of the
+            # upstream's answer, before its first byte (the worker is in order).
+            about = {"meta": asdict(meta), "size": expected_size}
+            hasher.run(describe, claim, about).addErrback(
+                lambda f: log.warn("cannot describe the fill of {digest}: {e}", digest=digest, e=f)
+            )
+
+    @property
+    def path(self) -> str:
+        """The file readers follow."""
+        return str(self.temp.path)
 
     @property
     def finished(self) -> bool:

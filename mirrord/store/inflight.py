@@ -21,6 +21,10 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mirrord.store.fill import Fill
+from mirrord.store.follow import RemoteFill
+
+# A fill this process runs, or another process's that it follows.
+Running = Fill | RemoteFill
 
 T = TypeVar("T")
 
@@ -83,18 +87,19 @@ class Starting(Generic[T]):
 
 
 class InFlight:
-    """digest -> what is happening to it: ``Starting`` or a running ``Fill``."""
+    """digest -> what is happening to it: ``Starting`` or a running fill
+    (``Fill``, or a ``RemoteFill`` another process runs)."""
 
     def __init__(self, on_change: Callable[[], object] = lambda: None) -> None:
-        self._table: dict[str, Starting[Any] | Fill] = {}
+        self._table: dict[str, Starting[Any] | Running] = {}
         self._on_change = on_change
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def get(self, digest: str) -> Starting[Any] | Fill | None:
+    def get(self, digest: str) -> Starting[Any] | Running | None:
         current = self._table.get(digest)
-        if isinstance(current, Fill) and current.error is not None:
+        if not isinstance(current, Starting) and current is not None and current.error is not None:
             return None  # failed: the next request starts afresh
         return current
 
@@ -102,7 +107,7 @@ class InFlight:
         self,
         digest: str,
         work: Deferred[T],
-        fill_of: Callable[[T], Fill | None],
+        fill_of: Callable[[T], Running | None],
         orphaned: Callable[[T], object],
     ) -> Starting[T]:
         """Register the upstream GET for ``digest``. When it settles the
@@ -126,7 +131,7 @@ class InFlight:
         work.addBoth(settled)
         return starting
 
-    def _ended(self, result: object, digest: str, fill: Fill) -> object:
+    def _ended(self, result: object, digest: str, fill: Running) -> object:
         if self._table.get(digest) is fill:
             del self._table[digest]
         self._on_change()

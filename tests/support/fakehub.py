@@ -481,6 +481,8 @@ class Control(Resource):
         for key, value in changes.items():
             if key == "reset_counts":
                 self.state.counts.clear()
+            elif key == "release_cdn":
+                self.state.release_cdn()
             elif isinstance(getattr(self.state, key, None), Counter):
                 setattr(self.state, key, Counter(value))
             else:
