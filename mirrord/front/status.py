@@ -109,7 +109,13 @@ class StatusSource:
             '<p class="legend"><span class="swatch cache"></span>'
             f'{t["from_cache"]} <span class="swatch upstream"></span>{t["from_upstream"]}</p>'
         )
-        rows.append(f"<tr><th>{t['fills']}</th><td>{len(self.fills)}</td></tr>")
+        # With workers, the sum over all of them.
+        fills = (
+            int(self.metrics.value("mirrord_fills_in_progress"))
+            if self.metrics.shared
+            else len(self.fills)
+        )
+        rows.append(f"<tr><th>{t['fills']}</th><td>{fills}</td></tr>")
         return (
             f'<section id="status"><h2>{t["status"]}</h2>'
             f'<table class="figures">{"".join(rows)}</table>'
