@@ -1,0 +1,138 @@
+"""The per-client counts shared by the workers of one host: two tables on
+one file count as one, a full table still limits per worker, and a dead
+worker's counts stop counting."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mirrord.config import Access
+from mirrord.front.clienttable import (
+    CONNECTIONS,
+    REQUESTS,
+    ClientTable,
+    SharedCounter,
+    clear_worker,
+    table_path,
+)
+from mirrord.front.guard import Guard, SharedFailedLogins
+
+
+class ClientTableTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp())
+        self.clock = Clock()
+
+    def table(self, index: int, workers: int = 2, **kw: int) -> ClientTable:
+        table = ClientTable(table_path(self.dir), workers, index, self.clock.seconds, **kw)
+        self.addCleanup(table.close)
+        return table
+
+    def test_two_tables_on_one_file_count_as_one(self) -> None:
+        """Connections counted by two workers are one total that either of them reads."""
+        one, two = self.table(1), self.table(2)
+        one.add("192.0.2.1", CONNECTIONS, 1)
+        two.add("192.0.2.1", CONNECTIONS, 1)
+        two.add("192.0.2.1", CONNECTIONS, 1)
+        two.add("192.0.2.9", REQUESTS, 1)
+        self.assertEqual(one.total("192.0.2.1", CONNECTIONS), 3)
+        self.assertEqual(two.total("192.0.2.1", CONNECTIONS), 3)
+        self.assertEqual(one.total("192.0.2.1", REQUESTS), 0)
+        self.assertEqual(one.total("192.0.2.9", REQUESTS), 1)
+        two.add("192.0.2.1", CONNECTIONS, -1)
+        self.assertEqual(one.total("192.0.2.1", CONNECTIONS), 2)
+
+    def test_guards_of_two_workers_limit_connections_together(self) -> None:
+        """With max_connections_per_client = 2, a third connection in the other worker is over."""
+        access = Access(max_connections_per_client=2)
+        one = Guard(access, now=self.clock.seconds, table=self.table(1))
+        two = Guard(access, now=self.clock.seconds, table=self.table(2))
+        one.connection_made("192.0.2.1")
+        two.connection_made("192.0.2.1")
+        self.assertEqual(one.connections["192.0.2.1"], 2)
+        two.connection_made("192.0.2.1")
+        self.assertEqual(one.connections["192.0.2.1"], 3)  # > 2: refused by check()
+        two.connection_lost("192.0.2.1")
+        self.assertEqual(one.connections["192.0.2.1"], 2)
+
+    def test_failed_logins_count_across_workers(self) -> None:
+        """Failures in one worker refuse the address in the other, for the window."""
+        one = SharedFailedLogins(3, 60, self.clock.seconds, self.table(1))
+        two = SharedFailedLogins(3, 60, self.clock.seconds, self.table(2))
+        one.failed("2001:db8::1")
+        two.failed("2001:db8::2")  # the same /64
+        self.assertIsNone(one.refused_for("2001:db8::3", b"x"))
+        one.failed("2001:db8::1")
+        self.clock.advance(10)
+        self.assertEqual(two.refused_for("2001:db8::9"), 50)
+        self.assertIsNone(two.refused_for("2001:db8:1::1"))  # another /64
+        self.assertEqual(len(two), 1)
+        self.clock.advance(50)
+        self.assertIsNone(one.refused_for("2001:db8::1"))
+        self.assertEqual(len(one), 0)
+
+    def test_checks_under_way_count_across_workers(self) -> None:
+        """Credentials being checked in one worker count as guesses to come in the other."""
+        one = SharedFailedLogins(2, 60, self.clock.seconds, self.table(1))
+        two = SharedFailedLogins(2, 60, self.clock.seconds, self.table(2))
+        one.checking("192.0.2.1", b"guess1")
+        two.checking("192.0.2.1", b"guess2")
+        self.assertEqual(one.refused_for("192.0.2.1", b"guess3"), 1)
+        self.assertIsNone(one.refused_for("192.0.2.1", b"guess1"))  # waits for its check
+        two.checked("192.0.2.1", b"guess2")
+        self.assertIsNone(one.refused_for("192.0.2.1", b"guess3"))
+
+    def test_full_table_counts_in_the_worker(self) -> None:
+        """A client the table has no room for is still counted, in its worker's memory."""
+        one = self.table(1, slots=2, probes=2)
+        self.assertTrue(one.add("a", CONNECTIONS, 1))
+        self.assertTrue(one.add("b", CONNECTIONS, 1))
+        self.assertFalse(one.add("c", CONNECTIONS, 1))
+        counter = SharedCounter(one, CONNECTIONS)
+        counter.add("c")
+        counter.add("c")
+        self.assertEqual(counter["c"], 2)
+        counter.remove("c")
+        self.assertEqual(counter["c"], 1)
+        # A slot whose counts are back to nothing is taken by the next client.
+        one.add("a", CONNECTIONS, -1)
+        self.assertTrue(one.add("d", CONNECTIONS, 1))
+        self.assertEqual(one.total("a", CONNECTIONS), 0)
+        self.assertEqual(one.total("d", CONNECTIONS), 1)
+
+    def test_failure_records_hold_their_slot_until_they_end(self) -> None:
+        """A failed-login record keeps its slot for its window, then frees it."""
+        one = self.table(1, slots=1, probes=1)
+        self.assertTrue(one.failed("a", 3, 60))
+        self.assertFalse(one.add("b", CONNECTIONS, 1))
+        self.clock.advance(61)
+        self.assertTrue(one.add("b", CONNECTIONS, 1))
+
+    def test_dead_worker_is_cleared(self) -> None:
+        """clear_worker forgets a dead worker's connections and requests; the others' stay."""
+        one, two = self.table(1), self.table(2)
+        one.add("192.0.2.1", CONNECTIONS, 1)
+        two.add("192.0.2.1", CONNECTIONS, 5)
+        two.add("192.0.2.1", REQUESTS, 2)
+        clear_worker(self.dir, 2, 2)
+        self.assertEqual(one.total("192.0.2.1", CONNECTIONS), 1)
+        self.assertEqual(one.total("192.0.2.1", REQUESTS), 0)
+
+    def test_restarted_worker_starts_from_nothing(self) -> None:
+        """The worker started in a dead one's place clears the dead one's counts as it opens."""
+        one, two = self.table(1), self.table(2)
+        two.add("192.0.2.1", CONNECTIONS, 4)
+        one.failed("192.0.2.1", 3, 60)
+        self.table(2)
+        self.assertEqual(one.total("192.0.2.1", CONNECTIONS), 0)
+        self.assertEqual(one.failures("192.0.2.1"), (1, 60.0))  # failures are the host's
+
+    def test_another_geometry_is_refused(self) -> None:
+        """A table file made for another number of workers is not misread."""
+        self.table(1, workers=2)
+        with self.assertRaises(ValueError):
+            self.table(1, workers=3)
