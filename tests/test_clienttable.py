@@ -133,6 +133,6 @@ class ClientTableTests(SynchronousTestCase):
 
     def test_another_geometry_is_refused(self) -> None:
         """A table file made for another number of workers is not misread."""
-        self.table(1, workers=2)
+        self.table(1, workers=2, slots=32, probes=2)
         with self.assertRaises(ValueError):
-            self.table(1, workers=3)
+            self.table(1, workers=5, slots=16, probes=2)  # the same size of file
