@@ -34,6 +34,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from fcntl import LOCK_EX, LOCK_UN, lockf
 from pathlib import Path
 
 MAGIC = int.from_bytes(b"mrdclnt1", "little")
@@ -41,6 +42,8 @@ HEADER_WORDS = 8  # magic, slots, workers, probes, salt, spare
 SLOTS = 16384
 PROBES = 16
 FILE_NAME = "clients"
+# Client keys whose hashes a worker remembers (then it forgets them all).
+_HASHES_KEPT = 4096
 
 # Columns of a worker's part of a slot.
 CONNECTIONS, REQUESTS, CHECKING = 0, 1, 2
@@ -68,6 +71,13 @@ class ClientTable:
         self._width = _WORKERS + _PER_WORKER * workers
         self._slots = slots
         self._probes = probes
+        # Where a window of ``probes`` slots may start (no window wraps).
+        self._windows = slots - probes + 1
+        self._window_bytes = 8 * probes * self._width
+        # This worker's columns in a slot.
+        self._mine = _WORKERS + _PER_WORKER * (index - 1)
+        self._blank = memoryview(bytes(8 * self._width)).cast("Q")
+        self._hashes: dict[str, int] = {}
         self._size = 8 * (HEADER_WORDS + slots * self._width)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -109,32 +119,38 @@ class ClientTable:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, length, start)
 
     def _hash(self, key: str) -> int:
-        digest = hashlib.blake2b(key.encode(), digest_size=8, key=self._salt).digest()
-        return int.from_bytes(digest, "little") or 1  # 0 marks a slot never used
+        hashed = self._hashes.get(key)
+        if hashed is None:
+            if len(self._hashes) >= _HASHES_KEPT:
+                self._hashes.clear()
+            digest = hashlib.blake2b(key.encode(), digest_size=8, key=self._salt).digest()
+            # 0 marks a slot never used.
+            hashed = self._hashes[key] = int.from_bytes(digest, "little") or 1
+        return hashed
 
-    @contextmanager
-    def _window(self, key: str) -> Iterator[tuple[int, int]]:
-        """The key's hash and its first slot's word offset, locked."""
+    def _window(self, key: str) -> tuple[int, int, int]:
+        """The key's hash, its first slot's word offset and the window's
+        length in bytes; lock that range with ``_lock`` before use."""
         hashed = self._hash(key)
-        first = hashed % (self._slots - self._probes + 1)
-        start = HEADER_WORDS + first * self._width
-        with self._locked(8 * start, 8 * self._probes * self._width):
-            yield hashed, start
+        start = HEADER_WORDS + (hashed % self._windows) * self._width
+        return hashed, start, self._window_bytes
 
     def _find(self, hashed: int, start: int, claim: bool) -> int | None:
         """The word offset of the key's slot; with ``claim``, a free one
         taken for it when it has none. None: not there (or full)."""
         q, width = self._q, self._width
-        free = None
-        for offset in range(start, start + self._probes * width, width):
-            if q[offset] == hashed:
+        end = start + self._probes * width
+        hashes = q[start:end:width].tolist()
+        if hashed in hashes:
+            return start + hashes.index(hashed) * width
+        if not claim:
+            return None
+        for offset in range(start, end, width):
+            if self._idle(offset):
+                q[offset : offset + width] = self._blank
+                q[offset + _HASH] = hashed
                 return offset
-            if free is None and claim and self._idle(offset):
-                free = offset
-        if free is not None:
-            q[free : free + width] = memoryview(bytes(8 * width)).cast("Q")
-            q[free + _HASH] = hashed
-        return free
+        return None
 
     def _idle(self, offset: int) -> bool:
         q = self._q
@@ -147,32 +163,41 @@ class ClientTable:
     def add(self, key: str, column: int, delta: int) -> bool:
         """Count ``delta`` more in this worker's ``column`` for ``key``.
         False when the table has no slot for it (count it elsewhere)."""
-        with self._window(key) as (hashed, start):
+        hashed, start, length = self._window(key)
+        lockf(self._fd, LOCK_EX, length, 8 * start)
+        try:
             offset = self._find(hashed, start, claim=delta > 0)
             if offset is None:
                 return False
-            at = offset + _WORKERS + _PER_WORKER * (self.index - 1) + column
+            at = offset + self._mine + column
             value = self._q[at] + delta
             if value < 0:
                 return False  # not counted here: the caller counted it elsewhere
             self._q[at] = value
             return True
+        finally:
+            lockf(self._fd, LOCK_UN, length, 8 * start)
 
     def total(self, key: str, column: int) -> int:
         """``column`` for ``key`` summed over all workers."""
-        with self._window(key) as (hashed, start):
+        hashed, start, length = self._window(key)
+        lockf(self._fd, LOCK_EX, length, 8 * start)
+        try:
             offset = self._find(hashed, start, claim=False)
             if offset is None:
                 return 0
             first = offset + _WORKERS + column
             return sum(self._q[first : offset + self._width : _PER_WORKER])
+        finally:
+            lockf(self._fd, LOCK_UN, length, 8 * start)
 
     def failed(self, key: str, limit: int, window: float) -> bool:
         """One more failed login for ``key``: the record lasts ``window``
         seconds from its first failure, and from its last once it reaches
         ``limit``. False when the table has no slot for it."""
         now = self._now()
-        with self._window(key) as (hashed, start):
+        hashed, start, length = self._window(key)
+        with self._locked(8 * start, length):
             offset = self._find(hashed, start, claim=True)
             if offset is None:
                 return False
@@ -188,7 +213,8 @@ class ClientTable:
     def failures(self, key: str) -> tuple[int, float]:
         """The failed logins counted for ``key`` and when its record ends;
         (0, 0.0) when it has none or it has ended."""
-        with self._window(key) as (hashed, start):
+        hashed, start, length = self._window(key)
+        with self._locked(8 * start, length):
             offset = self._find(hashed, start, claim=False)
             if offset is None:
                 return 0, 0.0
