@@ -164,6 +164,22 @@ class Metrics:
             self._publish_fills()
         return self.registry.get_sample_value(name, labels) or 0.0
 
+    def reader(self) -> Callable[..., float]:
+        """``value`` over one reading of every sample: with workers, one
+        pass over their files for several figures, not one per figure."""
+        if self._shared:
+            self._publish_fills()
+        found = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in self.registry.collect()
+            for sample in family.samples
+        }
+
+        def value(name: str, **labels: str) -> float:
+            return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+        return value
+
     def exposition(self) -> bytes:
         """The Prometheus text format, without ``_created`` samples."""
         if self._shared:

@@ -64,15 +64,16 @@ class _Chain(Protocol):
 def totals(metrics: Metrics) -> Totals:
     """The counters the history samples. A hit is anything served without
     a fetch of its own (HIT, COALESCED, STALE); a miss started one."""
+    value = metrics.reader()
     results = {
-        r: metrics.value("mirrord_cache_results_total", result=r)
+        r: value("mirrord_cache_results_total", result=r)
         for r in ("HIT", "COALESCED", "STALE", "MISS")
     }
     return Totals(
         hits=results["HIT"] + results["COALESCED"] + results["STALE"],
         misses=results["MISS"],
-        cache_bytes=metrics.value("mirrord_served_bytes_total", source="cache"),
-        upstream_bytes=metrics.value("mirrord_served_bytes_total", source="upstream"),
+        cache_bytes=value("mirrord_served_bytes_total", source="cache"),
+        upstream_bytes=value("mirrord_served_bytes_total", source="upstream"),
     )
 
 
