@@ -164,6 +164,15 @@ class Metrics:
             self._publish_fills()
         return self.registry.get_sample_value(name, labels) or 0.0
 
+    def quotas(self) -> dict[tuple[str, str], int]:
+        """Pulls left by (upstream, identity): the last answer any worker saw."""
+        return {
+            (sample.labels["upstream"], sample.labels["identity"]): int(sample.value)
+            for family in self.registry.collect()
+            if family.name == "mirrord_upstream_ratelimit_remaining"
+            for sample in family.samples
+        }
+
     def reader(self) -> Callable[..., float]:
         """``value`` over one reading of every sample: with workers, one
         pass over their files for several figures, not one per figure."""

@@ -73,16 +73,20 @@ class WorkerMetricsTests(SynchronousTestCase):
         self.assertNotIn("_created", read["exposition"])
         # The status page's totals are the same sums.
         self.assertEqual((read["hits"], read["cache_bytes"]), (7, 700))
+        self.assertIn("<td>3</td>", read["fills"])
 
     def test_quota_is_the_most_recent_answer(self) -> None:
         """The remaining-pulls gauge is the last value any worker saw, not a sum."""
         self.worker("count", "blobs", "1", "0", "90")
         time.sleep(0.01)  # the gauge's timestamps order the workers' writes
         self.worker("count", "blobs", "1", "0", "75")
-        found = samples(self.worker("read")["exposition"])
+        read = self.worker("read")
+        found = samples(read["exposition"])
         self.assertEqual(
             found['mirrord_upstream_ratelimit_remaining{identity="anonymous",upstream="hub"}'], 75
         )
+        # The status page of a worker that saw no answer itself says so too.
+        self.assertIn("pulls left for anonymous: 75", read["upstreams"])
 
     def test_dead_worker_fills_stop_counting(self) -> None:
         """worker_gone drops a dead worker's fills in progress; its counters stay."""

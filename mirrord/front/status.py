@@ -146,6 +146,8 @@ class StatusSource:
 
     def _upstreams(self, t: Mapping[str, str]) -> str:
         now = self.clock.seconds()
+        # With workers, the quota any of them saw last, not only this one.
+        quotas = self.metrics.quotas() if self.metrics.shared else None
         items = []
         for registry, chain in self.chains.items():
             states = []
@@ -160,7 +162,10 @@ class StatusSource:
                     state, kind = t["healthy"], "healthy"
                 # Pulls left in the upstream's window, by whom they count
                 # against: the mirror's account, or "anonymous".
-                for identity, left in sorted(upstream.quota.items()):
+                quota = upstream.quota
+                if quotas is not None:
+                    quota = {i: n for (url, i), n in quotas.items() if url == upstream.url}
+                for identity, left in sorted(quota.items()):
                     state += "; " + t["quota"].format(quota=left, identity=escape(identity))
                 states.append(
                     f'<li><code>{escape(upstream.url)}</code>: <span class="{kind}">'

@@ -12,8 +12,27 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mirrord.front.status import totals
+from twisted.internet.task import Clock
+
+from mirrord.front.history import History
+from mirrord.front.status import StatusSource, totals
+from mirrord.front.texts import TEXTS
 from mirrord.metrics import Metrics
+
+
+@dataclass
+class Upstream:
+    """An upstream as the status page reads it, as this worker saw it: no
+    answer yet, so no quota of its own."""
+
+    url: str = "hub"
+    limited_until: float = 0.0
+    quota: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Chain:
+    upstreams: list[Upstream] = field(default_factory=lambda: [Upstream()])
 
 
 @dataclass
@@ -38,13 +57,26 @@ def main(directory: Path, command: str, *args: str) -> None:
         metrics.update_cache(None)
         print(json.dumps({"pid": os.getpid()}))
     else:
-        metrics.watch(Store(size=1000, max_size=5000, entries={"a": 1, "b": 2}), ())
+        store = Store(size=1000, max_size=5000, entries={"a": 1, "b": 2})
+        metrics.watch(store, ())
+        clock = Clock()
+        status = StatusSource(
+            metrics,
+            History(lambda: totals(metrics), clock),
+            clock,
+            {"docker.io": Chain()},
+            store,
+            (),
+        )
+        page = status.render(TEXTS["en"])
         print(
             json.dumps(
                 {
                     "exposition": metrics.exposition().decode(),
                     "hits": totals(metrics).hits,
                     "cache_bytes": totals(metrics).cache_bytes,
+                    "upstreams": page[page.index('<ul class="upstreams">') :],
+                    "fills": page[page.index("Fills in progress") :].split("</tr>")[0],
                 }
             )
         )
