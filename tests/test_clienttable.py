@@ -9,6 +9,7 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from mirrord.config import Access
 from mirrord.front.clienttable import (
@@ -46,18 +47,39 @@ class ClientTableTests(SynchronousTestCase):
         two.add("192.0.2.1", CONNECTIONS, -1)
         self.assertEqual(one.total("192.0.2.1", CONNECTIONS), 2)
 
-    def test_guards_of_two_workers_limit_connections_together(self) -> None:
-        """With max_connections_per_client = 2, a third connection in the other worker is over."""
-        access = Access(max_connections_per_client=2)
-        one = Guard(access, now=self.clock.seconds, table=self.table(1))
-        two = Guard(access, now=self.clock.seconds, table=self.table(2))
+    def guards(self, access: Access) -> tuple[Guard, Guard]:
+        return (
+            Guard(access, now=self.clock.seconds, table=self.table(1)),
+            Guard(access, now=self.clock.seconds, table=self.table(2)),
+        )
+
+    def refused(self, guard: Guard, client: str = "192.0.2.1") -> int | None:
+        """The status ``guard`` answers a new request from ``client`` with (None: admitted)."""
+        refusal = guard.check(DummyRequest([b"v2", b""]), client, client)
+        return refusal.status if refusal is not None else None
+
+    def test_connection_limit_holds_across_workers(self) -> None:
+        """With max_connections_per_client = 2, a third connection in either worker is over."""
+        one, two = self.guards(Access(max_connections_per_client=2))
         one.connection_made("192.0.2.1")
         two.connection_made("192.0.2.1")
-        self.assertEqual(one.connections["192.0.2.1"], 2)
+        self.assertIsNone(self.refused(one))  # its own connection is one of the two
         two.connection_made("192.0.2.1")
-        self.assertEqual(one.connections["192.0.2.1"], 3)  # > 2: refused by check()
+        self.assertEqual(self.refused(one), 429)
+        self.assertIsNone(self.refused(one, "192.0.2.2"))  # other clients are not touched
         two.connection_lost("192.0.2.1")
-        self.assertEqual(one.connections["192.0.2.1"], 2)
+        self.assertIsNone(self.refused(one))
+
+    def test_request_limit_holds_across_workers(self) -> None:
+        """With max_requests_per_client = 2, requests in flight in both workers count together."""
+        one, two = self.guards(Access(max_requests_per_client=2))
+        one.requests.add("192.0.2.1")
+        self.assertIsNone(self.refused(two))
+        two.requests.add("192.0.2.1")
+        self.assertEqual(self.refused(one), 429)
+        self.assertEqual(self.refused(two), 429)
+        one.requests.remove("192.0.2.1")
+        self.assertIsNone(self.refused(two))
 
     def test_failed_logins_count_across_workers(self) -> None:
         """Failures in one worker refuse the address in the other, for the window."""
