@@ -4,7 +4,10 @@ worker's counts stop counting."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from twisted.internet.task import Clock
@@ -21,6 +24,7 @@ from mirrord.front.clienttable import (
     table_path,
 )
 from mirrord.front.guard import Guard, SharedFailedLogins
+from tests.support.processes import REPO
 
 
 class ClientTableTests(SynchronousTestCase):
@@ -152,6 +156,33 @@ class ClientTableTests(SynchronousTestCase):
         self.table(2)
         self.assertEqual(one.total("192.0.2.1", CONNECTIONS), 0)
         self.assertEqual(one.failures("192.0.2.1"), (1, 60.0))  # failures are the host's
+
+    def test_two_processes_never_share_a_slot(self) -> None:
+        """Two real workers taking and freeing slots at once: each client reads back its count."""
+        path = table_path(self.dir)
+        # Made before they start, as the supervisor's first worker would.
+        ClientTable(path, 2, 1, self.clock.seconds, slots=64, probes=16).close()
+        start = str(time.time() + 3)  # both ready by then, on a busy machine too
+        workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.support.tableworker",
+                    str(path),
+                    str(i),
+                    p,
+                    start,
+                    "1",
+                ],
+                stdout=subprocess.PIPE,
+                cwd=REPO,
+            )
+            for i, p in ((1, "a"), (2, "b"))
+        ]
+        for worker in workers:
+            out, _ = worker.communicate(timeout=120)
+            self.assertEqual((worker.returncode, out.strip()), (0, b"0"))
 
     def test_another_geometry_is_refused(self) -> None:
         """A table file made for another number of workers is not misread."""
