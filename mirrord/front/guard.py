@@ -14,6 +14,10 @@ in ``_AwaitLogin`` and goes on down the tree once they are right. An
 address with too many failed logins is refused (429), even with the right
 password, until its window has passed: otherwise guessing would only cost
 the guesser some retries.
+
+The per-address counts are the host's, not a process's: with worker
+processes they live in the workers' shared table (``clienttable``), so a
+client cannot multiply its limits by the number of workers.
 """
 
 from __future__ import annotations
