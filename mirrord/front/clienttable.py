@@ -232,15 +232,14 @@ class ClientTable:
             )
 
     def _clear(self, index: int) -> None:
-        first = _WORKERS + _PER_WORKER * (index - 1)
+        """Zero worker ``index``'s columns (under the whole-file lock).
+        Only where something is counted: a page never written stays a
+        hole in the file, not a page to write back."""
+        q, first = self._q, _WORKERS + _PER_WORKER * (index - 1)
         zeros = memoryview(bytes(8 * _PER_WORKER)).cast("Q")
-        for offset in range(HEADER_WORDS, len(self._q), self._width):
-            self._q[offset + first : offset + first + _PER_WORKER] = zeros
-
-    def clear(self, index: int) -> None:
-        """Forget what worker ``index`` counted (it died)."""
-        with self._locked(0, 0):
-            self._clear(index)
+        for offset in range(HEADER_WORDS + first, len(q), self._width):
+            if any(q[offset : offset + _PER_WORKER]):
+                q[offset : offset + _PER_WORKER] = zeros
 
 
 def table_path(shared_dir: Path) -> Path:
