@@ -20,10 +20,10 @@ from mirrord.front.clienttable import (
     REQUESTS,
     ClientTable,
     SharedCounter,
-    clear_worker,
     table_path,
 )
 from mirrord.front.guard import Guard, SharedFailedLogins
+from mirrord.front.workershare import worker_gone
 from tests.support.processes import REPO
 
 
@@ -139,12 +139,12 @@ class ClientTableTests(SynchronousTestCase):
         self.assertTrue(one.add("b", CONNECTIONS, 1))
 
     def test_dead_worker_is_cleared(self) -> None:
-        """clear_worker forgets a dead worker's connections and requests; the others' stay."""
-        one, two = self.table(1), self.table(2)
+        """The supervisor's call for a dead worker forgets its connections and requests only."""
+        one, two = self.table(1, slots=64, probes=4), self.table(2, slots=64, probes=4)
         one.add("192.0.2.1", CONNECTIONS, 1)
         two.add("192.0.2.1", CONNECTIONS, 5)
         two.add("192.0.2.1", REQUESTS, 2)
-        clear_worker(self.dir, 2, 2)
+        worker_gone(2, 12345, self.dir)
         self.assertEqual(one.total("192.0.2.1", CONNECTIONS), 1)
         self.assertEqual(one.total("192.0.2.1", REQUESTS), 0)
 

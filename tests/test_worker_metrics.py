@@ -92,7 +92,7 @@ class WorkerMetricsTests(SynchronousTestCase):
         """worker_gone drops a dead worker's fills in progress; its counters stay."""
         first = self.worker("count", "blobs", "3", "2", "90")["pid"]
         self.worker("count", "blobs", "4", "1", "80")
-        worker_gone(self.shared, 1, 2, first)
+        worker_gone(1, first, self.shared)
         found = samples(self.worker("read")["exposition"])
         self.assertEqual(found["mirrord_fills_in_progress"], 1)
         self.assertEqual(found['mirrord_requests_total{kind="blobs"}'], 7)

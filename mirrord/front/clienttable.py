@@ -246,17 +246,27 @@ def table_path(shared_dir: Path) -> Path:
     return shared_dir / FILE_NAME
 
 
-def clear_worker(shared_dir: Path, index: int, workers: int) -> None:
-    """For the supervisor, when worker ``index`` of ``workers`` died: its
-    connections, requests and checks no longer count against any client.
-    (The worker started in its place clears them too when it opens the
-    table; this covers the time in between.) Nothing to do if no worker
-    made the table yet."""
+def clear_worker(shared_dir: Path, index: int) -> None:
+    """For the supervisor, when worker ``index`` died: its connections,
+    requests and checks no longer count against any client. (The worker
+    started in its place clears them too when it opens the table; this
+    covers the time in between.) Nothing to do if no worker made the table
+    yet."""
     path = table_path(shared_dir)
-    if not path.exists():
+    try:
+        with path.open("rb") as file:
+            header = file.read(8 * 4)
+    except FileNotFoundError:
+        return
+    if len(header) < 8 * 4:
+        return
+    magic, slots, workers, probes = (
+        int.from_bytes(header[i : i + 8], "little") for i in range(0, 32, 8)
+    )
+    if magic != MAGIC:
         return
     # Opening as the dead worker clears its columns.
-    ClientTable(path, workers, index, lambda: 0.0).close()
+    ClientTable(path, workers, index, lambda: 0.0, slots, probes).close()
 
 
 class SharedCounter:

@@ -42,12 +42,13 @@ class WorkerShare:
         )
 
 
-def worker_gone(shared_dir: Path, index: int, count: int, pid: int) -> None:
-    """For the supervisor, when worker ``index`` of ``count`` (process
-    ``pid``) has died, before it starts another in its place: the dead
-    worker's connections, requests in flight and fills in progress stop
-    counting. Its counters stay in the totals."""
-    clear_worker(shared_dir, index, count)
+def worker_gone(index: int, pid: int, shared_dir: Path) -> None:
+    """For the supervisor, when worker ``index`` (process ``pid``) has
+    died, before it starts another in its place: the dead worker's
+    connections, requests in flight and fills in progress stop counting.
+    Its counters stay in the totals. (The signature of the supervisor's
+    ``worker_exited`` hook.)"""
+    clear_worker(shared_dir, index)
     directory = multiprocess_dir(shared_dir)
     if directory.is_dir():
         worker_died(pid, directory)
