@@ -53,7 +53,9 @@ _HASH, _FAILURES, _UNTIL, _WORKERS = 0, 1, 2, 3
 
 
 class ClientTable:
-    """The shared table as seen by worker ``index`` (1..``workers``)."""
+    """The shared table as seen by worker ``index`` (1..``workers``).
+    Used from the reactor thread only: record locks keep other processes
+    out, not other threads of this one."""
 
     def __init__(
         self,
