@@ -49,6 +49,7 @@ from mirrord.front.login import LoginWorker, MirrorLogin, Runner, run_inline
 from mirrord.front.site import MirrordSite, build_site
 from mirrord.front.status import FiguresAccess, StatusSource, totals
 from mirrord.front.usage import CertificateNote, render_usage
+from mirrord.front.workershare import WorkerShare
 from mirrord.metrics import Metrics, MetricsResource
 from mirrord.registry.challenges import KNOWN_REALMS, RealmBook
 from mirrord.registry.imageref import parse_image
@@ -399,7 +400,11 @@ def wire(
     ``hashers`` makes a fill's hasher: a ``HashWorker``'s in the daemon;
     ``login_checks`` runs password checks: a ``LoginWorker``'s there."""
     clock: IReactorTime = reactor
-    metrics = Metrics()
+    role = Role.from_environ()
+    share = None
+    if role.is_worker and role.shared_dir is not None:
+        share = WorkerShare.open(role.index, role.count, role.shared_dir, clock.seconds)
+    metrics = Metrics(share.metrics_dir if share else None)
     login = MirrorLogin(config.access.users, clock.seconds, run=login_checks)
     follower = RedirectFollower(
         agent, clock, config.timeouts.response, config.max_redirects, config.timeouts.body_idle
@@ -438,7 +443,11 @@ def wire(
         )
         served[name] = (registry, backend)
     metrics.watch(store, in_flight)
-    history = History(lambda: totals(metrics), clock)
+    history = History(
+        lambda: totals(metrics),
+        clock,
+        **({"ring": share.ring, "sampler": share.sampler} if share else {}),
+    )
     figures = FiguresAccess(config.metrics.allow)
     status = StatusSource(
         metrics,
@@ -476,7 +485,9 @@ def wire(
         metrics=MetricsResource(metrics, figures.allows),
         reactor=reactor,
         client_idle=config.timeouts.client_idle,
-        guard=Guard(config.access, login, now=clock.seconds, tokens=tokens),
+        guard=Guard(
+            config.access, login, now=clock.seconds, tokens=tokens, table=share and share.table
+        ),
     )
     site.count_body = lambda source, size: metrics.bytes_served.labels(source).inc(size)
     if config.access_log:

@@ -14,6 +14,10 @@ in ``_AwaitLogin`` and goes on down the tree once they are right. An
 address with too many failed logins is refused (429), even with the right
 password, until its window has passed: otherwise guessing would only cost
 the guesser some retries.
+
+The per-address counts are the host's, not a process's: with worker
+processes they live in the workers' shared table (``clienttable``), so a
+client cannot multiply its limits by the number of workers.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mirrord.config import Access
 from mirrord.expiring import Expiring
+from mirrord.front.clienttable import CHECKING, CONNECTIONS, REQUESTS, ClientTable, SharedCounter
 from mirrord.front.login import LoginBusy, MirrorLogin
 from mirrord.registry import errors
 from mirrord.registry.respond import client_address, peer_address, write_error
@@ -111,30 +116,46 @@ class FailedLogins:
     def failed(self, address: str) -> None:
         if not self.limit:
             return
-        key, now = _failure_key(address), self._now()
+        self._add_failure(_failure_key(address))
+
+    def _add_failure(self, key: str) -> None:
+        now = self._now()
         record = self._failures.get(key) or _Failures(0, now + self.window)
         record.count += 1
         if record.count >= self.limit:
             record.until = now + self.window
         self._failures.put(key, record, record.until - now)
 
+    def _record(self, key: str) -> tuple[int, float]:
+        """The failures counted for ``key`` and when its record ends."""
+        record = self._failures.get(key)
+        return (record.count, record.until) if record is not None else (0, 0.0)
+
+    def _checks(self, key: str) -> int:
+        """How many distinct credentials from ``key`` are being checked."""
+        return len(self._checking.get(key, {}))
+
     def refused_for(self, address: str, credentials: bytes = b"") -> int | None:
         """Seconds until the address may try ``credentials``, or None if it may now."""
         if not self.limit:
             return None
         key = _failure_key(address)
-        record = self._failures.get(key)
-        failures = record.count if record is not None else 0
-        if record is not None and failures >= self.limit:
-            return max(1, math.ceil(record.until - self._now()))
+        failures, until = self._record(key)
+        if failures >= self.limit:
+            return max(1, math.ceil(until - self._now()))
         checking = self._checking.get(key, {})
-        if credentials not in checking and failures + len(checking) >= self.limit:
+        if credentials not in checking and failures + self._checks(key) >= self.limit:
             return 1  # the checks under way decide; they take well under a second
         return None
 
     def checking(self, address: str, credentials: bytes) -> None:
-        if self.limit:
-            self._checking.setdefault(_failure_key(address), Counter())[credentials] += 1
+        if not self.limit:
+            return
+        key = _failure_key(address)
+        checking = self._checking.setdefault(key, Counter())
+        if not checking[credentials]:
+            self._check_started(key)
+        checking[credentials] += 1
 
     def checked(self, address: str, credentials: bytes) -> None:
         key = _failure_key(address)
@@ -144,11 +165,74 @@ class FailedLogins:
         checking[credentials] -= 1
         if checking[credentials] <= 0:
             del checking[credentials]
+            self._check_ended(key)
         if not checking:
             del self._checking[key]
 
+    def _check_started(self, key: str) -> None:
+        pass
+
+    def _check_ended(self, key: str) -> None:
+        pass
+
     def __len__(self) -> int:
         return len(self._failures)
+
+
+class SharedFailedLogins(FailedLogins):
+    """``FailedLogins`` over all the workers of the host: the failures and
+    the number of credentials being checked per address are in the shared
+    ``ClientTable``. Which credentials this worker is checking stays in its
+    memory, so a request bringing credentials under check in another
+    worker counts as one more guess: near the limit it is told to retry in
+    a second. An address the table has no room for is counted in this
+    worker's memory, as ``FailedLogins`` does."""
+
+    def __init__(
+        self, limit: int, window: float, now: Callable[[], float], table: ClientTable
+    ) -> None:
+        super().__init__(limit, window, now)
+        self._table = table
+        self._checks_shared = SharedCounter(table, CHECKING)
+
+    def _add_failure(self, key: str) -> None:
+        if not self._table.failed(key, self.limit, self.window):
+            super()._add_failure(key)
+
+    def _record(self, key: str) -> tuple[int, float]:
+        count, until = self._table.failures(key)
+        mine, my_until = super()._record(key)
+        return count + mine, max(until, my_until)
+
+    def _checks(self, key: str) -> int:
+        return self._checks_shared[key]
+
+    def _check_started(self, key: str) -> None:
+        self._checks_shared.add(key)
+
+    def _check_ended(self, key: str) -> None:
+        self._checks_shared.remove(key)
+
+    def __len__(self) -> int:
+        return self._table.failing() + super().__len__()
+
+
+class _LocalCounter:
+    """A per-client count in this process's memory (the one process)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def add(self, key: str) -> None:
+        self._counts[key] += 1
+
+    def remove(self, key: str) -> None:
+        self._counts[key] -= 1
+        if self._counts[key] <= 0:
+            del self._counts[key]
+
+    def __getitem__(self, key: str) -> int:
+        return self._counts[key]
 
 
 Decision = errors.RegistryError | None
@@ -164,17 +248,29 @@ class Guard:
         *,
         now: Callable[[], float],
         tokens: MirrorTokens | None = None,
+        table: ClientTable | None = None,
     ) -> None:
+        """``table``: the workers' shared counts; None in the one process."""
         self.access = access
         self.login = login
         # Tokens /token signed for logged-in clients are accepted on /v2/.
         self.tokens = tokens
-        self.failed_logins = FailedLogins(access.max_failed_logins, access.failed_login_window, now)
+        limit, window = access.max_failed_logins, access.failed_login_window
+        self.failed_logins = (
+            FailedLogins(limit, window, now)
+            if table is None
+            else SharedFailedLogins(limit, window, now, table)
+        )
         self._allowed = _networks(access.allow_clients)
         self._trusted = _networks(access.trusted_proxies)
         self._blocked = [re.compile(p) for p in access.block_user_agents]
-        self.connections: Counter[str] = Counter()
-        self.requests: Counter[str] = Counter()
+        self.connections: _LocalCounter | SharedCounter
+        self.requests: _LocalCounter | SharedCounter
+        if table is None:
+            self.connections, self.requests = _LocalCounter(), _LocalCounter()
+        else:
+            self.connections = SharedCounter(table, CONNECTIONS)
+            self.requests = SharedCounter(table, REQUESTS)
 
     def client_address(self, peer: str, forwarded: list[bytes]) -> str:
         """The real client: walk X-Forwarded-For from the right while the hop
@@ -186,12 +282,10 @@ class Guard:
         return address
 
     def connection_made(self, peer: str) -> None:
-        self.connections[peer] += 1
+        self.connections.add(peer)
 
     def connection_lost(self, peer: str) -> None:
-        self.connections[peer] -= 1
-        if self.connections[peer] <= 0:
-            del self.connections[peer]
+        self.connections.remove(peer)
 
     def check(self, request: Request, client: str, peer: str) -> errors.RegistryError | None:
         access = self.access
@@ -363,15 +457,9 @@ class GuardedRoot(Resource):
         request.client_ip = client  # type: ignore[attr-defined]
         refusal = self._guard.check(request, client, peer)
         if refusal is None:
-            guard = self._guard
-            guard.requests[client] += 1
-
-            def done(_: object) -> None:
-                guard.requests[client] -= 1
-                if guard.requests[client] <= 0:
-                    del guard.requests[client]
-
-            request.notifyFinish().addBoth(done)
+            requests = self._guard.requests
+            requests.add(client)
+            request.notifyFinish().addBoth(lambda _: requests.remove(client))
         return refusal
 
 

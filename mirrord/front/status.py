@@ -64,15 +64,16 @@ class _Chain(Protocol):
 def totals(metrics: Metrics) -> Totals:
     """The counters the history samples. A hit is anything served without
     a fetch of its own (HIT, COALESCED, STALE); a miss started one."""
+    value = metrics.reader()
     results = {
-        r: metrics.value("mirrord_cache_results_total", result=r)
+        r: value("mirrord_cache_results_total", result=r)
         for r in ("HIT", "COALESCED", "STALE", "MISS")
     }
     return Totals(
         hits=results["HIT"] + results["COALESCED"] + results["STALE"],
         misses=results["MISS"],
-        cache_bytes=metrics.value("mirrord_served_bytes_total", source="cache"),
-        upstream_bytes=metrics.value("mirrord_served_bytes_total", source="upstream"),
+        cache_bytes=value("mirrord_served_bytes_total", source="cache"),
+        upstream_bytes=value("mirrord_served_bytes_total", source="upstream"),
     )
 
 
@@ -109,7 +110,13 @@ class StatusSource:
             '<p class="legend"><span class="swatch cache"></span>'
             f'{t["from_cache"]} <span class="swatch upstream"></span>{t["from_upstream"]}</p>'
         )
-        rows.append(f"<tr><th>{t['fills']}</th><td>{len(self.fills)}</td></tr>")
+        # With workers, the sum over all of them.
+        fills = (
+            int(self.metrics.value("mirrord_fills_in_progress"))
+            if self.metrics.shared
+            else len(self.fills)
+        )
+        rows.append(f"<tr><th>{t['fills']}</th><td>{fills}</td></tr>")
         return (
             f'<section id="status"><h2>{t["status"]}</h2>'
             f'<table class="figures">{"".join(rows)}</table>'
@@ -139,6 +146,8 @@ class StatusSource:
 
     def _upstreams(self, t: Mapping[str, str]) -> str:
         now = self.clock.seconds()
+        # With workers, the quota any of them saw last, not only this one.
+        quotas = self.metrics.quotas() if self.metrics.shared else None
         items = []
         for registry, chain in self.chains.items():
             states = []
@@ -153,7 +162,10 @@ class StatusSource:
                     state, kind = t["healthy"], "healthy"
                 # Pulls left in the upstream's window, by whom they count
                 # against: the mirror's account, or "anonymous".
-                for identity, left in sorted(upstream.quota.items()):
+                quota = upstream.quota
+                if quotas is not None:
+                    quota = {i: n for (url, i), n in quotas.items() if url == upstream.url}
+                for identity, left in sorted(quota.items()):
                     state += "; " + t["quota"].format(quota=left, identity=escape(identity))
                 states.append(
                     f'<li><code>{escape(upstream.url)}</code>: <span class="{kind}">'
