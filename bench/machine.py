@@ -68,13 +68,20 @@ def describe() -> list[tuple[str, str]]:
         ("Twisted", twisted.__version__),
         ("OpenSSL (Twisted, via cryptography " + cryptography.__version__ + ")", pyopenssl),
         ("nginx", f"{nginx} with {nginx_openssl}"),
-        ("curl (the client)", _first_line(["curl", "--version"])),
+        ("curl (the client)", curl_version(_output(["curl", "--version"]))),
     ]
 
 
-def _first_line(argv: list[str]) -> str:
+def curl_version(curl_version_output: str) -> str:
+    """``curl 7.88.1 with OpenSSL/3.0.19`` from ``curl --version``."""
+    match = re.match(
+        r"curl (\S+) .*?((?:OpenSSL|LibreSSL|BoringSSL|GnuTLS)/\S+)", curl_version_output
+    )
+    return f"{match.group(1)} with {match.group(2)}" if match else "unknown"
+
+
+def _output(argv: list[str]) -> str:
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.splitlines()[0] if out else "unknown"
+        return ""

@@ -288,7 +288,10 @@ ROWS: tuple[Row, ...] = (
         Goal(10.0, at_least=False),
         one("slow proxy", "growth"),
         ("slow proxy",),
-        (Figure("RSS before", one("slow proxy", "before"), " MiB"),),
+        (
+            Figure("RSS before", one("slow proxy", "before"), " MiB"),
+            Figure("rise after the first second", one("slow proxy", "late"), " MiB", digits=1),
+        ),
         unit=" MiB",
         digits=1,
     ),
@@ -299,7 +302,10 @@ ROWS: tuple[Row, ...] = (
         Goal(10.0, at_least=False),
         one("slow cold", "growth"),
         ("slow cold",),
-        (Figure("RSS before", one("slow cold", "before"), " MiB"),),
+        (
+            Figure("RSS before", one("slow cold", "before"), " MiB"),
+            Figure("rise after the first second", one("slow cold", "late"), " MiB", digits=1),
+        ),
         unit=" MiB",
         digits=1,
     ),

@@ -110,7 +110,7 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.workers_key = True  # does the daemon know `workers`?
         self.fresh = 0
-        self.nginx_cold = 0
+        self.nginx_keys = 0
         self.ports = {
             k: free_port()
             for k in (
@@ -245,7 +245,8 @@ class Bench:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             if workers > 1:
                 said = [line for line in lines if "workers" in line] or lines
-                raise Skip(f"the daemon refused `workers = {workers}`: {said[-1]}") from None
+                why = said[-1].split(" (known keys")[0]
+                raise Skip(f"the daemon refused `workers = {workers}`: {why}") from None
             if not keyed or "'workers'" not in str(e):
                 raise
             self.workers_key = False
@@ -416,8 +417,8 @@ class Bench:
 
     def nginx_cold(self) -> dict[str, float]:
         # A new cache key (the upstream ignores the query) makes it cold.
-        self.nginx_cold += 1
-        return self.single(self.nginx_url("cached", f"{BLOBS}{self.big}?run={self.nginx_cold}"))
+        self.nginx_keys += 1
+        return self.single(self.nginx_url("cached", f"{BLOBS}{self.big}?run={self.nginx_keys}"))
 
     def warm_many(self, name: str) -> dict[str, float]:
         daemon = self.daemons.get(name)
@@ -439,18 +440,24 @@ class Bench:
         """One client reading a big blob at ``--slow-rate``: how far the
         serving processes' RSS rises above where it stood before."""
         before = daemon.rss_kib()
-        peak = before
+        peak, settled = before, None
         argv = tools.curl_argv(url, self.pki.ca, self.args.slow_seconds, self.args.slow_rate)
         client = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + self.args.slow_seconds
-            while time.monotonic() < deadline and client.poll() is None:
-                peak = max(peak, daemon.rss_kib())
+            start = time.monotonic()
+            while time.monotonic() - start < self.args.slow_seconds and client.poll() is None:
+                rss = daemon.rss_kib()
+                peak = max(peak, rss)
+                if settled is None and time.monotonic() - start >= 1.0:
+                    settled = rss  # the buffers a stream needs are there by now
                 time.sleep(0.2)
         finally:
             client.kill()  # by its PID
             client.wait(10)
-        return {"growth": (peak - before) / 1024, "before": before / 1024}
+        figures = {"growth": (peak - before) / 1024, "before": before / 1024}
+        if settled is not None:
+            figures["late"] = (peak - settled) / 1024
+        return figures
 
     def slow_cold(self) -> dict[str, float]:
         daemon = self.fresh_mirrord()
