@@ -99,6 +99,7 @@ class ToolOutputTests(SynchronousTestCase):
         """curl's -w line gives speed, size and status; anything else is an error."""
         download = tools.parse_curl("612345678.000 1073741824 200")
         self.assertEqual(download, tools.Download(612345678.0, 1 << 30, 200))
+        self.assertEqual(tools.parse_curl("0.000 154 404").code, 404)
         self.assertRaises(tools.ToolError, tools.parse_curl, "")
 
 
