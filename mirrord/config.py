@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirrord.daemon.role import usable_cores
 from mirrord.passwords import valid_hash
 from mirrord.registry.imageref import parse_image
 
@@ -163,6 +164,9 @@ class Config:
     quota_reserve: int = 5
     pool_size: int = 16
     grace_period: float = 30.0
+    # Processes serving the listeners (1: one process, no supervisor); by
+    # default one per core this process may use. See README ("Workers").
+    workers: int = field(default_factory=usable_cores)
     access_log: str = ""
     default_registry: str = DOCKER_HUB
     # Certificates by ACME (TLS-ALPN-01 on the listener): see README.
@@ -202,6 +206,7 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "quota_reserve": int,
     "pool_size": int,
     "grace_period": (int, float),
+    "workers": int,
     "access_log": str,
     "default_registry": str,
     "acme_domains": list,
@@ -502,6 +507,8 @@ def _check_config(where: str, config: Config) -> Config:
         raise ConfigError(f"{where}: key 'acme_directory' must be an https:// URL")
     if config.max_redirects < 0 or config.pool_size < 0 or config.quota_reserve < 0:
         raise ConfigError(f"{where}: 'max_redirects', 'pool_size', 'quota_reserve' must be >= 0")
+    if config.workers < 1:
+        raise ConfigError(f"{where}: key 'workers' must be >= 1, not {config.workers}")
     return config
 
 
@@ -512,13 +519,21 @@ def load(path: Path | None) -> Config:
             return Config()
         path = DEFAULT_CONFIG_PATH
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        text = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse(text, str(path))
+
+
+def parse(text: bytes, where: str) -> Config:
+    """A configuration file's bytes, validated (``where`` names it)."""
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML: {e}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_mapping(data, str(path))
+        raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    return from_mapping(data, where)
 
 
 def with_overrides(
@@ -529,6 +544,7 @@ def with_overrides(
     key: str | None = None,
     state_dir: str | None = None,
     upstreams: list[str] | None = None,
+    workers: int | None = None,
 ) -> Config:
     """Apply the command line's options on top of the file's values."""
     changes: dict[str, Any] = {}
@@ -540,6 +556,8 @@ def with_overrides(
         changes["key"] = key
     if state_dir is not None:
         changes["state_dir"] = state_dir
+    if workers is not None:
+        changes["workers"] = workers
     if upstreams:
         default = config.default
         chain = tuple(check_upstream_url("--upstream", u) for u in upstreams)

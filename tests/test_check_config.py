@@ -72,9 +72,12 @@ def test_good_file_prints_effective_settings(tmp_path: Path, pki: Pki, busy_port
 def test_command_line_overrides_are_checked(tmp_path: Path, pki: Pki, busy_port: int) -> None:
     """The options a start would take are applied before the check, as the daemon applies them."""
     config, _ = _good(tmp_path, pki, busy_port)
-    code, out, err = _check(config, "--listen", "9443", "--upstream", "http://127.0.0.1:9")
+    code, out, err = _check(
+        config, "--listen", "9443", "--upstream", "http://127.0.0.1:9", "--workers", "3"
+    )
     assert code == 0, err
     assert 'listen = ["9443"]' in out
+    assert "\nworkers = 3\n" in out
     code, out, err = _check(config, "--key", str(tmp_path / "missing.pem"))
     assert (code, out) == (1, "")
     assert err == f"mirrord: {tmp_path / 'missing.pem'}: no such file\n"

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config
 from mirrord.config import Access, CacheConfig, ConfigError, MetricsAccess, Registry, Timeouts
+from mirrord.daemon.role import usable_cores
 from mirrord.daemon.tap import Options, listen_description, reloader
 from mirrord.daemon.tls import ServerTLS, make_context
 from mirrord.passwords import make_hash
@@ -49,6 +50,7 @@ class ConfigTests(SynchronousTestCase):
             'upstream_ca = "/ca.pem"\nmax_redirects = 3\nrate_limit_seconds = 30\n'
             "quota_reserve = 9\n"
             'pool_size = 4\ngrace_period = 7.5\naccess_log = "/tmp/access.log"\n'
+            "workers = 7\n"
             'default_registry = "ghcr.io"\n'
             'acme_domains = ["Mirror.Example.com"]\nacme_email = "ops@example.com"\n'
             'acme_directory = "https://acme.example/dir"\nacme_ca = "/acme-ca.pem"\n'
@@ -85,6 +87,7 @@ class ConfigTests(SynchronousTestCase):
             quota_reserve=9,
             pool_size=4,
             grace_period=7.5,
+            workers=7,
             access_log="/tmp/access.log",
             default_registry="ghcr.io",
             acme_domains=("mirror.example.com",),
@@ -178,6 +181,7 @@ class ConfigTests(SynchronousTestCase):
             quota_reserve=5,
             pool_size=16,
             grace_period=30.0,
+            workers=2,
             access_log="/var/log/mirrord/access.log",
             default_registry="docker.io",
             acme_domains=(),
@@ -357,6 +361,20 @@ class OptionsTests(SynchronousTestCase):
             parsed.default.upstreams, ("http://127.0.0.1:5000", "https://mirror.gcr.io")
         )
         self.assertEqual((parsed.cert, parsed.key, parsed.state_dir), ("/c", "/k", "/s"))
+
+    def test_workers_from_file_option_and_cores(self) -> None:
+        """workers defaults to the usable cores, comes from the file, and --workers
+        overrides it; 0 is refused with the key named."""
+        self.assertEqual(self.parse().workers, usable_cores())
+        self.empty.write_text("workers = 3\n")
+        self.assertEqual(self.parse().workers, 3)
+        self.assertEqual(self.parse("--workers", "1").workers, 1)
+        self.empty.write_text("workers = 0\n")
+        error = self.assertRaises(SystemExit, self.parse)
+        self.assertIn("key 'workers' must be >= 1", str(error))
+        self.empty.write_text("")
+        error = self.assertRaises(SystemExit, self.parse, "--workers", "0")
+        self.assertIn("key 'workers' must be >= 1", str(error))
 
     def test_bad_file_is_a_usage_error(self) -> None:
         self.empty.write_text("bogus = 1\n")

@@ -206,8 +206,12 @@ class AcmeService(Service):
         issue: Callable[[], bytes],
         load: Callable[[Path], SSL.Context],
         run: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
+        renewed: Callable[[], object] = lambda: None,
     ) -> None:
         self.config = config
+        # Told after a new certificate is in place: with workers, the
+        # supervisor then has every other worker load it (SIGHUP).
+        self.renewed = renewed
         self.reactor = reactor
         self.server_tls = server_tls
         self.issue = issue
@@ -281,6 +285,7 @@ class AcmeService(Service):
             domains=", ".join(self.config.acme_domains),
             until=until.isoformat(timespec="seconds"),
         )
+        self.renewed()
         self._schedule(expiry - self.config.acme_renew_before - self.reactor.seconds())
 
     def _failed(self, failure: Failure) -> None:

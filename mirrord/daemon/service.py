@@ -34,6 +34,7 @@ class MirrordService(MultiService):
         reload: Callable[[], None] = lambda: None,
         hash_worker: HashWorker | None = None,
         login_worker: Service | None = None,
+        notify: Callable[[str], object] = notify,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -43,6 +44,8 @@ class MirrordService(MultiService):
         self.reload = reload
         self.hash_worker = hash_worker
         self.login_worker = login_worker
+        # systemd, or the supervisor's pipe in a worker process.
+        self.notify = notify
 
     def privilegedStartService(self) -> None:
         # Listeners bind here, before the reactor runs (and before privileges
@@ -60,30 +63,16 @@ class MirrordService(MultiService):
                 worker.startService()
         super().startService()
         # twistd starts services before the reactor installs its own signal
-        # handlers; ours must come after to replace them.
-        self.reactor.callWhenRunning(self._install_signal_handlers)
-        notify("READY=1")
+        # handlers; ours must come after to replace them, and READY=1 after
+        # ours: a SIGHUP sent on READY=1 must find the reload handler.
+        if hasattr(self.reactor, "callFromThread"):
+            self.reactor.callWhenRunning(self._running)
+        else:
+            self.notify("READY=1")
 
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT stop gracefully (twistd's own handler would make
-        the process die by the signal); SIGHUP reloads."""
-        if not hasattr(self.reactor, "callFromThread"):
-            return
-
-        def stop(signum: int, frame: object) -> None:
-            log.info("received signal {signal}: stopping gracefully", signal=signum)
-            self.reactor.callFromThread(self.reactor.stop)
-
-        def reload(signum: int, frame: object) -> None:
-            self.reactor.callFromThread(self._reload)
-
-        def reopen(signum: int, frame: object) -> None:
-            self.reactor.callFromThread(self._reopen_logs)
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, reload)
-        signal.signal(signal.SIGUSR1, reopen)
+    def _running(self) -> None:
+        install_signal_handlers(self.reactor, self._reload, self._reopen_logs)
+        self.notify("READY=1")
 
     def _reopen_logs(self) -> None:
         if self.site.combined_log is not None:
@@ -91,14 +80,14 @@ class MirrordService(MultiService):
             log.info("reopened {path}", path=str(self.site.combined_log.path))
 
     def _reload(self) -> None:
-        notify("RELOADING=1")
+        self.notify("RELOADING=1")
         try:
             self.reload()
         finally:
-            notify("READY=1")
+            self.notify("READY=1")
 
     def stopService(self) -> Deferred[None]:
-        notify("STOPPING=1")
+        self.notify("STOPPING=1")
         listeners = super().stopService()  # stop accepting connections
         d = DeferredList([listeners, self._drained()], consumeErrors=True)
         d.addBoth(lambda _: self.pool.closeCachedConnections())
@@ -137,3 +126,25 @@ class MirrordService(MultiService):
                 transport.abortConnection()
         if not done.called:
             done.callback(None)
+
+
+def install_signal_handlers(
+    reactor: Any, reload: Callable[[], None], reopen: Callable[[], None]
+) -> None:
+    """SIGTERM and SIGINT stop gracefully (twistd's own handler would make
+    the process die by the signal, not exit 0); SIGHUP reloads; SIGUSR1
+    reopens the logs. A second stop signal (a terminal's SIGINT reaches a
+    worker and its supervisor, which passes SIGTERM on) changes nothing."""
+    stopping = []
+
+    def stop(signum: int, frame: object) -> None:
+        if stopping:
+            return
+        stopping.append(signum)
+        log.info("received signal {signal}: stopping gracefully", signal=signum)
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+    signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(reopen))

@@ -4,6 +4,7 @@ are wired together into a running service."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from typing import Any, NoReturn
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -26,7 +28,11 @@ from mirrord.daemon.acme import AcmeService, Issuer, held_certificate
 from mirrord.daemon.admin import admin_service
 from mirrord.daemon.alpn import ALPNResponder
 from mirrord.daemon.http01 import HTTP01Responder, challenge_site
+from mirrord.daemon.inherited import AdoptedEndpoint, Inherited, ParentChannel, die_with_parent
+from mirrord.daemon.role import Role
 from mirrord.daemon.service import MirrordService
+from mirrord.daemon.supervisor import Bound, Launcher, Supervisor
+from mirrord.daemon.systemd import notify
 from mirrord.daemon.tls import (
     CertificateError,
     ServerTLS,
@@ -87,6 +93,14 @@ class Options(usage.Options):
         ["cert", None, None, "PEM certificate chain (e.g. certbot's fullchain.pem)."],
         ["key", None, None, "PEM private key (e.g. certbot's privkey.pem)."],
         ["state-dir", None, None, "Directory for state (default /var/lib/mirrord)."],
+        [
+            "workers",
+            None,
+            None,
+            "Worker processes serving the listeners (default: the file's 'workers', "
+            "or one per usable core); 1 runs one process.",
+            int,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -108,14 +122,49 @@ class Options(usage.Options):
 
     def load(self) -> Config:
         """The configuration file with this command line's overrides on top."""
+        return self.overrides(configuration.load(self["config"]))
+
+    def overrides(self, config: Config) -> Config:
+        """This command line's options on top of ``config``."""
         return configuration.with_overrides(
-            configuration.load(self["config"]),
+            config,
             listen=self["listen"],
             cert=self["cert"],
             key=self["key"],
             state_dir=self["state-dir"],
             upstreams=self["upstream"],
+            workers=self["workers"],
         )
+
+    def source(self) -> Path | None:
+        """The configuration file read, if any."""
+        if self["config"] is not None:
+            return Path(self["config"])
+        if configuration.DEFAULT_CONFIG_PATH.exists():
+            return configuration.DEFAULT_CONFIG_PATH
+        return None
+
+    def worker_argv(self, config: Path) -> list[str]:
+        """``twistd mirrord`` for a worker: reading ``config`` (the copy the
+        supervisor checked) with this command line's overrides, logging
+        with mirrord's observer to the inherited stdout, no pid file."""
+        args = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            "--logger=mirrord.daemon.logs.observer",
+            "mirrord",
+            "--config",
+            str(config),
+        ]
+        for name in ("cert", "key", "state-dir"):
+            if self[name] is not None:
+                args += [f"--{name}", self[name]]
+        args += [arg for entry in self["listen"] for arg in ("--listen", entry)]
+        args += [arg for url in self["upstream"] for arg in ("--upstream", url)]
+        return args
 
     def postOptions(self) -> None:
         try:
@@ -278,6 +327,13 @@ def needs_restart(old: Config, new: Config) -> list[str]:
     return changed if chains_only else [*changed, "registries"]
 
 
+def checked(config: Config) -> tuple[Path, Any]:
+    """The certificate ``config`` serves and its TLS context: what a start
+    or a reload needs to work. Raises what is wrong."""
+    cert, key, _ = certificate(config)
+    return cert, make_context(cert, key, config.tls_min_version, config.tls_ciphers)
+
+
 def reloader(
     load: Callable[[], Config],
     running: Config,
@@ -292,8 +348,7 @@ def reloader(
     def reload() -> None:
         try:
             config = load()
-            cert, key, _ = certificate(config)
-            context = make_context(cert, key, config.tls_min_version, config.tls_ciphers)
+            cert, context = checked(config)
         except (ConfigError, CertificateError, OSError, ValueError) as e:
             log.error("reload failed, still running the previous setup: {error}", error=str(e))
             return
@@ -427,9 +482,19 @@ def wire(
 
 
 def build_service(
-    config: Config, reactor: Any, load: Callable[[], Config] | None = None
+    config: Config,
+    reactor: Any,
+    load: Callable[[], Config] | None = None,
+    role: Role | None = None,
+    inherited: Inherited | None = None,
+    tell: Callable[[str], object] = notify,
 ) -> MirrordService:
-    """Wire configuration, TLS, upstreams and resources into one service."""
+    """Wire configuration, TLS, upstreams and resources into one service:
+    the one process, or (``inherited`` sockets, a ``role``) one worker,
+    which adopts the supervisor's sockets instead of binding, tells it its
+    state (``tell``) instead of systemd, and runs the jobs that must run
+    once per host only if ``role.runs_singletons``."""
+    role = role or Role()
     cert, key, note = certificate(config)
     acme_by = config.acme_challenge if config.acme_domains else None
     responder = ALPNResponder() if acme_by == "tls-alpn-01" else None
@@ -448,14 +513,15 @@ def build_service(
     chains = {name: target.chain for name, target in wiring.targets.items()}
     reload = reloader(load or (lambda: config), config, server_tls, chains)
     service = MirrordService(
-        reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker
+        reactor, pool, wiring.site, config.grace_period, reload, hash_worker, login_worker, tell
     )
-    wiring.history.setServiceParent(service)
-    if wiring.store is not None:
+    if role.runs_singletons:
+        wiring.history.setServiceParent(service)
+    if wiring.store is not None and role.runs_singletons:
         admin_service(
             reactor, Path(config.state_dir), wiring.store, hash_worker.run, config.cache.pinned
         ).setServiceParent(service)
-    if acme_by is not None:
+    if acme_by is not None and role.runs_singletons:
         http = HTTP01Responder() if acme_by == "http-01" else None
         acme = AcmeService(
             config,
@@ -463,18 +529,24 @@ def build_service(
             server_tls,
             Issuer(config, responder, http).issue,
             lambda path: make_context(path, path, config.tls_min_version, config.tls_ciphers),
+            renewed=(lambda: tell("RENEWED=1")) if role.is_worker else lambda: None,
         )
         acme.setName("acme")
         acme.setServiceParent(service)
         if http is not None:
-            endpoint = serverFromString(reactor, listen_description(config.acme_http_listen))
+            endpoint: IStreamServerEndpoint = serverFromString(
+                reactor, listen_description(config.acme_http_listen)
+            )
+            if inherited is not None:
+                # Worker 1 alone has the port-80 socket: it holds the answers.
+                assert inherited.http01 is not None
+                endpoint = AdoptedEndpoint(reactor, inherited.http01)
             plain = StreamServerEndpointService(endpoint, challenge_site(http))
             plain._raiseSynchronously = True
             plain.setName(f"acme http-01 {config.acme_http_listen}")
             plain.setServiceParent(service)
     first: RecordingEndpoint | None = None
-    for entry in config.listen:
-        endpoint = serverFromString(reactor, listen_description(entry))
+    for entry, endpoint in listeners(config, reactor, inherited):
         if first is None:
             endpoint = first = RecordingEndpoint(endpoint)
         listener = StreamServerEndpointService(
@@ -485,7 +557,7 @@ def build_service(
         listener.setServiceParent(service)
     if config.cache.warm and not config.cache.enabled:
         log.warn("[cache] warm ignored: the cache is off, a warm pull would only spend quota")
-    elif config.cache.warm and first is not None:
+    elif config.cache.warm and first is not None and role.runs_singletons:
         warm = build_warm_service(
             reactor,
             [parse_image(text) for text in config.cache.warm],
@@ -509,11 +581,132 @@ def build_service(
     return service
 
 
-def makeService(options: Options) -> MirrordService:
+def listeners(
+    config: Config, reactor: Any, inherited: Inherited | None
+) -> list[tuple[str, IStreamServerEndpoint]]:
+    """The listen entries' endpoints, or a worker's inherited sockets
+    (which a reload that changed ``listen`` does not change)."""
+    if inherited is None:
+        return [
+            (entry, serverFromString(reactor, listen_description(entry))) for entry in config.listen
+        ]
+    return [(sock.entry, AdoptedEndpoint(reactor, sock)) for sock in inherited.listeners]
+
+
+def bind(reactor: Any, entry: str) -> Any:
+    """Bind and listen on ``entry`` without ever accepting here: the
+    supervisor's socket, which its workers accept from."""
+    ports: list[Any] = []
+    failures: list[Any] = []
+    endpoint = serverFromString(reactor, listen_description(entry))
+    never = Factory.forProtocol(Protocol)
+    never.noisy = False
+    endpoint.listen(never).addCallbacks(ports.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    port = ports[0]
+    port.stopReading()
+    return port
+
+
+def bind_all(reactor: Any, config: Config) -> list[Bound]:
+    """Every listener, and ACME's http-01 one when configured."""
+    from twisted.internet.error import CannotListenError
+
+    bound: list[Bound] = []
+    try:
+        for entry in config.listen:
+            bound.append(Bound(entry, bind(reactor, entry)))
+        if config.acme_domains and config.acme_challenge == "http-01":
+            entry = config.acme_http_listen
+            bound.append(Bound(entry, bind(reactor, entry), http01=True))
+    except CannotListenError as e:
+        for item in bound:
+            item.port.stopListening()
+        raise SystemExit(
+            f"mirrord: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
+        ) from None
+    return bound
+
+
+class ConfigSnapshot:
+    """The configuration file as the supervisor last found it good, copied
+    to ``<shared_dir>/config.toml``: the file every worker reads, at start
+    and on reload, so that a broken file on disk never reaches a worker,
+    not even one started after the refused reload."""
+
+    def __init__(self, options: Options, path: Path) -> None:
+        self.options = options
+        self.path = path
+        self.text = b""
+        self.check()
+
+    def check(self) -> Config:
+        """Read the source file and check it as a start would; keep it
+        (and write the copy) when good, or raise what is wrong."""
+        source = self.options.source()
+        text = source.read_bytes() if source is not None else b""
+        config = self.options.overrides(
+            configuration.parse(text, str(source or "the built-in defaults"))
+        )
+        checked(config)
+        self.text = text
+        if self.path.parent.is_dir():
+            self.write()
+        return config
+
+    def write(self) -> None:
+        partial = self.path.with_name(self.path.name + ".new")
+        partial.write_bytes(self.text)
+        os.replace(partial, self.path)
+
+
+def build_supervisor(options: Options, config: Config, reactor: Any) -> Supervisor:
+    """``workers`` > 1: the parent that binds and supervises."""
+    shared_dir = Path(config.state_dir) / "workers"
+    snapshot = ConfigSnapshot(options, shared_dir / "config.toml")
+    log.info(
+        "starting {count} workers on {listen}",
+        count=config.workers,
+        listen=", ".join(config.listen),
+    )
+    return Supervisor(
+        reactor,
+        config.workers,
+        shared_dir,
+        lambda: bind_all(reactor, config),
+        Launcher(reactor, options.worker_argv(snapshot.path), config.workers, shared_dir),
+        snapshot.check,
+        config.grace_period,
+        prepare=snapshot.write,
+    )
+
+
+def build_worker(options: Options, reactor: Any, role: Role) -> MirrordService:
+    """A worker process the supervisor started."""
+    inherited = Inherited.from_environ()
+    die_with_parent(inherited.parent_pid)
+    return build_service(
+        options["mirrord"],
+        reactor,
+        options.load,
+        role,
+        inherited,
+        ParentChannel(inherited.control_fd),
+    )
+
+
+def makeService(options: Options) -> MirrordService | Supervisor:
     from twisted.internet import reactor
 
+    config: Config = options["mirrord"]
+    role = Role.from_environ()
     try:
-        return build_service(options["mirrord"], reactor, options.load)
+        if role.is_worker:
+            return build_worker(options, reactor, role)
+        if config.workers > 1:
+            return build_supervisor(options, config, reactor)
+        return build_service(config, reactor, options.load)
     except (CertificateError, ConfigError, OSError, ValueError) as e:
         # A startup problem is the operator's to fix: say what, not where in
         # our code.
