@@ -267,6 +267,20 @@ ROWS: tuple[Row, ...] = (
         ),
     ),
     Row(
+        "workers-cold16-fetches",
+        "workers = 2: 16 concurrent cold clients of one blob: upstream fetches",
+        "1 (one fill per digest across workers)",
+        Goal(1.0, at_least=False),
+        one("w2 cold x16", "fetches"),
+        ("w2 cold x16",),
+        (
+            Figure("wall", one("w2 cold x16", "wall"), " s", digits=1),
+            Figure("peak RSS per worker", one("w2 cold x16", "peak_rss"), " MiB"),
+        ),
+        unit="",
+        digits=0,
+    ),
+    Row(
         "rss16",
         "peak RSS per worker with 16 clients (cold; warm with workers = 1 and 2)",
         "< 128 MiB",

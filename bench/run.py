@@ -253,11 +253,15 @@ class Bench:
             print("  (this mirrord has no `workers` key: one process, the key left out)")
             return self.mirrord(name, config, tls_upstream=tls_upstream)
         daemon = Daemon(process, state, port)
+        print(f"  started {name}: pid {process.pid}", flush=True)
         try:
             self.url_ok(f"https://127.0.0.1:{port}/v2/")
         except RuntimeError:
             daemon.stop()
             raise
+        # Whatever serves: the workers a supervisor started, or the process
+        # itself when it has no children.
+        daemon.workers = procs.children(process.pid)
         if workers > 1:
             deadline = time.monotonic() + 20
             while len(daemon.workers) < workers and time.monotonic() < deadline:
@@ -269,6 +273,7 @@ class Bench:
                     f"`workers = {workers}` accepted, but {len(daemon.workers)} worker "
                     "processes appeared within 20 s"
                 )
+            print(f"    workers: {daemon.workers}", flush=True)
         return daemon
 
     def url_ok(self, url: str, tries: int = 50) -> None:
@@ -389,9 +394,9 @@ class Bench:
             "fetches": self.upstream_fetches(self.mid) - fetched,
         }
 
-    def fresh_mirrord(self) -> Daemon:
+    def fresh_mirrord(self, workers: int = 1) -> Daemon:
         self.fresh += 1
-        return self.mirrord(f"cold-{self.fresh}", "")
+        return self.mirrord(f"cold-{self.fresh}", "", workers=workers)
 
     def finish_fresh(self, daemon: Daemon) -> None:
         daemon.stop()
@@ -405,8 +410,8 @@ class Bench:
         finally:
             self.finish_fresh(daemon)
 
-    def cold_many(self) -> dict[str, float]:
-        daemon = self.fresh_mirrord()
+    def cold_many(self, workers: int = 1) -> dict[str, float]:
+        daemon = self.fresh_mirrord(workers)
         try:
             url = f"https://127.0.0.1:{daemon.port}{BLOBS}{self.mid}"
             figures = self.many(url)
@@ -486,6 +491,7 @@ class Bench:
             "nginx warm": lambda: self.single(self.nginx_url("cached", big + "?run=warm")),
             "tuned x16": lambda: self.many(self.nginx_url("tuned", mid)),
             "mirrord cold x16": self.cold_many,
+            "w2 cold x16": lambda: self.cold_many(workers=2),
             "bare digest": lambda: self.rate(self.nginx_url("bare", self.digest_path)),
             "mirrord digest": lambda: self.rate(self.daemon_url("mirrord", self.digest_path)),
             "mirrord tag": lambda: self.rate(self.daemon_url("mirrord", self.tag_path)),
