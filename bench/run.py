@@ -446,7 +446,7 @@ class Bench:
 
     def rate(self, url: str) -> dict[str, float]:
         result = tools.wrk(url, self.args.load_seconds)
-        return {"rate": result.per_second}
+        return {"rate": result.per_second, "timeouts": result.timeouts}
 
     def ab_rate(self, url: str) -> dict[str, float]:
         result = tools.ab(url, self.args.load_seconds)

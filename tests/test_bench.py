@@ -80,10 +80,18 @@ class ToolOutputTests(SynchronousTestCase):
         with self.assertRaises(tools.ToolError) as caught:
             tools.parse_wrk(WRK_404)
         self.assertIn("Non-2xx or 3xx responses: 863", str(caught.exception))
-        errors = WRK_OK.replace(
-            "Requests/sec:", "  Socket errors: connect 0, read 3, write 0, timeout 0\nRequests/sec:"
-        )
-        self.assertRaises(tools.ToolError, tools.parse_wrk, errors)
+        self.assertRaises(tools.ToolError, tools.parse_wrk, self.socket_errors(0, 3, 0, 0))
+        self.assertRaises(tools.ToolError, tools.parse_wrk, self.socket_errors(1, 0, 0, 0))
+        self.assertRaises(tools.ToolError, tools.parse_wrk, self.socket_errors(0, 0, 0, 9))
+
+    def test_wrk_few_timeouts_are_counted(self) -> None:
+        """Timeouts up to a thousandth of the requests are tolerated and counted."""
+        rate = tools.parse_wrk(self.socket_errors(0, 0, 0, 7))  # of 7891 requests
+        self.assertEqual((rate.per_second, rate.timeouts), (3935.45, 7))
+
+    def socket_errors(self, connect: int, read: int, write: int, timeout: int) -> str:
+        line = f"  Socket errors: connect {connect}, read {read}, write {write}, timeout {timeout}"
+        return WRK_OK.replace("Requests/sec:", line + "\nRequests/sec:")
 
     def test_ab_rate_and_keep_alive(self) -> None:
         """ab's summary gives the rate, the requests and how many reused a connection."""
