@@ -167,7 +167,7 @@ class RowTests(SynchronousTestCase):
                 "tuned": {"speed": 5e8},
                 "seed": "failed: curl timed out",
                 "w2 digest": "skipped: the daemon refused `workers = 2`",
-                "mirrord digest": {"rate": 1500.0},
+                "mirrord digest": {"rate": 1500.0, "timeouts": 3},
             }
         ]
         text = rows.render(
@@ -180,6 +180,7 @@ class RowTests(SynchronousTestCase):
         self.assertTrue(workers.endswith("| - | - | skipped |"), workers)
         self.assertIn("- round 1, seed: failed: curl timed out", text)
         self.assertIn("- mirrord w2 not started: refused", text)
+        self.assertIn("- round 1, mirrord digest: 3 wrk timeouts", text)
         self.assertIn("| CPU | AMD EPYC |", text)
 
 
