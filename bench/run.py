@@ -30,6 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -526,7 +527,7 @@ class Bench:
         }
 
 
-def _skip(reason: str):
+def _skip(reason: str) -> NoReturn:
     raise Skip(reason)
 
 
