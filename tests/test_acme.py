@@ -131,6 +131,27 @@ class ResponderTests(SynchronousTestCase):
         self.assertEqual(agreed, "acme-tls/1")
 
 
+class SharedResponderTests(SynchronousTestCase):
+    def test_any_worker_answers_worker_ones_validation(self) -> None:
+        """With workers, a validation added in worker 1 is answered by another worker's
+        listener too (TLS 1.2 and 1.3), and no longer once it is removed."""
+        shared = Path(tempfile.mkdtemp()) / "acme-alpn"
+        cert, key, _ = ensure_self_signed(Path(tempfile.mkdtemp()))
+        usual = x509.load_pem_x509_certificate(cert.read_bytes())
+        first = ALPNResponder(shared, [DOMAIN])
+        other = ALPNResponder(shared, [DOMAIN])
+        server = ServerTLS(make_context(cert, key, "1.2", CIPHERS), other.install)
+        first.add(DOMAIN, "token.thumbprint")
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            with self.subTest(version=version):
+                shown, agreed = handshake(server.context, DOMAIN, ["acme-tls/1"], version)
+                self.assertEqual(agreed, "acme-tls/1")
+                self.assertEqual(acme_digest(shown), hashlib.sha256(b"token.thumbprint").digest())
+        first.remove(DOMAIN)
+        shown, agreed = handshake(server.context, DOMAIN, ["acme-tls/1"], ssl.TLSVersion.TLSv1_3)
+        self.assertEqual((shown, agreed), (usual, None))
+
+
 class HTTP01Tests(SynchronousTestCase):
     def setUp(self) -> None:
         self.responder = HTTP01Responder()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
@@ -33,7 +34,9 @@ class Child:
     def signalProcess(self, signalID: str | int) -> None:
         if self.pid is None:
             raise ProcessExitedAlready()
-        self.signals.append(str(signalID))
+        if isinstance(signalID, int):  # as Twisted's own: names for five, else numbers
+            signalID = signal.Signals(signalID).name.removeprefix("SIG")
+        self.signals.append(signalID)
 
     def says(self, word: str) -> None:
         self.protocol.childDataReceived(CONTROL_FD, word.encode() + b"\n")
@@ -173,7 +176,7 @@ class SupervisorTests(SynchronousTestCase):
         h = self.harness()
         h.current(1).says("READY=1")
         h.supervisor.reload("SIGHUP")
-        h.supervisor.forward("USR1")
+        h.supervisor.forward(signal.SIGUSR1)
         self.assertEqual(h.current(1).signals, ["HUP", "USR1"])
         self.assertEqual(h.current(2).signals, [])
 

@@ -15,13 +15,26 @@ name alone and the validation context's ALPN callback confirms
 ``acme-tls/1``. The callbacks cost cffi closures (writable+executable
 memory), which the unit allows already for certificate verification; they
 are installed only when ACME is configured.
+
+With worker processes, ACME runs in worker 1 but the validator's
+connection lands on any worker. Worker 1's responder also writes each
+validation to ``<shared_dir>/acme-alpn/<domain>`` (from the ACME thread);
+the other workers' responders read it there when a handshake names one of
+``acme_domains`` and nothing is pending in memory. That read is a lookup of
+a small file in a directory that is empty but for the seconds of a
+validation (its dentries are cached: no disk wait), only for connections
+naming the mirror's own ACME domains; the validation context made from it
+is kept, so a validator's retries cost no new key.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import threading
+from collections.abc import Iterable
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -75,20 +88,31 @@ class ALPNResponder:
     and removes them; the reactor thread reads them in the TLS callbacks,
     so a lock guards the table."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: Path | None = None, domains: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
         self._pending: dict[str, SSL.Context] = {}
+        # Workers: the directory where validations are shared, the domains
+        # worth looking for there, and contexts made from what was found.
+        self._shared = shared
+        self._domains = frozenset(d.lower() for d in domains)
+        self._from_shared: dict[tuple[str, str], SSL.Context] = {}
 
     def add(self, domain: str, key_authorization: str) -> None:
-        certificate, key = validation_certificate(domain, key_authorization)
-        context = _challenge_context(certificate, key)
-        context.set_alpn_select_callback(_confirm)
+        context = _validation_context(domain, key_authorization)
         with self._lock:
             self._pending[domain.lower()] = context
+        if self._shared is not None:
+            self._shared.mkdir(parents=True, exist_ok=True)
+            path = self._shared / domain.lower()
+            partial = path.with_name(path.name + ".new")
+            partial.write_text(key_authorization)
+            os.replace(partial, path)
 
     def remove(self, domain: str) -> None:
         with self._lock:
             self._pending.pop(domain.lower(), None)
+        if self._shared is not None:
+            (self._shared / domain.lower()).unlink(missing_ok=True)
 
     def pending(self) -> list[str]:
         with self._lock:
@@ -103,8 +127,26 @@ class ALPNResponder:
         name = connection.get_servername()
         if not name:
             return None
+        domain = name.decode("ascii", "replace").lower()
         with self._lock:
-            return self._pending.get(name.decode("ascii", "replace").lower())
+            context = self._pending.get(domain)
+        if context is None and self._shared is not None and domain in self._domains:
+            return self._shared_validation(domain)
+        return context
+
+    def _shared_validation(self, domain: str) -> SSL.Context | None:
+        """Worker 1's validation of ``domain``, if one is in progress."""
+        try:
+            key_authorization = (self._shared / domain).read_text()  # type: ignore[operator]
+        except OSError:
+            return None
+        context = self._from_shared.get((domain, key_authorization))
+        if context is None:
+            if len(self._from_shared) > 8:
+                self._from_shared.clear()
+            context = _validation_context(domain, key_authorization)
+            self._from_shared[(domain, key_authorization)] = context
+        return context
 
     def _servername(self, connection: SSL.Connection) -> None:
         # TLS 1.2 fixes the certificate before ALPN is handled, so the switch
@@ -124,6 +166,13 @@ class ALPNResponder:
                 return ACME_TLS_1
         # Name no protocol: HTTP/1.1, as when no callback is installed.
         return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _validation_context(domain: str, key_authorization: str) -> SSL.Context:
+    certificate, key = validation_certificate(domain, key_authorization)
+    context = _challenge_context(certificate, key)
+    context.set_alpn_select_callback(_confirm)
+    return context
 
 
 def _confirm(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:

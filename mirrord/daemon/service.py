@@ -19,6 +19,8 @@ from mirrord.front.site import MirrordSite
 from mirrord.store.worker import HashWorker
 
 log = Logger()
+# How often a stop looks whether the last connections have closed.
+CLOSE_POLL = 0.05
 
 
 class MirrordService(MultiService):
@@ -115,13 +117,35 @@ class MirrordService(MultiService):
             if not done.called:
                 done.callback(None)
 
-        self.site.when_idle().addCallback(finished)
+        # A finished response may still sit in its transport's buffer (a
+        # slow client's last megabyte): close every connection, which writes
+        # what it holds first, and wait for them to be gone, or the process
+        # would exit with those bytes unsent.
+        self.site.when_idle().addCallback(lambda _: self._closed()).addCallback(finished)
         return done
+
+    def _closed(self) -> Deferred[None]:
+        """Fires when every connection has flushed and closed (the grace
+        period's timer bounds the wait)."""
+        for channel in list(self.site.channels):
+            if channel.transport is not None:
+                channel.transport.loseConnection()
+        closed: Deferred[None] = Deferred()
+
+        def check() -> None:
+            if not self.site.channels:
+                closed.callback(None)
+            else:
+                self.reactor.callLater(CLOSE_POLL, check)
+
+        check()
+        return closed
 
     def _give_up(self, done: Deferred[None]) -> None:
         log.warn("grace period over: cutting {active} transfers", active=len(self.site.active))
-        for request in list(self.site.active):
-            transport = request.channel.transport if request.channel else None
+        channels = {request.channel for request in self.site.active} | self.site.channels
+        for channel in channels:
+            transport = channel.transport if channel else None
             if transport is not None:
                 transport.abortConnection()
         if not done.called:

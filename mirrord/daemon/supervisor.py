@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +205,8 @@ class Supervisor(Service):
         install_signal_handlers(
             self.reactor,
             reload=lambda: self.reload("SIGHUP"),
-            reopen=lambda: self.forward("USR1"),
+            # signalProcess knows HUP, INT, KILL, STOP, TERM by name only.
+            reopen=lambda: self.forward(signal.SIGUSR1),
         )
 
     def stopService(self) -> Deferred[None]:
@@ -287,8 +289,8 @@ class Supervisor(Service):
                 log.info("worker {index} (pid {pid}) listens", index=worker.index, pid=worker.pid)
                 if not self.announced and all(w.ready for w in self.workers):
                     self.announced = True
-                    self.notify("READY=1")
                     log.info("all {count} workers listen", count=self.count)
+                    self.notify("READY=1")
             elif worker.index in self._awaiting:
                 self._awaiting.discard(worker.index)
                 if not self._awaiting:
@@ -334,7 +336,7 @@ class Supervisor(Service):
         worker.restart = self.reactor.callLater(delay, self._start, worker)
         return delay
 
-    def _signal(self, worker: Worker, name: str) -> None:
+    def _signal(self, worker: Worker, name: str | int) -> None:
         if worker.process is None:
             return
         try:
@@ -386,7 +388,7 @@ class Supervisor(Service):
             self._awaiting = set()
         self.notify("READY=1")
 
-    def forward(self, name: str) -> None:
+    def forward(self, name: str | int) -> None:
         """Pass a signal on to every worker that has its handlers."""
         for worker in self.workers:
             if worker.ready:

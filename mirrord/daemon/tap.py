@@ -497,7 +497,11 @@ def build_service(
     role = role or Role()
     cert, key, note = certificate(config)
     acme_by = config.acme_challenge if config.acme_domains else None
-    responder = ALPNResponder() if acme_by == "tls-alpn-01" else None
+    responder = None
+    if acme_by == "tls-alpn-01":
+        # Worker 1 runs ACME; the validator may reach any worker.
+        shared = role.shared_dir / "acme-alpn" if role.shared_dir is not None else None
+        responder = ALPNResponder(shared, config.acme_domains)
     server_tls = ServerTLS(
         make_context(cert, key, config.tls_min_version, config.tls_ciphers),
         responder.install if responder else None,

@@ -128,12 +128,14 @@ class MirrordChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        getattr(self.site, "channels", set()).add(self)
         guard = getattr(self.site, "guard", None)
         if guard is not None:
             self._peer = plain_address(getattr(self.transport.getPeer(), "host", "unknown"))
             guard.connection_made(self._peer)
 
     def connectionLost(self, reason: Any) -> None:
+        getattr(self.site, "channels", set()).discard(self)
         guard = getattr(self.site, "guard", None)
         if guard is not None and hasattr(self, "_peer"):
             guard.connection_lost(self._peer)
@@ -176,6 +178,8 @@ class MirrordSite(Site):
         # (source, bytes) of each body write: the served-bytes metric.
         self.count_body: Callable[[str, int], object] = lambda source, size: None
         self.active: set[Request] = set()
+        # Open connections: a graceful stop waits for them to flush and close.
+        self.channels: set[http.HTTPChannel] = set()
         self._idle_waiters: list[Deferred[None]] = []
 
     def began(self, request: Request) -> None:

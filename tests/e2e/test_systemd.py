@@ -182,7 +182,7 @@ def test_unit_command_line_reload_and_graceful_stop(workdir: Path, pki: Pki, hub
     config = workdir / "unit.toml"
     settings = (
         f'listen = ["tcp:{port}:interface=127.0.0.1"]\ncert = "{cert}"\nkey = "{key}"\n'
-        f'state_dir = "{workdir / "state-unit"}"\ngrace_period = 60\n'
+        f'state_dir = "{workdir / "state-unit"}"\ngrace_period = 60\nworkers = 1\n'
         '[registries."docker.io"]\nupstreams = ["{upstream}"]\n'
     )
     config.write_text(settings.replace("{upstream}", hub.url))

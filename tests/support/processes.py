@@ -30,8 +30,11 @@ def twistd() -> str:
 
 
 def mirrord_argv(*options: str) -> list[str]:
-    """``twistd mirrord`` in the foreground, as the unit and README run it."""
-    return [twistd(), "--nodaemon", "--pidfile=", "mirrord", *options]
+    """``twistd mirrord`` in the foreground, as the unit and README run it;
+    one process (``--workers 1``) unless ``options`` say ``--workers N``
+    (the last one given wins), so tests behave as they did before workers
+    and start fast."""
+    return [twistd(), "--nodaemon", "--pidfile=", "mirrord", "--workers", "1", *options]
 
 
 @dataclass
