@@ -638,7 +638,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.size_mib} MiB blob for single streams, "
         f"{args.concurrent} clients x {args.concurrent_size_mib} MiB for the concurrent rows, "
         f"{args.load_seconds} s per wrk/ab run (32 connections), slow client at "
-        f"{args.slow_rate}B/s for {args.slow_seconds} s; the run took {minutes:.1f} minutes"
+        f"`curl --limit-rate {args.slow_rate}` for {args.slow_seconds} s; "
+        f"the run took {minutes:.1f} minutes"
     )
     text = render(args.rows, results, head, settings, bench.skipped)
     print(text)
