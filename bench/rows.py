@@ -203,6 +203,13 @@ ROWS: tuple[Row, ...] = (
             rate("mirrord", "mirrord tag"),
             rate("bare Twisted site", "bare digest"),
             rate("tuned nginx (proxy)", "tuned digest"),
+            Figure(
+                "mirrord vs tuned nginx",
+                ratio("mirrord tag", "tuned digest", "rate"),
+                "x",
+                digits=2,
+                spread=True,
+            ),
         ),
     ),
     Row(
