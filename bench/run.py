@@ -1,8 +1,15 @@
-"""Benchmark: mirrord against the client fetching upstream directly and
-against nginx as the seed configures it and tuned.
+"""Benchmark: mirrord against nginx (tuned, one worker; two workers for the
+workers rows) and against a bare Twisted TLS site, on every path issue 13
+names, in one run.
 
-Everything listens on 127.0.0.1; every load is bounded in count and time;
-every process started here is stopped by PID. Run: ``sudo bench/run``.
+Interleaved rounds: each round runs every measure once, in an order
+rotated from the round before, so a slow minute of a shared machine lands
+on different rows in different rounds instead of on one row. Each ratio is
+taken within a round and reported as the median over the rounds with its
+spread (min-max). Everything listens on 127.0.0.1; every load is bounded
+in count and time; every process started here is stopped by PID.
+
+Run: ``sudo bench/run`` (``--rounds``, ``--only ROWS``, ``--list``).
 Prints a Markdown table and writes it to ``bench/results.md``.
 """
 
@@ -11,25 +18,32 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.pki import make_pki  # noqa: E402
+from bench import machine, nginx, procs, tools  # noqa: E402
+from bench.rows import ROWS, measures_for, render  # noqa: E402
+from tests.support.pki import Pki, make_pki  # noqa: E402
 from tests.support.processes import Process, free_port, mirrord_argv  # noqa: E402
 
+MIB = 1 << 20
 GIB = 1 << 30
+BLOBS = "/v2/library/bench/blobs/"
 
 
 def make_blob(path: Path, size: int) -> str:
@@ -40,7 +54,7 @@ def make_blob(path: Path, size: int) -> str:
     digest = hashlib.sha256()
     with path.open("wb") as f:
         for _ in range(size >> 20):
-            chunk = os.urandom(1 << 20)
+            chunk = os.urandom(MIB)
             digest.update(chunk)
             f.write(chunk)
     value = "sha256:" + digest.hexdigest()
@@ -48,425 +62,588 @@ def make_blob(path: Path, size: int) -> str:
     return value
 
 
-NGINX_CONF = """
-{user}
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  proxy_cache_path {work}/nginx-cache levels=1:2 keys_zone=blobs:10m max_size=20g
-                   inactive=1d use_temp_path=off;
-  sendfile on;
-  keepalive_requests 100000;
-  types {{ }}
-  default_type application/octet-stream;
-  server {{
-    listen 127.0.0.1:{upstream};
-    access_log {work}/upstream-access.log;
-    {registry_locations}
-  }}
-  server {{
-    listen 127.0.0.1:{direct} ssl;
-    ssl_certificate {cert}; ssl_certificate_key {key};
-    {registry_locations}
-  }}
-  server {{
-    listen 127.0.0.1:{upstream_tls} ssl;
-    ssl_certificate {cert}; ssl_certificate_key {key};
-    access_log {work}/upstream-access.log;
-    {registry_locations}
-  }}
-  server {{
-    listen 127.0.0.1:{seed} ssl;
-    ssl_certificate {cert}; ssl_certificate_key {key};
-    location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1;
-                 proxy_set_header Connection ""; proxy_buffering off; }}
-  }}
-  server {{
-    listen 127.0.0.1:{tuned} ssl;
-    ssl_certificate {cert}; ssl_certificate_key {key};
-    location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1;
-                 proxy_set_header Connection ""; proxy_buffering off;
-                 proxy_buffer_size 256k; proxy_buffers 4 256k;
-                 proxy_busy_buffers_size 256k; }}
-  }}
-  server {{
-    listen 127.0.0.1:{tuned_tls} ssl;
-    ssl_certificate {cert}; ssl_certificate_key {key};
-    location / {{ proxy_pass https://127.0.0.1:{upstream_tls}; proxy_http_version 1.1;
-                 proxy_set_header Connection ""; proxy_buffering off;
-                 proxy_ssl_trusted_certificate {ca}; proxy_ssl_verify on;
-                 proxy_ssl_name localhost;
-                 proxy_buffer_size 256k; proxy_buffers 4 256k;
-                 proxy_busy_buffers_size 256k; }}
-  }}
-  server {{
-    listen 127.0.0.1:{cached} ssl;
-    ssl_certificate {cert}; ssl_certificate_key {key};
-    location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1;
-                 proxy_set_header Connection ""; proxy_cache blobs;
-                 proxy_cache_valid 200 1d; proxy_cache_lock on;
-                 proxy_cache_lock_timeout 60s; proxy_cache_lock_age 60s;
-                 proxy_buffer_size 256k; proxy_buffers 4 256k;
-                 proxy_busy_buffers_size 256k; }}
-  }}
-}}
-"""
-
-REGISTRY_LOCATIONS = """
-    location = /v2/ {{ default_type application/json; return 200 '{{}}'; }}
-    location ~ ^/v2/library/bench/blobs/(sha256:[a-f0-9]+)$ {{ alias {data}/$1; }}
-    location = /v2/library/bench/manifests/latest {{
-      default_type application/vnd.oci.image.manifest.v1+json;
-      add_header Docker-Content-Digest {manifest_digest};
-      alias {data}/manifest.json;
-    }}
-"""
+class Skip(Exception):
+    """A measure that cannot run on this build (the reason is printed)."""
 
 
-SINGLE_ROWS = (
-    "direct",
-    "seed",
-    "tuned",
-    "mirrord proxy",
-    "nginx cache cold",
-    "mirrord cold",
-    "nginx cache warm",
-    "mirrord warm",
-    "tuned tls",
-    "mirrord proxy tls",
-    "mirrord cold tls",
-)
+@dataclass
+class Daemon:
+    """A running ``twistd mirrord`` and the workers it forked, if any."""
+
+    process: Process
+    state_dir: Path
+    port: int
+    workers: list[int] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        """The processes that serve: the workers (looked up each time: a
+        supervisor replaces one that dies), or the one process."""
+        if self.workers:
+            self.workers = procs.children(self.process.pid) or self.workers
+        return self.workers or [self.process.pid]
+
+    def cpu(self) -> float:
+        return sum(procs.cpu_seconds(p) for p in {self.process.pid, *self.pids})
+
+    def rss_kib(self) -> int:
+        return sum(procs.rss_kib(p) for p in self.pids)
+
+    def peak_rss_kib(self) -> int:
+        """The largest peak of one serving process (RSS per worker)."""
+        return max(procs.peak_rss_kib(p) for p in self.pids)
+
+    def stop(self) -> None:
+        workers = procs.children(self.process.pid) or self.workers
+        self.process.stop(timeout=30)
+        if killed := procs.reap(workers):
+            print(f"  ! killed workers {killed} left after their supervisor stopped", flush=True)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+class Bench:
+    """The servers and the measures. Servers that keep state between
+    rounds (the warm mirrors, the nginx caches) start once; a cold measure
+    starts a mirrord of its own on an empty state directory and stops it
+    after."""
+
+    def __init__(self, args: argparse.Namespace, work: Path, pki: Pki) -> None:
+        self.args = args
+        self.work = work
+        self.pki = pki
+        self.started: list[Process] = []
+        self.daemons: dict[str, Daemon] = {}
+        self.skipped: dict[str, str] = {}
+        self.workers_key = True  # does the daemon know `workers`?
+        self.fresh = 0
+        self.nginx_keys = 0
+        self.ports = {
+            k: free_port()
+            for k in (
+                "upstream",
+                "upstream_tls",
+                "direct",
+                "seed",
+                "tuned",
+                "tuned_tls",
+                "cached",
+                "seed2",
+                "tuned2",
+                "tuned_tls2",
+                "cached2",
+                "bare",
+            )
+        }
+
+    # -- setup ---------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        data = HERE / ".data"
+        data.mkdir(exist_ok=True)
+        self.data = data
+        self.big = make_blob(data / "big.bin", self.args.size_mib * MIB)
+        self.mid = make_blob(data / "mid.bin", self.args.concurrent_size_mib * MIB)
+        for name, digest in (("big.bin", self.big), ("mid.bin", self.mid)):
+            link = data / digest
+            if not link.is_symlink() or link.resolve() != data / name:
+                link.unlink(missing_ok=True)
+                link.symlink_to(data / name)
+        # About the size of a real image manifest (1 KiB), the body the
+        # issue's figures were measured with.
+        layers = [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": "sha256:" + hashlib.sha256(bytes([i])).hexdigest(),
+                "size": 1000 + i,
+            }
+            for i in range(5)
+        ]
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": layers[0],
+                "layers": layers[1:],
+            }
+        ).encode()
+        (data / "manifest.json").write_bytes(manifest)
+        self.manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+    def start_nginx(self) -> None:
+        registry = nginx.REGISTRY.format(data=self.data, manifest_digest=self.manifest_digest)
+        confs = {
+            "nginx-upstream": ("auto", nginx.upstream_http(self.ports, self.work, registry)),
+            "nginx-1": (1, nginx.proxies_http(self.ports, self.work, self.pki.ca, "")),
+            "nginx-2": (2, nginx.proxies_http(self.ports, self.work, self.pki.ca, "2")),
+        }
+        first_port = {"nginx-upstream": "upstream", "nginx-1": "tuned", "nginx-2": "tuned2"}
+        for name, (workers, http) in confs.items():
+            conf = nginx.write_conf(
+                self.work / f"{name}.conf",
+                name=name,
+                workers=workers,
+                work=self.work,
+                cert=self.pki.fullchain,
+                key=self.pki.privkey,
+                http=http,
+            )
+            argv = ["nginx", "-c", str(conf), "-g", "daemon off;"]
+            process = Process(name, argv, self.ports[first_port[name]], self.work / f"{name}.log")
+            self.started.append(process.start())
+
+    def start_bare(self) -> None:
+        argv = [
+            sys.executable,
+            str(HERE / "bare_site.py"),
+            "--port",
+            str(self.ports["bare"]),
+            "--cert",
+            str(self.pki.fullchain),
+            "--key",
+            str(self.pki.privkey),
+            "--body",
+            str(self.data / "manifest.json"),
+            "--digest",
+            self.manifest_digest,
+        ]
+        process = Process("bare", argv, self.ports["bare"], self.work / "bare.log")
+        self.started.append(process.start())
+
+    def mirrord(
+        self, name: str, config: str, *, tls_upstream: bool = False, workers: int = 1
+    ) -> Daemon:
+        """Start a mirrord; ``workers`` goes into its config when the
+        daemon knows the key (a daemon before the supervisor refuses it:
+        then one process is what it runs anyway, and ``workers > 1``
+        raises Skip)."""
+        state = self.work / name
+        upstream = (
+            f"https://127.0.0.1:{self.ports['upstream_tls']}"
+            if tls_upstream
+            else f"http://127.0.0.1:{self.ports['upstream']}"
+        )
+        if tls_upstream:
+            config = f'upstream_ca = "{self.pki.ca}"\n' + config
+        port = free_port()
+        path = self.work / f"{name}.toml"
+        keyed = self.workers_key or workers > 1
+        path.write_text((f"workers = {workers}\n" if keyed else "") + config)
+        argv = mirrord_argv(
+            "--config",
+            str(path),
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--cert",
+            str(self.pki.fullchain),
+            "--key",
+            str(self.pki.privkey),
+            "--state-dir",
+            str(state),
+            "--upstream",
+            upstream,
+            # The command line wins over the file, and the tests' argv
+            # says --workers 1 first: the last one given is what counts.
+            *(("--workers", str(workers)) if keyed else ()),
+        )
+        process = Process(name, argv, port, self.work / f"{name}.log")
+        try:
+            process.start(timeout=60)
+        except RuntimeError as e:
+            # Never crash the run on the workers rows: whatever stops a
+            # `workers = 2` daemon is reported and its rows skipped.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            if workers > 1:
+                said = [line for line in lines if "workers" in line] or lines
+                why = said[-1].split(" (known keys")[0]
+                raise Skip(f"the daemon refused `workers = {workers}`: {why}") from None
+            if not keyed or "workers" not in str(e):
+                raise
+            self.workers_key = False
+            print("  (this mirrord has no `workers` key: one process, the key left out)")
+            return self.mirrord(name, config, tls_upstream=tls_upstream)
+        daemon = Daemon(process, state, port)
+        print(f"  started {name}: pid {process.pid}", flush=True)
+        try:
+            self.url_ok(f"https://127.0.0.1:{port}/v2/")
+        except RuntimeError:
+            daemon.stop()
+            raise
+        # Whatever serves: the workers a supervisor started, or the process
+        # itself when it has no children.
+        daemon.workers = procs.children(process.pid)
+        if workers > 1:
+            deadline = time.monotonic() + 20
+            while len(daemon.workers) < workers and time.monotonic() < deadline:
+                daemon.workers = procs.children(process.pid)
+                time.sleep(0.2)
+            if len(daemon.workers) < workers:
+                daemon.stop()
+                raise Skip(
+                    f"`workers = {workers}` accepted, but {len(daemon.workers)} worker "
+                    "processes appeared within 20 s"
+                )
+            print(f"    workers: {daemon.workers}", flush=True)
+        return daemon
+
+    def url_ok(self, url: str, tries: int = 50) -> None:
+        for _ in range(tries):
+            try:
+                tools.curl(url, self.pki.ca, timeout=10)
+                return
+            except (tools.ToolError, subprocess.TimeoutExpired):
+                time.sleep(0.2)
+        raise RuntimeError(f"{url} never answered 200")
+
+    def start_mirrors(self, needed: set[str]) -> None:
+        long_ttl = "[cache]\ntag_ttl = 3600\n"
+        cache_off = "[cache]\nenabled = false\n"
+        wanted = {
+            "mirrord": ("", long_ttl, False, 1),
+            "mirrord proxy": ("proxy", cache_off, False, 1),
+            "mirrord proxy tls": ("proxy", cache_off, True, 1),
+            "mirrord w2": ("w2", long_ttl, False, 2),
+        }
+        uses = {
+            "mirrord": ("mirrord warm", "mirrord digest", "mirrord tag", "ab mirrord", "w1 x16"),
+            "mirrord proxy": ("mirrord proxy", "slow proxy"),
+            "mirrord proxy tls": ("mirrord proxy tls",),
+            "mirrord w2": ("w2 x16", "w2 digest"),
+        }
+        for name, (_, config, tls, workers) in wanted.items():
+            if not needed & set(uses[name]):
+                continue
+            try:
+                self.daemons[name] = self.mirrord(name, config, tls_upstream=tls, workers=workers)
+            except Skip as e:
+                self.skipped[name] = str(e)
+                print(f"  skipped: {name}: {e}", flush=True)
+
+    def warm_up(self, needed: set[str]) -> None:
+        """Fill the caches the warm measures read, and the page cache."""
+        ca = self.pki.ca
+        # The workers = 2 mirror serves only the concurrent blob and the
+        # manifest; each is asked for a few times, so that every worker
+        # has answered it once whichever way the kernel spreads connections.
+        paths = {
+            "mirrord": (BLOBS + self.big, BLOBS + self.mid, self.tag_path, self.digest_path),
+            "mirrord w2": (BLOBS + self.mid, self.digest_path),
+        }
+        for name, wanted in paths.items():
+            if daemon := self.daemons.get(name):
+                base = f"https://127.0.0.1:{daemon.port}"
+                for path in wanted:
+                    for _ in range(4 if daemon.workers else 1):
+                        tools.curl(base + path, ca, timeout=self.args.stream_timeout)
+        nginx_warm = {
+            "": {"nginx warm", "nginx1 x16", "nginx digest", "ab nginx"},
+            "2": {"nginx2 x16", "nginx2 digest"},
+        }
+        for suffix, uses in nginx_warm.items():
+            if not needed & uses:
+                continue
+            base = f"https://127.0.0.1:{self.ports['cached' + suffix]}"
+            blobs = (BLOBS + self.big, BLOBS + self.mid) if suffix == "" else (BLOBS + self.mid,)
+            for path in blobs:
+                tools.curl(base + path + "?run=warm", ca, timeout=self.args.stream_timeout)
+            tools.curl(base + self.digest_path, ca)
+
+    @property
+    def tag_path(self) -> str:
+        return "/v2/library/bench/manifests/latest"
+
+    @property
+    def digest_path(self) -> str:
+        return f"/v2/library/bench/manifests/{self.manifest_digest}"
+
+    def stop_all(self) -> None:
+        for daemon in self.daemons.values():
+            daemon.stop()
+        for process in reversed(self.started):
+            process.stop(timeout=30)
+
+    # -- measures --------------------------------------------------------
+
+    def nginx_url(self, server: str, path: str) -> str:
+        return f"https://127.0.0.1:{self.ports[server]}{path}"
+
+    def daemon_url(self, name: str, path: str) -> str:
+        daemon = self.daemons.get(name)
+        if daemon is None:
+            raise Skip(self.skipped.get(name, f"{name} not started"))
+        return f"https://127.0.0.1:{daemon.port}{path}"
+
+    def single(self, url: str, daemon: Daemon | None = None) -> dict[str, float]:
+        size = self.args.size_mib * MIB
+        before = daemon.cpu() if daemon else 0.0
+        download = tools.curl(url, self.pki.ca, timeout=self.args.stream_timeout)
+        if download.size != size:
+            raise tools.ToolError(f"{url}: {download.size} bytes, not {size}")
+        figures = {"speed": download.speed}
+        if daemon:
+            figures["cpu"] = (daemon.cpu() - before) / (size / GIB)
+        return figures
+
+    def upstream_fetches(self, digest: str) -> int:
+        log = self.work / "upstream-access.log"
+        needle = f'"GET {BLOBS}{digest}'
+        with log.open() as f:
+            return sum(needle in line for line in f)
+
+    def many(self, url: str) -> dict[str, float]:
+        """``--concurrent`` clients of one blob at once: wall time, and how
+        many GETs of it reached the upstream meanwhile."""
+        n, size = self.args.concurrent, self.args.concurrent_size_mib * MIB
+        fetched = self.upstream_fetches(self.mid)
+        started = time.monotonic()
+        with ThreadPoolExecutor(n) as pool:
+            downloads = list(
+                pool.map(
+                    lambda _: tools.curl(url, self.pki.ca, timeout=self.args.stream_timeout),
+                    range(n),
+                )
+            )
+        wall = time.monotonic() - started
+        if bad := [d.size for d in downloads if d.size != size]:
+            raise tools.ToolError(f"{url}: sizes {bad}, not {size}")
+        return {
+            "wall": wall,
+            "aggregate": n * size / wall,
+            "fetches": self.upstream_fetches(self.mid) - fetched,
+        }
+
+    def fresh_mirrord(self, workers: int = 1) -> Daemon:
+        self.fresh += 1
+        return self.mirrord(f"cold-{self.fresh}", "", workers=workers)
+
+    def finish_fresh(self, daemon: Daemon) -> None:
+        daemon.stop()
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+    def cold(self) -> dict[str, float]:
+        daemon = self.fresh_mirrord()
+        try:
+            url = f"https://127.0.0.1:{daemon.port}{BLOBS}{self.big}"
+            return self.single(url, daemon)
+        finally:
+            self.finish_fresh(daemon)
+
+    def cold_many(self, workers: int = 1) -> dict[str, float]:
+        daemon = self.fresh_mirrord(workers)
+        try:
+            url = f"https://127.0.0.1:{daemon.port}{BLOBS}{self.mid}"
+            figures = self.many(url)
+            figures["peak_rss"] = daemon.peak_rss_kib() / 1024
+            return figures
+        finally:
+            self.finish_fresh(daemon)
+
+    def nginx_cold(self) -> dict[str, float]:
+        # A new cache key (the upstream ignores the query) makes it cold.
+        self.nginx_keys += 1
+        return self.single(self.nginx_url("cached", f"{BLOBS}{self.big}?run={self.nginx_keys}"))
+
+    def warm_many(self, name: str) -> dict[str, float]:
+        daemon = self.daemons.get(name)
+        figures = self.many(self.daemon_url(name, BLOBS + self.mid))
+        assert daemon is not None
+        figures["peak_rss"] = daemon.peak_rss_kib() / 1024
+        return figures
+
+    def rate(self, url: str) -> dict[str, float]:
+        result = tools.wrk(url, self.args.load_seconds)
+        return {"rate": result.per_second, "timeouts": result.timeouts}
+
+    def ab_rate(self, url: str) -> dict[str, float]:
+        result = tools.ab(url, self.args.load_seconds)
+        share = (result.keep_alive or 0) / result.requests if result.requests else 0.0
+        return {"rate": result.per_second, "keep_alive": share}
+
+    def slow(self, daemon: Daemon, url: str) -> dict[str, float]:
+        """One client reading a big blob at ``--slow-rate``: how far the
+        serving processes' RSS rises above where it stood before."""
+        before = daemon.rss_kib()
+        peak, settled = before, None
+        argv = tools.curl_argv(url, self.pki.ca, self.args.slow_seconds, self.args.slow_rate)
+        client = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            start = time.monotonic()
+            while time.monotonic() - start < self.args.slow_seconds and client.poll() is None:
+                rss = daemon.rss_kib()
+                peak = max(peak, rss)
+                if settled is None and time.monotonic() - start >= 1.0:
+                    settled = rss  # the buffers a stream needs are there by now
+                time.sleep(0.2)
+        finally:
+            client.kill()  # by its PID
+            client.wait(10)
+        figures = {"growth": (peak - before) / 1024, "before": before / 1024}
+        if settled is not None:
+            figures["late"] = (peak - settled) / 1024
+        return figures
+
+    def slow_cold(self) -> dict[str, float]:
+        daemon = self.fresh_mirrord()
+        try:
+            self.url_ok(f"https://127.0.0.1:{daemon.port}{self.digest_path}")
+            return self.slow(daemon, f"https://127.0.0.1:{daemon.port}{BLOBS}{self.big}")
+        finally:
+            self.finish_fresh(daemon)
+
+    def measures(self) -> dict[str, Callable[[], dict[str, float]]]:
+        big, mid = BLOBS + self.big, BLOBS + self.mid
+        d = self.daemons.get
+        return {
+            "seed": lambda: self.single(self.nginx_url("seed", big)),
+            "tuned": lambda: self.single(self.nginx_url("tuned", big)),
+            "tuned tls": lambda: self.single(self.nginx_url("tuned_tls", big)),
+            "mirrord proxy": lambda: self.single(
+                self.daemon_url("mirrord proxy", big), d("mirrord proxy")
+            ),
+            "mirrord proxy tls": lambda: self.single(
+                self.daemon_url("mirrord proxy tls", big), d("mirrord proxy tls")
+            ),
+            "mirrord cold": self.cold,
+            "nginx cold": self.nginx_cold,
+            "mirrord warm": lambda: self.single(self.daemon_url("mirrord", big), d("mirrord")),
+            "nginx warm": lambda: self.single(self.nginx_url("cached", big + "?run=warm")),
+            "tuned x16": lambda: self.many(self.nginx_url("tuned", mid)),
+            "mirrord cold x16": self.cold_many,
+            "w2 cold x16": lambda: self.cold_many(workers=2),
+            "bare digest": lambda: self.rate(self.nginx_url("bare", self.digest_path)),
+            "mirrord digest": lambda: self.rate(self.daemon_url("mirrord", self.digest_path)),
+            "mirrord tag": lambda: self.rate(self.daemon_url("mirrord", self.tag_path)),
+            "tuned digest": lambda: self.rate(self.nginx_url("tuned", self.digest_path)),
+            "nginx digest": lambda: self.rate(self.nginx_url("cached", self.digest_path)),
+            "ab mirrord": lambda: self.ab_rate(self.daemon_url("mirrord", self.digest_path)),
+            "ab bare": lambda: self.ab_rate(self.nginx_url("bare", self.digest_path)),
+            "ab nginx": lambda: self.ab_rate(self.nginx_url("cached", self.digest_path)),
+            "w1 x16": lambda: self.warm_many("mirrord"),
+            "w2 x16": lambda: self.warm_many("mirrord w2"),
+            "nginx1 x16": lambda: self.many(self.nginx_url("cached", mid + "?run=warm")),
+            "nginx2 x16": lambda: self.many(self.nginx_url("cached2", mid + "?run=warm")),
+            "w2 digest": lambda: self.rate(self.daemon_url("mirrord w2", self.digest_path)),
+            "nginx2 digest": lambda: self.rate(self.nginx_url("cached2", self.digest_path)),
+            "slow proxy": lambda: self.slow(
+                d("mirrord proxy") or _skip("mirrord proxy not started"),
+                self.daemon_url("mirrord proxy", big),
+            ),
+            "slow cold": self.slow_cold,
+        }
 
 
-def curl(url: str, ca: Path, timeout: float = 120) -> tuple[float, int]:
-    """Bytes per second and bytes for one download, body discarded."""
-    result = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--cacert",
-            str(ca),
-            "-o",
-            "/dev/null",
-            "--max-time",
-            str(timeout),
-            "-w",
-            "%{speed_download} %{size_download} %{http_code}",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+def _skip(reason: str) -> NoReturn:
+    raise Skip(reason)
+
+
+def rotated(items: list[str], round_index: int, rounds: int) -> list[str]:
+    """The round's order: the list rotated by a fraction of its length per
+    round, so each round starts at a different part of it."""
+    if not items:
+        return []
+    step = math.ceil(len(items) / max(rounds, 1))
+    shift = (round_index * step) % len(items)
+    return items[shift:] + items[:shift]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="rows: " + ", ".join(row.key for row in ROWS),
     )
-    speed, size, code = result.stdout.split()
-    if code != "200":
-        raise RuntimeError(f"{url} answered {code}")
-    return float(speed), int(size)
-
-
-def wrk_get(url: str, seconds: int) -> float:
-    """GET requests per second: wrk, 2 threads, 32 keep-alive connections."""
-    result = subprocess.run(
-        ["wrk", "-t2", "-c32", f"-d{seconds}s", url],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=seconds + 30,
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated row keys (default: all; see --list)"
     )
-    if "Non-2xx" in result.stdout or "Socket errors" in result.stdout:
-        raise RuntimeError(result.stdout)
-    for line in result.stdout.splitlines():
-        if line.startswith("Requests/sec:"):
-            return float(line.split()[1])
-    raise RuntimeError(result.stdout)
-
-
-def ab_head(url: str, seconds: int) -> float:
-    """HEAD requests per second. wrk cannot measure HEAD: its parser waits
-    for the body a HEAD answer's Content-Length announces (0 requests/s seen
-    here against nginx), so ApacheBench's -i does it: 32 keep-alive
-    connections, bounded by time and count."""
-    result = subprocess.run(
-        ["ab", "-i", "-k", "-q", "-c", "32", "-t", str(seconds), "-n", "500000", url],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=seconds + 30,
-    )
-    if "Non-2xx" in result.stdout or "Failed requests:        0" not in result.stdout:
-        raise RuntimeError(result.stdout)
-    for line in result.stdout.splitlines():
-        if line.startswith("Requests per second:"):
-            return float(line.split()[3])
-    raise RuntimeError(result.stdout)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3, help="single-stream runs per row (median)")
-    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument("--size-mib", type=int, default=1024, help="single-stream blob")
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--concurrent-size-mib", type=int, default=256)
-    parser.add_argument("--load-seconds", type=int, default=8)
+    parser.add_argument("--load-seconds", type=int, default=8, help="per wrk/ab run")
+    parser.add_argument("--slow-seconds", type=int, default=8)
+    parser.add_argument("--slow-rate", default="4M", help="the slow client's rate (curl)")
+    parser.add_argument("--stream-timeout", type=int, default=300, help="per download")
     parser.add_argument(
-        "--single-only", action="store_true", help="only the single-stream rows (quick)"
+        "--max-minutes",
+        type=float,
+        default=40,
+        help="start no new round after this long (the rounds done are reported)",
     )
-    parser.add_argument(
-        "--rows",
-        default=",".join(SINGLE_ROWS),
-        help="comma-separated single-stream rows; a subset implies --single-only",
-    )
-    args = parser.parse_args()
-    rows_wanted = [row.strip() for row in args.rows.split(",")]
-    if unknown := set(rows_wanted) - set(SINGLE_ROWS):
-        sys.exit(f"unknown rows: {', '.join(sorted(unknown))}; known: {', '.join(SINGLE_ROWS)}")
+    parser.add_argument("--out", type=Path, default=HERE / "results.md")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    keys = [k.strip() for k in args.only.split(",") if k.strip()]
+    known = {row.key for row in ROWS}
+    if unknown := [k for k in keys if k not in known]:
+        parser.error(f"unknown rows {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    args.rows = [row for row in ROWS if not keys or row.key in keys]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.list:
+        for row in ROWS:
+            print(f"{row.key:18} {row.label} (target: {row.target})")
+        return
     for tool in ("nginx", "curl", "wrk", "ab"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"bench needs {tool}: apt-get install nginx-light curl wrk apache2-utils")
 
-    data = HERE / ".data"
-    data.mkdir(exist_ok=True)
-    big = make_blob(data / "big.bin", args.size_mib << 20)
-    mid = make_blob(data / "mid.bin", args.concurrent_size_mib << 20)
-    for name, digest in (("big.bin", big), ("mid.bin", mid)):
-        link = data / digest
-        if not link.exists():
-            link.symlink_to(data / name)
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {},
-            "layers": [],
-        }
-    ).encode()
-    (data / "manifest.json").write_bytes(manifest)
-    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
-
+    # A SIGTERM to the benchmark unwinds through the finally below, which
+    # stops every server it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench: terminated"))
+    started = time.monotonic()
+    head = machine.describe()
+    for what, value in head:
+        print(f"{what}: {value}", flush=True)
+    needed = measures_for(args.rows)
     work = Path(tempfile.mkdtemp(prefix="mirrord-bench-"))
-    pki = make_pki(work / "pki")
-    ports = {
-        k: free_port()
-        for k in (
-            "upstream",
-            "upstream_tls",
-            "direct",
-            "seed",
-            "tuned",
-            "tuned_tls",
-            "cached",
-            "mirrord",
-            "mirrord proxy",
-            "mirrord tls",
-            "mirrord proxy tls",
-        )
-    }
-    locations = REGISTRY_LOCATIONS.format(data=data, manifest_digest=manifest_digest)
-    conf = work / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            # Run as root, workers would be www-data, which cannot enter the
-            # private work directory that holds nginx's cache.
-            user="user root;" if os.geteuid() == 0 else "",
-            work=work,
-            cert=pki.fullchain,
-            key=pki.privkey,
-            ca=pki.ca,
-            registry_locations=locations,
-            **ports,
-        )
-    )
-    nginx = Process(
-        "nginx",
-        ["nginx", "-c", str(conf), "-g", "daemon off;"],
-        ports["upstream"],
-        work / "nginx.log",
-    ).start()
-
-    def start_mirrord(name: str, config: str, upstream: str) -> Process:
-        (work / f"{name}.toml").write_text(config)
-        return Process(
-            name,
-            mirrord_argv(
-                "--config",
-                str(work / f"{name}.toml"),
-                "--listen",
-                f"tcp:{ports[name]}:interface=127.0.0.1",
-                "--cert",
-                str(pki.fullchain),
-                "--key",
-                str(pki.privkey),
-                "--state-dir",
-                str(work / name),
-                "--upstream",
-                upstream,
-            ),
-            ports[name],
-            work / f"{name}.log",
-        ).start()
-
-    plain = f"http://127.0.0.1:{ports['upstream']}"
-    over_tls = f"https://127.0.0.1:{ports['upstream_tls']}"
-    trust = f'upstream_ca = "{pki.ca}"\n'
-    cache_off = "[cache]\nenabled = false\n"
-    mirror = start_mirrord("mirrord", "", plain)
-    proxy = start_mirrord("mirrord proxy", cache_off, plain)
-    mirror_tls = start_mirrord("mirrord tls", trust, over_tls)
-    proxy_tls = start_mirrord("mirrord proxy tls", trust + cache_off, over_tls)
-    mirrors = {
-        "mirrord": mirror,
-        "mirrord proxy": proxy,
-        "mirrord tls": mirror_tls,
-        "mirrord proxy tls": proxy_tls,
-    }
-
-    def cache_blobs(name: str) -> Path:
-        return work / name / "cache" / "blobs"
-
-    nginx_runs = iter(range(1000))
-
-    def url(name: str, path: str) -> str:
-        if name.startswith("nginx cache"):
-            # A new cache key (the upstream ignores the query) makes it cold.
-            query = f"?run={next(nginx_runs)}" if name.endswith("cold") else "?run=warm"
-            return f"https://127.0.0.1:{ports['cached']}{path}{query}"
-        return f"https://127.0.0.1:{ports[server(name)]}{path}"
-
-    def server(row: str) -> str:
-        """The server (a key of ``ports``) behind a row's name."""
-        base, tls = row.removesuffix(" tls"), row.endswith(" tls")
-        if base.startswith("mirrord"):
-            base = "mirrord proxy" if base == "mirrord proxy" else "mirrord"
-            return base + " tls" if tls else base
-        return base + "_tls" if tls else base
-
-    def upstream_fetches(digest: str) -> int:
-        log = work / "upstream-access.log"
-        return sum(f"GET /v2/library/bench/blobs/{digest}" in line for line in log.open())
-
+    bench = Bench(args, work, make_pki(work / "pki"))
+    results: list[dict[str, dict[str, float] | str]] = []
     try:
-        blob_path = f"/v2/library/bench/blobs/{big}"
-        single: dict[str, tuple[float, float | None]] = {}
-        for name in rows_wanted:
-            cold = "cold" in name
-            if not cold:
-                curl(url(name, blob_path), pki.ca)  # warm page cache, connections, the cache
-            speeds, cpu = [], 0.0
-            is_mirror = name.startswith("mirrord")
-            pid = mirrors[server(name)].pid if is_mirror else 0
-            for _ in range(args.runs):
-                if cold:
-                    shutil.rmtree(cache_blobs(server(name)), ignore_errors=True)
-                before = cpu_seconds(pid) if is_mirror else 0.0
-                speed, size = curl(url(name, blob_path), pki.ca)
-                cpu += cpu_seconds(pid) - before if is_mirror else 0.0
-                assert size == args.size_mib << 20
-                speeds.append(speed)
-            single[name] = (
-                statistics.median(speeds),
-                cpu / args.runs / (size / GIB) if is_mirror else None,
-            )
-        rss_single = mirror.peak_rss_kib()
-        if args.single_only or rows_wanted != list(SINGLE_ROWS):
-            for name, (speed, cpu) in single.items():
-                print(f"{name}: {speed / 1e6:.0f} MB/s cpu={cpu}")
-            return
-
-        def concurrent(name: str) -> tuple[float, int]:
-            if name == "mirrord cold":
-                shutil.rmtree(cache_blobs("mirrord"), ignore_errors=True)
-            target = url(name, f"/v2/library/bench/blobs/{mid}")
-            fetched = upstream_fetches(mid)
-            started = time.monotonic()
-            with ThreadPoolExecutor(args.concurrent) as pool:
-                sizes = list(pool.map(lambda _: curl(target, pki.ca)[1], range(args.concurrent)))
-            assert all(s == args.concurrent_size_mib << 20 for s in sizes)
-            return time.monotonic() - started, upstream_fetches(mid) - fetched
-
-        conc = {
-            name: concurrent(name)
-            for name in ("seed", "tuned", "mirrord proxy", "nginx cache cold", "mirrord cold")
-        }
-        rss_concurrent = mirror.peak_rss_kib()
-        rss_proxy = proxy.peak_rss_kib()
-        tag_path = "/v2/library/bench/manifests/latest"
-        digest_path = f"/v2/library/bench/manifests/{manifest_digest}"
-        curl(url("mirrord", tag_path), pki.ca)  # cache the manifest
-        rates = {
-            name: (
-                ab_head(url(name, tag_path), args.load_seconds),
-                wrk_get(url(name, tag_path), args.load_seconds),
-            )
-            for name in ("direct", "seed", "tuned", "mirrord")
-        }
-        rates["mirrord, by digest"] = (
-            ab_head(url("mirrord", digest_path), args.load_seconds),
-            wrk_get(url("mirrord", digest_path), args.load_seconds),
-        )
+        bench.prepare_data()
+        bench.start_nginx()
+        if needed & {"bare digest", "ab bare"}:
+            bench.start_bare()
+        bench.start_mirrors(needed)
+        bench.warm_up(needed)
+        table = bench.measures()
+        order = [name for name in table if name in needed]
+        for r in range(args.rounds):
+            if r and time.monotonic() - started > args.max_minutes * 60:
+                print(f"--max-minutes reached: {r} rounds of {args.rounds}", flush=True)
+                break
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+            outcome: dict[str, dict[str, float] | str] = {}
+            for name in rotated(order, r, args.rounds):
+                t0 = time.monotonic()
+                try:
+                    outcome[name] = table[name]()
+                except Skip as e:
+                    outcome[name] = f"skipped: {e}"
+                except Exception as e:  # one failed measure never ends the run
+                    outcome[name] = f"failed: {type(e).__name__}: {e}"
+                shown = outcome[name]
+                if isinstance(shown, dict):
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
+                print(f"  {name}: {shown} ({time.monotonic() - t0:.1f} s)", flush=True)
+            results.append(outcome)
     finally:
-        for process in mirrors.values():
-            process.stop()
-        os.kill(nginx.pid, signal.SIGQUIT)
-        nginx.proc.wait(10)
+        bench.stop_all()
         shutil.rmtree(work, ignore_errors=True)  # caches of several GiB
 
-    labels = {
-        "direct": "client straight to upstream over TLS (nginx)",
-        "seed": "nginx as the seed configures it (`proxy_buffering off`)",
-        "tuned": "nginx tuned (`proxy_buffer_size 256k`)",
-        "mirrord proxy": "mirrord with the cache off (streaming proxy)",
-        "mirrord cold": "mirrord, cold (miss: fetch, verify, store while streaming)",
-        "mirrord warm": "mirrord, warm (hit: from its cache)",
-        "nginx cache cold": "nginx caching (`proxy_cache`, `proxy_cache_lock`), cold",
-        "nginx cache warm": "nginx caching (`proxy_cache`), warm",
-        "tuned tls": "nginx tuned, upstream over TLS",
-        "mirrord proxy tls": "mirrord with the cache off, upstream over TLS",
-        "mirrord cold tls": "mirrord, cold, upstream over TLS",
-        "mirrord": "mirrord (HEAD revalidates the tag upstream)",
-        "mirrord, by digest": "mirrord, by digest (from its cache)",
-    }
-    rows = [
-        f"| {args.size_mib} MiB blob, one client | MB/s | vs tuned nginx (same upstream)"
-        " | mirrord CPU s/GiB |",
-        "|---|---|---|---|",
-    ]
-    for name, (speed, cpu) in single.items():
-        tuned = single["tuned tls" if name.endswith(" tls") else "tuned"][0]
-        cpu_text = "-" if cpu is None else f"{cpu:.2f}"
-        rows.append(f"| {labels[name]} | {speed / 1e6:.0f} | {speed / tuned:.2f}x | {cpu_text} |")
-    total = args.concurrent * (args.concurrent_size_mib << 20)
-    rows += [
-        "",
-        f"| {args.concurrent} concurrent clients x {args.concurrent_size_mib} MiB (one blob)"
-        " | wall s | aggregate MB/s | upstream fetches |",
-        "|---|---|---|---|",
-    ]
-    for name, (seconds, fetches) in conc.items():
-        rows.append(f"| {labels[name]} | {seconds:.1f} | {total / seconds / 1e6:.0f} | {fetches} |")
-    rows += [
-        "",
-        f"mirrord peak RSS: {rss_single / 1024:.0f} MiB after the single streams, "
-        f"{rss_concurrent / 1024:.0f} MiB after the {args.concurrent} concurrent clients"
-        f" (cache off: {rss_proxy / 1024:.0f} MiB).",
-        "",
-        "| manifest over TLS, 32 keep-alive connections | HEAD/s (ab -i) | GET/s (wrk) |",
-        "|---|---|---|",
-    ]
-    for name, (head, get) in rates.items():
-        rows.append(f"| {labels[name]} | {head:.0f} | {get:.0f} |")
-    table = "\n".join(rows)
-    print(table)
-    (HERE / "results.md").write_text(table + "\n")
+    minutes = (time.monotonic() - started) / 60
+    settings = (
+        f"{len(results)} round{'s, interleaved' if len(results) > 1 else ''}; "
+        f"{args.size_mib} MiB blob for single streams, "
+        f"{args.concurrent} clients x {args.concurrent_size_mib} MiB for the concurrent rows, "
+        f"{args.load_seconds} s per wrk/ab run (32 connections), slow client at "
+        f"`curl --limit-rate {args.slow_rate}` for {args.slow_seconds} s; "
+        f"the run took {minutes:.1f} minutes"
+    )
+    text = render(args.rows, results, head, settings, bench.skipped)
+    print(text)
+    args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
