@@ -67,6 +67,11 @@ class Inherited:
         return env
 
     @classmethod
+    def present(cls, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether a supervisor handed sockets down to this process."""
+        return LISTEN in (os.environ if environ is None else environ)
+
+    @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Inherited:
         env = os.environ if environ is None else environ
         http01 = Socket(*json.loads(env[HTTP01])) if HTTP01 in env else None

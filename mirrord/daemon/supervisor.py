@@ -11,8 +11,9 @@ What the parent does, and why here:
 
 - **Restart.** A worker that exits is started again after a delay that
   doubles with each quick death (``FIRST_DELAY`` up to ``MAX_DELAY``), so a
-  worker that cannot start does not spin. ``worker_exited`` is called with
-  the dead worker's pid first, for whatever it left in the shared directory.
+  worker that cannot start does not spin. ``worker_gone`` is called with
+  the dead worker's pid first: its connections, requests in flight and fills
+  in progress stop counting in the shared table and metrics.
 - **Reload (SIGHUP).** The parent checks the new configuration first, as a
   worker would (file, certificate, key, ciphers). A broken one is logged and
   no worker is told: all keep running the old one. A good one is copied to
@@ -63,6 +64,7 @@ from twisted.python.failure import Failure
 from mirrord.daemon.inherited import Inherited, Socket, family_of
 from mirrord.daemon.role import Role
 from mirrord.daemon.systemd import notify
+from mirrord.front.workershare import worker_gone
 
 log = Logger()
 
@@ -81,13 +83,6 @@ KILL_WAIT = 5.0
 RELOAD_WAIT = 30.0
 # Environment a worker must not see: systemd's, meant for the parent alone.
 PARENT_ONLY = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
-
-
-def worker_exited(index: int, pid: int, shared_dir: Path) -> None:
-    """Hook: worker ``index`` (process ``pid``) has exited and a new one will
-    take its place. What it left in ``shared_dir`` that names its pid (the
-    metrics files of prometheus' multiprocess mode, say) is the owner's to
-    clean here. Nothing to do yet."""
 
 
 @dataclass
@@ -159,7 +154,7 @@ class Supervisor(Service):
         grace_period: float,
         prepare: Callable[[], None] = lambda: None,
         notify: Callable[[str], object] = notify,
-        exited: Callable[[int, int, Path], None] = worker_exited,
+        exited: Callable[[int, int, Path], None] = worker_gone,
     ) -> None:
         self.reactor = reactor
         self.count = count

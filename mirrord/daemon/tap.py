@@ -701,7 +701,11 @@ def build_supervisor(options: Options, config: Config, reactor: Any) -> Supervis
 
 
 def build_worker(options: Options, reactor: Any, role: Role) -> MirrordService:
-    """A worker process the supervisor started."""
+    """A worker process the supervisor started. Without sockets handed down
+    (a worker started by hand beside others, as the tests of what workers
+    share do) it binds its own ``listen`` entries and has no parent to tell."""
+    if not Inherited.present():
+        return build_service(options["mirrord"], reactor, options.load, role)
     inherited = Inherited.from_environ()
     die_with_parent(inherited.parent_pid)
     return build_service(

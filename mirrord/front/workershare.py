@@ -46,8 +46,7 @@ def worker_gone(index: int, pid: int, shared_dir: Path) -> None:
     """For the supervisor, when worker ``index`` (process ``pid``) has
     died, before it starts another in its place: the dead worker's
     connections, requests in flight and fills in progress stop counting.
-    Its counters stay in the totals. (The signature of the supervisor's
-    ``worker_exited`` hook.)"""
+    Its counters stay in the totals."""
     clear_worker(shared_dir, index)
     directory = multiprocess_dir(shared_dir)
     if directory.is_dir():

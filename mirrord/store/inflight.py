@@ -95,7 +95,9 @@ class InFlight:
         self._on_change = on_change
 
     def __len__(self) -> int:
-        return len(self._table)
+        """The fills this process runs or is starting; a fill it follows
+        counts where it runs, so that a sum over workers counts it once."""
+        return sum(1 for entry in self._table.values() if not isinstance(entry, RemoteFill))
 
     def get(self, digest: str) -> Starting[Any] | Running | None:
         current = self._table.get(digest)
@@ -129,6 +131,7 @@ class InFlight:
             starting.settle(outcome)
 
         work.addBoth(settled)
+        self._on_change()
         return starting
 
     def _ended(self, result: object, digest: str, fill: Running) -> object:
