@@ -196,6 +196,25 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(h.current(1).signals, ["HUP", "USR1"])
         self.assertEqual(h.current(2).signals, [])
 
+    def test_a_worker_starting_during_a_reload_catches_up_when_ready(self) -> None:
+        """A worker still starting when a reload (or a log reopen) happened gets SIGHUP
+        (and SIGUSR1) as soon as it says READY=1, so it never keeps the old setup; one
+        started after them gets neither, and a later READY=1 sends nothing again."""
+        h = self.harness(count=3)
+        h.current(1).says("READY=1")
+        h.current(1).says("RENEWED=1")
+        h.supervisor.forward(signal.SIGUSR1)
+        self.assertEqual(h.current(1).signals, ["HUP", "USR1"])
+        self.assertEqual(h.current(2).signals, [])
+        h.current(3).dies()  # its replacement starts after the reload and the reopen
+        h.clock.advance(supervisor.FIRST_DELAY)
+        h.current(2).says("READY=1")
+        h.current(3).says("READY=1")
+        self.assertEqual(h.current(2).signals, ["HUP", "USR1"])
+        self.assertEqual(h.current(3).signals, [])
+        h.current(2).says("READY=1")  # its confirmation of the reload
+        self.assertEqual(h.current(2).signals, ["HUP", "USR1"])
+
     def test_a_renewed_certificate_reloads_every_worker(self) -> None:
         """Worker 1 saying RENEWED=1 (ACME) makes every worker reload."""
         h = self.harness()

@@ -19,7 +19,10 @@ What the parent does, and why here:
   no worker is told: all keep running the old one. A good one is copied to
   ``<shared_dir>/config.toml``, which the workers read, and every worker gets
   SIGHUP. Workers (re)started later read that copy too, so a broken file on
-  disk never reaches a new worker either.
+  disk never reaches a new worker either. A worker still starting cannot
+  take a signal (no handler yet): it gets the SIGHUP it missed when it says
+  ``READY=1`` (so one that read the old file or certificate, e.g. while
+  worker 1 renewed it, does not keep them); likewise SIGUSR1.
 - **Stop (SIGTERM, SIGINT).** ``STOPPING=1``, the parent closes its copies of
   the sockets, every worker gets SIGTERM and drains within ``grace_period``
   as a single process does; stragglers get SIGKILL after ``grace_period +
@@ -107,6 +110,9 @@ class Worker:
     ready: bool = False
     failures: int = 0
     restart: IDelayedCall | None = None
+    # How many of each signal the workers were sent (``Supervisor.sent``)
+    # when this one was launched: what it missed while it started.
+    sent: dict[str | int, int] = field(default_factory=dict)
 
 
 class WorkerProtocol(ProcessProtocol):
@@ -175,6 +181,9 @@ class Supervisor(Service):
         self._reload_timer: IDelayedCall | None = None
         self._gone: Deferred[None] | None = None
         self._kill_timer: IDelayedCall | None = None
+        # Reloads (HUP) and reopens (USR1) passed on so far, by signal: a
+        # worker still starting when one happened gets it once it listens.
+        self.sent: dict[str | int, int] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -274,6 +283,7 @@ class Supervisor(Service):
         worker.pid = int(process.pid or 0)
         worker.started = self.reactor.seconds()
         worker.ready = False
+        worker.sent = dict(self.sent)
         log.info("worker {index} started: pid {pid}", index=worker.index, pid=worker.pid)
 
     def said(self, worker: Worker, word: str) -> None:
@@ -282,6 +292,7 @@ class Supervisor(Service):
             if not worker.ready:
                 worker.ready = True
                 log.info("worker {index} (pid {pid}) listens", index=worker.index, pid=worker.pid)
+                self._catch_up(worker)
                 if not self.announced and all(w.ready for w in self.workers):
                     self.announced = True
                     log.info("all {count} workers listen", count=self.count)
@@ -292,6 +303,24 @@ class Supervisor(Service):
                     self._reloaded()
         elif word == "RENEWED=1":
             self.reload(f"worker {worker.index} renewed the ACME certificate")
+
+    def _catch_up(self, worker: Worker) -> None:
+        """Send a worker that just said READY=1 each signal the others were
+        sent while it started (and it could not be: no handlers yet). It
+        may have read the old configuration or certificate, or opened the
+        access log before logrotate moved it."""
+        for name, count in self.sent.items():
+            if worker.sent.get(name, 0) != count:
+                log.info(
+                    "worker {index} (pid {pid}) started before a {signal}: sending it now",
+                    index=worker.index,
+                    pid=worker.pid,
+                    signal=name,
+                )
+                if name == "HUP" and self._reload_timer is not None:
+                    self._awaiting.add(worker.index)  # READY=1 waits for it too
+                self._signal(worker, name)
+        worker.sent = dict(self.sent)
 
     def ended(self, worker: Worker, protocol: WorkerProtocol, reason: Failure) -> None:
         if self._protocols.get(worker.index) is not protocol:
@@ -365,7 +394,9 @@ class Supervisor(Service):
             )
         # Only workers that said READY=1 have their SIGHUP handler: one
         # still starting would die of the signal (it reads the new file).
+        # Those still starting get it when they listen (``_catch_up``).
         told = [w for w in self.workers if w.ready and w.process is not None]
+        self._count("HUP")
         self._awaiting = {w.index for w in told}
         for worker in told:
             self._signal(worker, "HUP")
@@ -376,6 +407,12 @@ class Supervisor(Service):
             self._reloaded()
             return
         self._reload_timer = self.reactor.callLater(RELOAD_WAIT, self._reloaded)
+
+    def _count(self, name: str | int) -> None:
+        self.sent[name] = self.sent.get(name, 0) + 1
+        for worker in self.workers:
+            if worker.ready:
+                worker.sent[name] = self.sent[name]
 
     def _reloaded(self) -> None:
         if self._reload_timer is not None and self._reload_timer.active():
@@ -391,7 +428,9 @@ class Supervisor(Service):
         self.notify("READY=1")
 
     def forward(self, name: str | int) -> None:
-        """Pass a signal on to every worker that has its handlers."""
+        """Pass a signal on to every worker that has its handlers; the
+        others get it when they have them."""
+        self._count(name)
         for worker in self.workers:
             if worker.ready:
                 self._signal(worker, name)
