@@ -131,6 +131,21 @@ class SupervisorTests(SynchronousTestCase):
         h.clock.advance(0.5)
         self.assertEqual(len(h.launched), started + 1)
 
+    def test_a_failing_exit_hook_does_not_stop_the_restart(self) -> None:
+        """When clearing a dead worker's share fails (EMFILE, ENOSPC...), the failure is
+        logged and the worker is still replaced."""
+
+        def exited(index: int, pid: int, shared_dir: Path) -> None:
+            raise OSError(24, "Too many open files")
+
+        h = self.harness()
+        h.supervisor.exited = exited
+        h.current(1).dies()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        h.clock.advance(supervisor.FIRST_DELAY)
+        self.assertEqual(len(h.launched), 3)
+        self.assertIs(h.current(1), h.launched[2])
+
     def test_ready_is_said_once_when_every_worker_listens(self) -> None:
         """systemd hears READY=1 once, when the last worker listens, not at each restart."""
         h = self.harness(count=3)

@@ -11,9 +11,10 @@ What the parent does, and why here:
 
 - **Restart.** A worker that exits is started again after a delay that
   doubles with each quick death (``FIRST_DELAY`` up to ``MAX_DELAY``), so a
-  worker that cannot start does not spin. ``worker_gone`` is called with
-  the dead worker's pid first: its connections, requests in flight and fills
-  in progress stop counting in the shared table and metrics.
+  worker that cannot start does not spin. Once the restart is scheduled,
+  ``worker_gone`` is called with the dead worker's pid: its connections,
+  requests in flight and fills in progress stop counting in the shared
+  table and metrics (a failure there is logged; the restart stands).
 - **Reload (SIGHUP).** The parent checks the new configuration first, as a
   worker would (file, certificate, key, ciphers). A broken one is logged and
   no worker is told: all keep running the old one. A good one is copied to
@@ -330,18 +331,30 @@ class Supervisor(Service):
         worker.process = None
         worker.ready = False
         self._awaiting.discard(worker.index)
-        self.exited(worker.index, pid, self.shared_dir)
         code = getattr(reason.value, "exitCode", None)
         by = getattr(reason.value, "signal", None)
         how = f"was killed by signal {by}" if by else f"exited with status {code}"
-        if self.stopping:
+        delay = None
+        if not self.stopping:
+            # The restart first: nothing below may cost the host a worker.
+            if self.reactor.seconds() - worker.started >= STABLE:
+                worker.failures = 0
+            delay = self._schedule_restart(worker)
+        try:
+            self.exited(worker.index, pid, self.shared_dir)
+        except Exception:
+            # EMFILE, ENOSPC, permissions: the dead worker's share may be
+            # left counted, which is better than a worker short.
+            log.failure(
+                "clearing the share of worker {index} (pid {pid}) failed",
+                index=worker.index,
+                pid=pid,
+            )
+        if delay is None:
             log.info("worker {index} (pid {pid}) {how}", index=worker.index, pid=pid, how=how)
             if all(w.process is None for w in self.workers):
                 self._all_gone()
             return
-        if self.reactor.seconds() - worker.started >= STABLE:
-            worker.failures = 0
-        delay = self._schedule_restart(worker)
         log.error(
             "worker {index} (pid {pid}) {how}; starting a new one in {delay}s",
             index=worker.index,
