@@ -8,8 +8,9 @@ multiprocess mode, which the supervisor turns on through
 read (``/metrics``, the usage page, the status history) sums all workers'
 files: the same totals whichever worker answers. What a worker cannot push
 into a file is read at scrape time instead: the cache gauges from the
-store, which all workers share. A dead worker's counters stay in the sums;
-its share of the fills in progress goes (``worker_died``).
+store, which all workers share. A dead worker's counters stay in the sums
+(merged into one archive file per kind); its share of the fills in
+progress goes (``worker_died``).
 
 prometheus_client adds a ``<name>_created`` sample (the counter's creation
 time) to every counter; it is noise on a dashboard and doubles the series.
@@ -25,10 +26,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, values
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mirrord.metricsarchive import LockedCollector, archive_dead
 from mirrord.registry import errors
 from mirrord.registry.respond import ReadOnlyResource, write_error
 
@@ -45,7 +46,7 @@ class Metrics:
         if multiprocess_dir is not None:
             _use_multiprocess(multiprocess_dir)
             self.registry = CollectorRegistry()
-            MultiProcessCollector(self.registry, str(multiprocess_dir))
+            LockedCollector(self.registry, multiprocess_dir)
             self.registry.register(_CacheGauges(self))
         self.requests = Counter(
             "mirrord_requests", "Registry requests by kind", ["kind"], registry=r
@@ -241,8 +242,10 @@ def multiprocess_dir(shared_dir: Path) -> Path:
 
 def worker_died(pid: int, directory: Path) -> None:
     """For the supervisor, when the worker with ``pid`` died: its fills in
-    progress stop counting (its counters stay in the totals)."""
-    mark_process_dead(pid, str(directory))
+    progress stop counting; its counters stay in the totals, moved into
+    the archive files so that dead workers' files do not pile up
+    (``mirrord.metricsarchive``)."""
+    archive_dead(pid, directory)
 
 
 class _WithoutCreated:

@@ -97,6 +97,30 @@ class WorkerMetricsTests(SynchronousTestCase):
         self.assertEqual(found["mirrord_fills_in_progress"], 1)
         self.assertEqual(found['mirrord_requests_total{kind="blobs"}'], 7)
 
+    def test_dead_workers_files_are_merged_keeping_the_totals(self) -> None:
+        """Each dead worker's counters move into one archive: every total reads the same
+        before and after the deaths (fills aside), and the metric files do not grow
+        with the number of dead workers."""
+        dead = [self.worker("count", "blobs", str(n), "1", "90")["pid"] for n in (1, 2, 3, 4)]
+        time.sleep(0.01)  # the live worker's quota is the most recent
+        self.worker("count", "tags", "5", "2", "75")
+        before = samples(self.worker("read")["exposition"])
+        worker_gone(1, dead[0], self.shared)
+        files_after_one = sorted(p.name for p in self.dir.iterdir())
+        for pid in dead[1:]:
+            worker_gone(1, pid, self.shared)
+        files = sorted(p.name for p in self.dir.iterdir())
+        # More deaths add no file: the archive is the one file per kind.
+        self.assertLessEqual(set(files), set(files_after_one))
+        self.assertFalse([name for name in files if any(f"_{pid}." in name for pid in dead)])
+        after = samples(self.worker("read")["exposition"])
+        self.assertEqual(after["mirrord_fills_in_progress"], 2)
+        self.assertEqual(after, {**before, "mirrord_fills_in_progress": 2})
+        self.assertEqual(after['mirrord_requests_total{kind="blobs"}'], 10)
+        self.assertEqual(
+            after['mirrord_upstream_ratelimit_remaining{identity="anonymous",upstream="hub"}'], 75
+        )
+
     def test_one_process_keeps_its_own_registry(self) -> None:
         """Without workers each Metrics counts alone, as before: nothing is shared."""
         one, two = Metrics(), Metrics()
