@@ -230,6 +230,22 @@ class SupervisorTests(SynchronousTestCase):
         h.current(2).says("READY=1")  # its confirmation of the reload
         self.assertEqual(h.current(2).signals, ["HUP", "USR1"])
 
+    def test_a_reload_waits_for_the_worker_that_caught_up(self) -> None:
+        """After a reload, systemd hears READY=1 only when a worker that was starting
+        has listened, been sent its SIGHUP and confirmed it too."""
+        h = self.harness()
+        h.all_ready()
+        h.current(2).dies()
+        h.clock.advance(supervisor.FIRST_DELAY)  # a new worker 2, starting
+        h.told.clear()
+        h.supervisor.reload("SIGHUP")
+        h.current(2).says("READY=1")
+        self.assertEqual(h.current(2).signals, ["HUP"])
+        h.current(1).says("READY=1")
+        self.assertEqual(h.told, ["RELOADING=1"])
+        h.current(2).says("READY=1")
+        self.assertEqual(h.told, ["RELOADING=1", "READY=1"])
+
     def test_a_renewed_certificate_reloads_every_worker(self) -> None:
         """Worker 1 saying RENEWED=1 (ACME) makes every worker reload."""
         h = self.harness()
