@@ -5,6 +5,7 @@ processes, since prometheus_client picks its per-process files at import."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord.front.workershare import worker_gone
 from mirrord.metrics import Metrics
+from mirrord.metricsarchive import locked
 from tests.support.processes import REPO
 
 
@@ -120,6 +122,24 @@ class WorkerMetricsTests(SynchronousTestCase):
         self.assertEqual(
             after['mirrord_upstream_ratelimit_remaining{identity="anonymous",upstream="hub"}'], 75
         )
+
+    def test_a_read_waits_while_an_archive_is_swapped_in(self) -> None:
+        """A worker reading the metrics waits while the supervisor swaps a dead worker's
+        files for the archive, so no read counts them twice or not at all."""
+        self.worker("count", "blobs", "1", "0", "90")
+        with locked(self.dir, fcntl.LOCK_EX):
+            reader = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.metricsworker", str(self.dir), "read"],
+                stdout=subprocess.PIPE,
+                cwd=REPO,
+                env=self.env,
+            )
+            self.addCleanup(reader.kill)
+            time.sleep(2)  # a read that did not wait would have ended
+            self.assertIsNone(reader.poll())
+        out, _ = reader.communicate(timeout=60)
+        found = samples(json.loads(out)["exposition"])
+        self.assertEqual(found['mirrord_requests_total{kind="blobs"}'], 1)
 
     def test_one_process_keeps_its_own_registry(self) -> None:
         """Without workers each Metrics counts alone, as before: nothing is shared."""
