@@ -37,17 +37,24 @@ def emit(
     duration: float,
     record: AccessRecord,
 ) -> None:
+    # Every field stays in the event (the JSON log has them all); the text
+    # is rendered here, once, with an f-string: an observer formatting a
+    # format string of eleven fields cost more than the rest of a cached
+    # manifest's answer (measured with cProfile).
+    upstream = record.upstream or "-"
+    duration_ms = duration * 1000
     log.info(
-        "{client} {method} {path} -> {status} bytes={bytes} {duration_ms:.1f}ms"
-        " upstream={upstream} redirects={redirects} fallback={fallback} cache={cache}"
-        " {outcome}",
+        "{line}",
+        line=f"{client} {method} {path} -> {status} bytes={sent} {duration_ms:.1f}ms"
+        f" upstream={upstream} redirects={record.redirects} fallback={record.fell_back}"
+        f" cache={record.cache} {record.outcome}",
         client=client,
         method=method,
         path=path,
         status=status,
         bytes=sent,
-        duration_ms=duration * 1000,
-        upstream=record.upstream or "-",
+        duration_ms=duration_ms,
+        upstream=upstream,
         redirects=record.redirects,
         fallback=record.fell_back,
         cache=record.cache,
