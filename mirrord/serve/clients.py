@@ -71,6 +71,29 @@ class ClientAuth:
             return None
         return headers
 
+    def admit_now(
+        self, request: Request, registry: str, ref: Reference, name: str, headers: Headers
+    ) -> Headers | None:
+        """The headers ``admit`` would return, when they are known without
+        asking anyone and the request is not answered here; otherwise
+        ``None``, and ``admit`` decides (nothing was answered)."""
+        if ref.kind is Kind.BASE or not ref.name:
+            return None
+        authorization = request.getHeader(b"authorization")
+        token = bearer(authorization)
+        grant = self.tokens.check(token) if token else None
+        if grant is not None:
+            found = self.publicity.get(registry)
+            if not grant.allows_pull(ref.name, name) or (
+                found is not None and found[0].account is not None
+            ):
+                return None
+            return as_mirror(headers)
+        book = self.realms.get(registry)
+        if book is not None and book.service is not None and authorization is None:
+            return None
+        return headers
+
     async def _anonymous_may_read(self, registry: str, name: str, headers: Headers) -> bool:
         """With an account the mirror may read what anonymous clients may
         not: only what nobody needs credentials for goes upstream as the

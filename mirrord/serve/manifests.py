@@ -48,6 +48,20 @@ class Manifests(CacheContext):
         self._memo = ManifestMemo()
         self._results: dict[str, Any] = {}
 
+    def by_digest_now(self, request: Request, digest: str, path: str, headers: Headers) -> bool:
+        """A manifest in the cache that this client may read, sent at once
+        (``False``: ``by_digest`` decides)."""
+        cached = self._cached_manifest(digest)
+        if cached is None or not self.access.allowed_now(headers, cached[0].meta, path):
+            return False
+        self._send_manifest(request, digest, cached[1], cached[0].meta.media_type, "HIT")
+        return True
+
+    def by_tag_now(self, request: Request, tag: str, name: str, headers: Headers) -> bool:
+        """A tag revalidated within ``tag_ttl``, sent at once from the cache
+        (``False``: ``by_tag`` decides)."""
+        return self._serve_recent(request, tag, name, headers, self._fresh.get((name, tag)), "HIT")
+
     async def by_digest(
         self, request: Request, digest: str, name: str, path: str, headers: Headers
     ) -> None:

@@ -47,6 +47,13 @@ class Backend(TypingProtocol):
         self, request: Request, ref: Reference, name: str, path: str, headers: Headers
     ) -> None: ...
 
+    def serve_now(
+        self, request: Request, ref: Reference, name: str, path: str, headers: Headers
+    ) -> bool:
+        """Answer at once if that needs no waiting (a cache hit this
+        client may read); ``False`` when ``serve`` must, nothing written."""
+        ...
+
 
 @dataclass
 class PassThrough:
@@ -62,6 +69,11 @@ class PassThrough:
     ) -> None:
         answer = await self.chain.request(request.method, path, headers)
         await write_answer(request, answer, self.realms, self.clock, self.timeouts)
+
+    def serve_now(
+        self, request: Request, ref: Reference, name: str, path: str, headers: Headers
+    ) -> bool:
+        return False
 
 
 def upstream_name(ref: Reference, registry: Registry) -> str:
@@ -126,7 +138,22 @@ class RegistryProxy(Resource):
         except errors.RegistryError as e:
             write_error(request, e)
             return NOT_DONE_YET
-        work = ensureDeferred(self._serve(request, route, ref))
+        # A cache hit is answered here, synchronously: no coroutine, no
+        # Deferred, nothing to cancel (most of a cached manifest's cost
+        # was that machinery). Anything that must wait takes ``_serve``.
+        try:
+            self._count(ref.kind.value)
+            name = upstream_name(ref, route.registry)
+            path = ref.path(name) + self._query(request, ref)
+            headers = upstream_request_headers(
+                request.requestHeaders, client_address(request), request.isSecure()
+            )
+            if self._serve_now(request, route, ref, name, path, headers):
+                return NOT_DONE_YET
+        except Exception:
+            self._failed(Failure(), request)
+            return NOT_DONE_YET
+        work = ensureDeferred(self._serve(request, route, ref, name, path, headers))
         request.notifyFinish().addErrback(lambda _: work.cancel())
         work.addErrback(self._failed, request)
         return NOT_DONE_YET
@@ -154,13 +181,33 @@ class RegistryProxy(Resource):
             request.requestHeaders.setRawHeaders(b"range", [checked])
         return route, ref
 
-    async def _serve(self, request: Request, route: Route[Backend], ref: Reference) -> None:
-        self._count(ref.kind.value)
-        name = upstream_name(ref, route.registry)
-        path = ref.path(name) + self._query(request, ref)
-        headers = upstream_request_headers(
-            request.requestHeaders, client_address(request), request.isSecure()
-        )
+    def _serve_now(
+        self,
+        request: Request,
+        route: Route[Backend],
+        ref: Reference,
+        name: str,
+        path: str,
+        headers: Headers,
+    ) -> bool:
+        if ref.kind is not Kind.MANIFEST:
+            return False
+        if self._clients is not None:
+            admitted = self._clients.admit_now(request, route.registry.name, ref, name, headers)
+            if admitted is None:
+                return False
+            headers = admitted
+        return route.target.serve_now(request, ref, name, path, headers)
+
+    async def _serve(
+        self,
+        request: Request,
+        route: Route[Backend],
+        ref: Reference,
+        name: str,
+        path: str,
+        headers: Headers,
+    ) -> None:
         if self._clients is not None:
             admitted = await self._clients.admit(request, route.registry.name, ref, name, headers)
             if admitted is None:
