@@ -7,6 +7,7 @@ import json
 import socket
 import tempfile
 from pathlib import Path
+from unittest.mock import patch
 
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,6 +16,7 @@ from mirrord import config
 from mirrord.daemon import logs, ufw
 from mirrord.daemon.systemd import notify
 from mirrord.expiring import Expiring
+from mirrord.front import accesslog
 from mirrord.registry.respond import plain_address
 
 
@@ -56,6 +58,29 @@ class LogTests(SynchronousTestCase):
         self.assertEqual(record["message"], "10.0.0.1 GET /v2/ -> 200")
         self.assertEqual((record["client"], record["status"]), ("10.0.0.1", 200))
         self.assertEqual((record["level"], record["namespace"]), ("info", "mirrord.access"))
+
+    def test_access_event_json_line(self) -> None:
+        """The access event's JSON line has its rendered text as the message,
+        once, next to every field."""
+        stream = _NotATerminal()
+        with patch.object(accesslog.log, "observer", LogPublisher(logs.observer(stream))):
+            accesslog.emit(
+                client="10.0.0.1",
+                method="GET",
+                path="/v2/{x}/",
+                status=200,
+                sent=5,
+                duration=0.002,
+                record=accesslog.AccessRecord(started=0.0, cache="HIT"),
+            )
+        record = json.loads(stream.getvalue())
+        self.assertEqual(
+            record["message"],
+            "10.0.0.1 GET /v2/{x}/ -> 200 bytes=5 2.0ms upstream=- redirects=0"
+            " fallback=False cache=HIT ok",
+        )
+        self.assertEqual((record["path"], record["cache"], record["bytes"]), ("/v2/{x}/", "HIT", 5))
+        self.assertEqual(stream.getvalue().count("10.0.0.1 GET"), 1)
 
     def test_text_on_a_terminal(self) -> None:
         line = self.emit(_Terminal())

@@ -11,23 +11,41 @@ from typing import IO, Any
 
 from twisted.logger import FileLogObserver, formatEvent, textFileLogObserver
 
+# One encoder for every line: ``json.dumps(..., default=str)`` builds a
+# new one per call.
+_encoder = json.JSONEncoder(default=str)
+_SKIPPED = frozenset(("format", "message", "time", "level", "namespace"))
+
+
+def _message(event: dict[str, Any]) -> str:
+    """The event's text. A format that is one field of text (the access
+    event's ``{log_access_line}``) is that text: no formatter needed."""
+    fmt = event.get("log_format")
+    if isinstance(fmt, str) and fmt[:1] == "{" and fmt[-1:] == "}":
+        text = event.get(fmt[1:-1])
+        if isinstance(text, str):
+            return text
+    return formatEvent(event)
+
 
 def _json_line(event: dict[str, Any]) -> str:
     record: dict[str, Any] = {
         "time": event.get("log_time"),
         "level": getattr(event.get("log_level"), "name", None),
         "namespace": event.get("log_namespace"),
-        "message": formatEvent(event),
+        "message": _message(event),
     }
-    for key, value in event.items():
-        if key.startswith("log_") or key in record or key in ("format", "message", "time"):
-            continue
-        if isinstance(value, str | int | float | bool) or value is None:
-            record[key] = value
+    record.update(
+        (key, value)
+        for key, value in event.items()
+        if not key.startswith("log_")
+        and key not in _SKIPPED
+        and (value is None or isinstance(value, str | int | float | bool))
+    )
     failure = event.get("log_failure")
     if failure is not None:
         record["traceback"] = failure.getTraceback()
-    return json.dumps(record, default=str) + "\n"
+    return _encoder.encode(record) + "\n"
 
 
 def json_lines_observer(stream: IO[str]) -> FileLogObserver:
