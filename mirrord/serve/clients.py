@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
@@ -72,11 +73,12 @@ class ClientAuth:
         return headers
 
     def admit_now(
-        self, request: Request, registry: str, ref: Reference, name: str, headers: Headers
-    ) -> Headers | None:
-        """The headers ``admit`` would return, when they are known without
-        asking anyone and the request is not answered here; otherwise
-        ``None``, and ``admit`` decides (nothing was answered)."""
+        self, request: Request, registry: str, ref: Reference, name: str
+    ) -> Literal["client", "mirror"] | None:
+        """What ``admit`` would decide, when that needs no one asked and
+        answers nothing here: the request goes upstream as the client
+        (its headers as they are) or as the mirror (``as_mirror``).
+        ``None``: ``admit`` decides (nothing was answered)."""
         if ref.kind is Kind.BASE or not ref.name:
             return None
         authorization = request.getHeader(b"authorization")
@@ -88,11 +90,11 @@ class ClientAuth:
                 found is not None and found[0].account is not None
             ):
                 return None
-            return as_mirror(headers)
+            return "mirror"
         book = self.realms.get(registry)
         if book is not None and book.service is not None and authorization is None:
             return None
-        return headers
+        return "client"
 
     async def _anonymous_may_read(self, registry: str, name: str, headers: Headers) -> bool:
         """With an account the mirror may read what anonymous clients may

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,19 +49,32 @@ class Manifests(CacheContext):
         self._memo = ManifestMemo()
         self._results: dict[str, Any] = {}
 
-    def by_digest_now(self, request: Request, digest: str, path: str, headers: Headers) -> bool:
+    def by_digest_now(
+        self, request: Request, digest: str, path: str, headers: Callable[[], Headers]
+    ) -> bool:
         """A manifest in the cache that this client may read, sent at once
-        (``False``: ``by_digest`` decides)."""
+        (``False``: ``by_digest`` decides). The client's ``headers()`` are
+        built only for content that is not public."""
         cached = self._cached_manifest(digest)
-        if cached is None or not self.access.allowed_now(headers, cached[0].meta, path):
+        if cached is None:
             return False
-        self._send_manifest(request, digest, cached[1], cached[0].meta.media_type, "HIT")
+        entry, body = cached
+        if not (entry.meta.public or self.access.allowed_now(headers(), entry.meta, path)):
+            return False
+        self._send_manifest(request, digest, body, entry.meta.media_type, "HIT")
         return True
 
-    def by_tag_now(self, request: Request, tag: str, name: str, headers: Headers) -> bool:
+    def by_tag_now(
+        self, request: Request, tag: str, name: str, headers: Callable[[], Headers]
+    ) -> bool:
         """A tag revalidated within ``tag_ttl``, sent at once from the cache
         (``False``: ``by_tag`` decides)."""
-        return self._serve_recent(request, tag, name, headers, self._fresh.get((name, tag)), "HIT")
+        record = self._fresh.get((name, tag))
+        if record is None:
+            return False
+        # A public record is served to anyone: no headers are looked at.
+        client = Headers() if record.public else headers()
+        return self._serve_recent(request, tag, name, client, record, "HIT")
 
     async def by_digest(
         self, request: Request, digest: str, name: str, path: str, headers: Headers

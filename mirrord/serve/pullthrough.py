@@ -8,6 +8,7 @@ outage."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
@@ -52,7 +53,7 @@ class PullThrough(CacheContext):
             await self._pass(request, path, headers)
 
     def serve_now(
-        self, request: Request, ref: Reference, name: str, path: str, headers: Headers
+        self, request: Request, ref: Reference, name: str, path: str, headers: Callable[[], Headers]
     ) -> bool:
         if ref.kind is not Kind.MANIFEST:
             return False

@@ -32,6 +32,7 @@ from mirrord.registry.routing import Route, Router
 from mirrord.serve.answer import write_answer
 from mirrord.serve.clients import ClientAuth
 from mirrord.upstream.chain import UpstreamChain
+from mirrord.upstream.identity import as_mirror
 
 log = Logger()
 
@@ -48,7 +49,7 @@ class Backend(TypingProtocol):
     ) -> None: ...
 
     def serve_now(
-        self, request: Request, ref: Reference, name: str, path: str, headers: Headers
+        self, request: Request, ref: Reference, name: str, path: str, headers: Callable[[], Headers]
     ) -> bool:
         """Answer at once if that needs no waiting (a cache hit this
         client may read); ``False`` when ``serve`` must, nothing written."""
@@ -71,7 +72,7 @@ class PassThrough:
         await write_answer(request, answer, self.realms, self.clock, self.timeouts)
 
     def serve_now(
-        self, request: Request, ref: Reference, name: str, path: str, headers: Headers
+        self, request: Request, ref: Reference, name: str, path: str, headers: Callable[[], Headers]
     ) -> bool:
         return False
 
@@ -145,15 +146,25 @@ class RegistryProxy(Resource):
             self._count(ref.kind.value)
             name = upstream_name(ref, route.registry)
             path = ref.path(name) + self._query(request, ref)
-            headers = upstream_request_headers(
-                request.requestHeaders, client_address(request), request.isSecure()
-            )
+            # Built only if asked for: a hit on public content never is.
+            built: list[Headers] = []
+
+            def headers() -> Headers:
+                if not built:
+                    built.append(
+                        upstream_request_headers(
+                            request.requestHeaders, client_address(request), request.isSecure()
+                        )
+                    )
+                return built[0]
+
             if self._serve_now(request, route, ref, name, path, headers):
                 return NOT_DONE_YET
+            upstream = headers()
         except Exception:
             self._failed(Failure(), request)
             return NOT_DONE_YET
-        work = ensureDeferred(self._serve(request, route, ref, name, path, headers))
+        work = ensureDeferred(self._serve(request, route, ref, name, path, upstream))
         request.notifyFinish().addErrback(lambda _: work.cancel())
         work.addErrback(self._failed, request)
         return NOT_DONE_YET
@@ -188,15 +199,17 @@ class RegistryProxy(Resource):
         ref: Reference,
         name: str,
         path: str,
-        headers: Headers,
+        headers: Callable[[], Headers],
     ) -> bool:
         if ref.kind is not Kind.MANIFEST:
             return False
         if self._clients is not None:
-            admitted = self._clients.admit_now(request, route.registry.name, ref, name, headers)
+            admitted = self._clients.admit_now(request, route.registry.name, ref, name)
             if admitted is None:
                 return False
-            headers = admitted
+            if admitted == "mirror":
+                client = headers
+                headers = lambda: as_mirror(client())  # noqa: E731
         return route.target.serve_now(request, ref, name, path, headers)
 
     async def _serve(
