@@ -82,9 +82,25 @@ class MirrordRequest(Request):
         clock: IReactorTime = site.reactor
         self.access = accesslog.AccessRecord(started=clock.seconds())
         self._site = site
+        self._clock = clock
+        self._logged = False
         site.began(self)
-        self.notifyFinish().addBoth(self._log_access, clock)
         super().process()
+
+    # The access event once the request has ended, either way: called here
+    # rather than from ``notifyFinish`` (a Deferred per request), after
+    # Twisted's own cleanup and the callbacks of those who asked.
+    _logged = True  # until ``process`` has begun the request
+
+    def finish(self) -> None:
+        super().finish()
+        if not self._logged:
+            self._log_access(None)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if not self._logged:
+            self._log_access(reason)
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting and self.clientproto == b"HTTP/1.0":
@@ -111,7 +127,9 @@ class MirrordRequest(Request):
         else:
             self.channel.persistent = False
 
-    def _log_access(self, result: object, clock: IReactorTime) -> None:
+    def _log_access(self, result: object) -> None:
+        self._logged = True
+        clock = self._clock
         self._site.ended(self)
         if result is not None:
             self.access.outcome = "client disconnected"
