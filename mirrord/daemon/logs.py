@@ -19,6 +19,9 @@ from zope.interface import implementer
 # new one per call.
 _encoder = json.JSONEncoder(default=str)
 _SKIPPED = frozenset(("format", "message", "time", "level", "namespace"))
+# The values a line keeps: these (a set lookup first), or their subclasses.
+_PLAIN_TYPES = (str, int, float, bool)
+_PLAIN = frozenset((*_PLAIN_TYPES, type(None)))
 
 
 def _message(event: dict[str, Any]) -> str:
@@ -44,7 +47,7 @@ def _json_line(event: dict[str, Any]) -> str:
         for key, value in event.items()
         if not key.startswith("log_")
         and key not in _SKIPPED
-        and (value is None or isinstance(value, str | int | float | bool))
+        and (type(value) in _PLAIN or isinstance(value, _PLAIN_TYPES))
     )
     failure = event.get("log_failure")
     if failure is not None:

@@ -38,6 +38,8 @@ log = Logger()
 
 _RANGE_RE = re.compile(rb"bytes=(\d+-\d*|-\d+)")
 ALLOWED_METHODS = (b"GET", b"HEAD")
+PARSED_MAX = 1024
+_ParseKey = tuple[str, bytes | None, bytes | None]  # path after /v2/, Host, ns
 
 
 class Backend(TypingProtocol):
@@ -132,6 +134,12 @@ class RegistryProxy(Resource):
         self._router = router
         self._count = count  # each valid request, by kind, cache on or off
         self._clients = clients
+        # Recent paths, routed and parsed (a pure function of the path, the
+        # Host header and ``ns``): a cached manifest is asked for again and
+        # again. Refusals are not kept; the table is emptied when full.
+        self._parsed: dict[
+            tuple[str, bytes | None, bytes | None], tuple[Route[Backend], Reference]
+        ] = {}
 
     def render(self, request: Request) -> bytes | int:
         try:
@@ -178,14 +186,14 @@ class RegistryProxy(Resource):
             raise errors.name_invalid(request.path.decode("latin-1")) from None
         ns = request.args.get(b"ns", [None])[-1]
         host = request.getHeader(b"host")
-        route = self._router.route(
-            rest,
-            host.decode("latin-1") if host else None,
-            ns.decode("latin-1") if ns is not None else None,
-        )
-        ref = reference.parse(route.path)
-        if ref.name:
-            check_repository(route.registry, upstream_name(ref, route.registry))
+        key = (rest, host, ns)
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            parsed = self._route(rest, host, ns)
+            if len(self._parsed) >= PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[key] = parsed
+        route, ref = parsed
         if ref.kind is Kind.BLOB and request.requestHeaders.hasHeader(b"range"):
             # What the cache and the upstream see is the range as checked.
             checked = check_range(request.requestHeaders.getRawHeaders(b"range", []))
@@ -211,6 +219,19 @@ class RegistryProxy(Resource):
                 client = headers
                 headers = lambda: as_mirror(client())  # noqa: E731
         return route.target.serve_now(request, ref, name, path, headers)
+
+    def _route(
+        self, rest: str, host: bytes | None, ns: bytes | None
+    ) -> tuple[Route[Backend], Reference]:
+        route = self._router.route(
+            rest,
+            host.decode("latin-1") if host else None,
+            ns.decode("latin-1") if ns is not None else None,
+        )
+        ref = reference.parse(route.path)
+        if ref.name:
+            check_repository(route.registry, upstream_name(ref, route.registry))
+        return route, ref
 
     async def _serve(
         self,
