@@ -6,7 +6,9 @@ import io
 import json
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import patch
 
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,6 +18,7 @@ from mirrord.daemon import logs, ufw
 from mirrord.daemon.role import Role
 from mirrord.daemon.systemd import notify
 from mirrord.expiring import Expiring
+from mirrord.front import accesslog
 from mirrord.registry.respond import plain_address
 
 
@@ -57,6 +60,62 @@ class LogTests(SynchronousTestCase):
         self.assertEqual(record["message"], "10.0.0.1 GET /v2/ -> 200")
         self.assertEqual((record["client"], record["status"]), ("10.0.0.1", 200))
         self.assertEqual((record["level"], record["namespace"]), ("info", "mirrord.access"))
+
+    def test_access_event_json_line(self) -> None:
+        """The access event's JSON line has its rendered text as the message,
+        once, next to every field."""
+        stream = _NotATerminal()
+        with patch.object(accesslog.log, "observer", LogPublisher(logs.observer(stream))):
+            accesslog.emit(
+                client="10.0.0.1",
+                method="GET",
+                path="/v2/{x}/",
+                status=200,
+                sent=5,
+                duration=0.002,
+                record=accesslog.AccessRecord(started=0.0, cache="HIT"),
+            )
+        record = json.loads(stream.getvalue())
+        self.assertEqual(
+            record["message"],
+            "10.0.0.1 GET /v2/{x}/ -> 200 bytes=5 2.0ms upstream=- redirects=0"
+            " fallback=False cache=HIT ok",
+        )
+        self.assertEqual((record["path"], record["cache"], record["bytes"]), ("/v2/{x}/", "HIT", 5))
+        self.assertEqual(stream.getvalue().count("10.0.0.1 GET"), 1)
+
+    def test_json_lines_written_in_batches_of_whole_lines(self) -> None:
+        """Lines logged in one reactor turn reach the output in one write,
+        and no write is over 4 KiB or ends inside a line."""
+        writes: list[str] = []
+        turns: list[Callable[[], None]] = []
+
+        class Recording(_NotATerminal):
+            def write(self, text: str) -> int:
+                writes.append(text)
+                return len(text)
+
+        stream = Recording()
+        lines = logs.BatchedLines(stream, lambda call: turns.append(call) or True, lambda: True)
+        log = Logger(observer=logs.json_lines_observer(stream, lines=lines))
+        for i in range(3):
+            log.info("request {i}", i=i)
+        self.assertEqual(writes, [])
+        turns.pop()()
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(
+            [json.loads(line)["message"] for line in writes[0].splitlines()],
+            ["request 0", "request 1", "request 2"],
+        )
+        writes.clear()
+        for i in range(100):
+            log.info("{path}", path=f"/v2/{i}/" + "x" * 200)
+        for call in turns:
+            call()
+        self.assertGreater(len(writes), 1)
+        self.assertTrue(all(len(w) <= 4096 and w.endswith("\n") for w in writes))
+        paths = [json.loads(line)["path"] for w in writes for line in w.splitlines()]
+        self.assertEqual(paths, [f"/v2/{i}/" + "x" * 200 for i in range(100)])
 
     def test_text_on_a_terminal(self) -> None:
         line = self.emit(_Terminal())

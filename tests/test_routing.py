@@ -5,12 +5,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from mirrord import config
 from mirrord.config import Registry
 from mirrord.registry.errors import RegistryError
+from mirrord.registry.reference import Reference
 from mirrord.registry.routing import Router
+from mirrord.serve.v2 import PARSED_MAX, RegistryProxy
 from tests.support import images
 from tests.support.memory import MemoryMirror
 
@@ -97,3 +103,57 @@ class RoutedMirrorTests(SynchronousTestCase):
         self.assertIn("/etc/containerd/certs.d/ghcr.io/hosts.toml", page)
         self.assertIn("/etc/containerd/certs.d/_default/hosts.toml", page)
         self.assertIn("location = &quot;m.example/ghcr.io&quot;", page)
+
+
+class _Recorded:
+    """A backend that answers with the registry and path it was given."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def serve_now(self, request: Request, ref: Reference, name: str, path: str, headers) -> bool:
+        request.write(f"{self.name} {path}".encode())
+        request.finish()
+        return True
+
+    async def serve(self, request: Request, ref: Reference, name: str, path: str, headers) -> None:
+        raise AssertionError("answered at once")
+
+
+class ParsedPathTests(SynchronousTestCase):
+    """``RegistryProxy`` keeps recent paths routed and parsed."""
+
+    def setUp(self) -> None:
+        hub = Registry("docker.io", ("https://hub",), "library", deny=("library/secret",))
+        ghcr = Registry("ghcr.io", ("https://ghcr",), hosts=("ghcr.mirror.example.com",))
+        router = Router(
+            {"docker.io": (hub, _Recorded("hub")), "ghcr.io": (ghcr, _Recorded("ghcr"))},
+            "docker.io",
+        )
+        self.proxy = RegistryProxy(router)
+        root = Resource()
+        root.putChild(b"v2", self.proxy)
+        self.channel = Site(root, reactor=Clock()).buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def get(self, path: str, host: str = "mirror") -> bytes:
+        self.transport.clear()
+        self.channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        return self.transport.value().partition(b"\r\n\r\n")[2]
+
+    def test_same_path_routed_by_its_own_host_and_ns(self) -> None:
+        """A path asked for again goes where its Host and ns send it, not
+        where the first request's went; refused names stay refused."""
+        path = "/v2/o/i/manifests/1"
+        for _ in range(2):
+            self.assertIn(b"\r\nhub /v2/o/i/manifests/1", self.get(path))
+            self.assertIn(b"ghcr /v2/o/i/", self.get(path, "ghcr.mirror.example.com"))
+            self.assertIn(b"ghcr /v2/o/i/", self.get(path + "?ns=ghcr.io"))
+            self.assertIn(b"DENIED", self.get("/v2/secret/manifests/1"))
+
+    def test_table_is_bounded(self) -> None:
+        """However many distinct paths come, the table of parsed paths stays bounded."""
+        for i in range(PARSED_MAX + 10):
+            self.get(f"/v2/o/i{i}/manifests/1")
+        self.assertLessEqual(len(self.proxy._parsed), PARSED_MAX)

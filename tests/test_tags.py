@@ -71,6 +71,25 @@ class TagTests(SynchronousTestCase):
         self.assertEqual(self.hub.counts["HEAD manifests"], heads + 1)
         self.assertEqual(self.hub.counts["GET manifests"], gets)
 
+    def test_cached_manifest_still_challenges_clients_without_credentials(self) -> None:
+        """A manifest answered from the cache (by tag within tag_ttl, or by
+        digest) is not sent to a client with no credentials at all: it gets
+        the challenge for the mirror's /token, as before the cache had it."""
+        first = self.pull()
+        digest = first.header("docker-content-digest")
+        for path in (
+            "/v2/library/alpine/manifests/latest",
+            f"/v2/library/alpine/manifests/{digest}",
+        ):
+            self.assertEqual(self.mirror.get(path, self.pull_auth()).code, 200)
+            bare = self.mirror.get(path, ACCEPT)
+            self.assertEqual(bare.code, 401, path)
+            self.assertIn("mirror.test/token", bare.header("www-authenticate"))
+            self.assertNotEqual(bare.body, first.body)
+
+    def pull_auth(self) -> dict:
+        return {**ACCEPT, **self.mirror.pull_headers("library/alpine")}
+
     def test_private_tag_within_tag_ttl_only_for_verified_clients(self) -> None:
         """A private tag answered from the cache within tag_ttl is still
         refused to a client the upstream has not accepted for it."""

@@ -414,8 +414,14 @@ def wire(
         store.offload = hashers("sha256").run  # the shared index's work: the disk worker's
     tokens = MirrorTokens.from_state(Path(config.state_dir), clock.seconds)
 
+    # Each labelled child looked up once, not on every request.
+    requests: dict[str, Any] = {}
+
     def count_request(kind: str) -> None:
-        metrics.requests.labels(kind).inc()
+        counter = requests.get(kind)
+        if counter is None:
+            counter = requests[kind] = metrics.requests.labels(kind)
+        counter.inc()
 
     in_flight = InFlight(lambda: store is not None and metrics.update_cache(store))
     targets: dict[str, TokenTarget] = {}
@@ -489,7 +495,15 @@ def wire(
             config.access, login, now=clock.seconds, tokens=tokens, table=share and share.table
         ),
     )
-    site.count_body = lambda source, size: metrics.bytes_served.labels(source).inc(size)
+    served: dict[str, Any] = {}
+
+    def count_body(source: str, size: int) -> None:
+        counter = served.get(source)
+        if counter is None:
+            counter = served[source] = metrics.bytes_served.labels(source)
+        counter.inc(size)
+
+    site.count_body = count_body
     if config.access_log:
         site.combined_log = CombinedLog(Path(config.access_log))
     return Wiring(site, targets, store, metrics, history, in_flight)

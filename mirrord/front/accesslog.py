@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 log = Logger(namespace="mirrord.access")
 
@@ -37,21 +37,40 @@ def emit(
     duration: float,
     record: AccessRecord,
 ) -> None:
-    log.info(
-        "{client} {method} {path} -> {status} bytes={bytes} {duration_ms:.1f}ms"
-        " upstream={upstream} redirects={redirects} fallback={fallback} cache={cache}"
-        " {outcome}",
-        client=client,
-        method=method,
-        path=path,
-        status=status,
-        bytes=sent,
-        duration_ms=duration * 1000,
-        upstream=record.upstream or "-",
-        redirects=record.redirects,
-        fallback=record.fell_back,
-        cache=record.cache,
-        outcome=record.outcome,
+    # Every field stays in the event (the JSON log has them all); the text
+    # is rendered here, once, with an f-string: an observer formatting a
+    # format string of eleven fields cost more than the rest of a cached
+    # manifest's answer (measured with cProfile). Its key starts with
+    # ``log_`` so that the JSON lines do not carry the message twice.
+    #
+    # The event is the dict ``log.info`` would build, handed to the logger's
+    # observer directly: ``Logger.emit`` first checks the level against
+    # every ``LogLevel`` constant, a few microseconds of each request.
+    upstream = record.upstream or "-"
+    duration_ms = duration * 1000
+    log.observer(
+        {
+            "log_access_line": f"{client} {method} {path} -> {status} bytes={sent}"
+            f" {duration_ms:.1f}ms upstream={upstream} redirects={record.redirects}"
+            f" fallback={record.fell_back} cache={record.cache} {record.outcome}",
+            "client": client,
+            "method": method,
+            "path": path,
+            "status": status,
+            "bytes": sent,
+            "duration_ms": duration_ms,
+            "upstream": upstream,
+            "redirects": record.redirects,
+            "fallback": record.fell_back,
+            "cache": record.cache,
+            "outcome": record.outcome,
+            "log_logger": log,
+            "log_level": LogLevel.info,
+            "log_namespace": log.namespace,
+            "log_source": None,
+            "log_format": "{log_access_line}",
+            "log_time": time.time(),
+        }
     )
 
 

@@ -294,19 +294,13 @@ class Guard:
         agent = (request.getHeader(b"user-agent") or b"").decode("latin-1")
         if any(pattern.search(agent) for pattern in self._blocked):
             return errors.denied("this client software is not allowed to use this mirror")
-        busy = errors.RegistryError(
-            429,
-            "TOOMANYREQUESTS",
-            "too many at once from your address; retry later",
-            retry_after=access.retry_after,
-        )
         limit = access.max_connections_per_client
         if limit and self.connections[peer] > limit:
             request.setHeader(b"Connection", b"close")
-            return busy
+            return _busy(access)
         limit = access.max_requests_per_client
         if limit and self.requests[client] >= limit:
-            return busy
+            return _busy(access)
         return None
 
     def authenticate(self, request: Request, path: bytes) -> Decision | Deferred[Decision]:
@@ -461,6 +455,15 @@ class GuardedRoot(Resource):
             requests.add(client)
             request.notifyFinish().addBoth(lambda _: requests.remove(client))
         return refusal
+
+
+def _busy(access: Access) -> errors.RegistryError:
+    return errors.RegistryError(
+        429,
+        "TOOMANYREQUESTS",
+        "too many at once from your address; retry later",
+        retry_after=access.retry_after,
+    )
 
 
 def _user_of(header: bytes) -> str:

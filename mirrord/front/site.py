@@ -52,6 +52,8 @@ class MirrordRequest(Request):
     """A request that carries what the access event needs."""
 
     refused = False
+    # HTTP/1.0 with ``Connection: keep-alive`` (see ``MirrordChannel``).
+    keep_alive_1_0 = False
 
     def gotLength(self, length: int | None) -> None:
         # Twisted would spool any body, however large, to a temporary file
@@ -80,17 +82,54 @@ class MirrordRequest(Request):
         clock: IReactorTime = site.reactor
         self.access = accesslog.AccessRecord(started=clock.seconds())
         self._site = site
+        self._clock = clock
+        self._logged = False
         site.began(self)
-        self.notifyFinish().addBoth(self._log_access, clock)
         super().process()
 
+    # The access event once the request has ended, either way: called here
+    # rather than from ``notifyFinish`` (a Deferred per request), after
+    # Twisted's own cleanup and the callbacks of those who asked.
+    _logged = True  # until ``process`` has begun the request
+
+    def finish(self) -> None:
+        super().finish()
+        if not self._logged:
+            self._log_access(None)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if not self._logged:
+            self._log_access(reason)
+
     def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.clientproto == b"HTTP/1.0":
+            self._keep_alive_1_0()
         record = getattr(self, "access", None)
         if record is not None and record.source and data and self.method != b"HEAD":
             self._site.count_body(record.source, len(data))
         super().write(data)
 
-    def _log_access(self, result: object, clock: IReactorTime) -> None:
+    def _keep_alive_1_0(self) -> None:
+        """An HTTP/1.0 client that asked to keep the connection (``ab -k``)
+        keeps it when the answer's end is known without a close: a
+        Content-Length, or no body at all. Twisted closes every HTTP/1.0
+        connection; its channel asked ``checkPersistence`` before the
+        answer existed, so the decision is made here, with the headers."""
+        if not self.keep_alive_1_0:
+            return
+        if (
+            self.responseHeaders.hasHeader(b"content-length")
+            or self.method == b"HEAD"
+            or self.code in http.NO_BODY_CODES
+        ):
+            self.responseHeaders.setRawHeaders(b"connection", [b"keep-alive"])
+        else:
+            self.channel.persistent = False
+
+    def _log_access(self, result: object) -> None:
+        self._logged = True
+        clock = self._clock
         self._site.ended(self)
         if result is not None:
             self.access.outcome = "client disconnected"
@@ -140,6 +179,17 @@ class MirrordChannel(http.HTTPChannel):
         if guard is not None and hasattr(self, "_peer"):
             guard.connection_lost(self._peer)
         super().connectionLost(reason)
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        if version == b"HTTP/1.0":
+            tokens = b",".join(request.requestHeaders.getRawHeaders(b"connection", []))
+            if b"keep-alive" in (t.strip().lower() for t in tokens.split(b",")):
+                # Kept open unless the answer turns out to need a close to
+                # end it (``MirrordRequest._keep_alive_1_0``).
+                request.keep_alive_1_0 = True  # type: ignore[attr-defined]
+                return True
+            return False
+        return bool(super().checkPersistence(request, version))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(431, "UNSUPPORTED", "request line or header fields too large")

@@ -18,6 +18,7 @@ FORWARDED_REQUEST_HEADERS = (
     b"if-modified-since",
     b"user-agent",
 )
+_FORWARDED = frozenset(FORWARDED_REQUEST_HEADERS)
 CREDENTIAL_HEADERS = (b"authorization", b"cookie")
 
 PASSED_RESPONSE_HEADERS = (
@@ -45,17 +46,21 @@ PASSED_RESPONSE_HEADERS = (
 
 def upstream_request_headers(client: Headers, client_address: str, secure: bool) -> Headers:
     """Headers for the upstream request made on behalf of a client."""
-    out = Headers()
-    for name in FORWARDED_REQUEST_HEADERS:
-        values = client.getRawHeaders(name)
-        if values:
-            out.setRawHeaders(name, values)
-    prior = client.getRawHeaders(b"x-forwarded-for", [])
-    chain = [*prior, client_address.encode()]
-    out.setRawHeaders(b"x-forwarded-for", [b", ".join(chain)])
-    out.setRawHeaders(b"x-real-ip", [client_address.encode()])
-    out.setRawHeaders(b"x-forwarded-proto", [b"https" if secure else b"http"])
-    return out
+    # One pass over what the client sent (a handful of headers), rather
+    # than a lookup per forwarded name: this runs for every request.
+    forwarded: dict[bytes, list[bytes]] = {}
+    prior: list[bytes] = []
+    for name, values in client.getAllRawHeaders():
+        lower = name.lower()
+        if lower in _FORWARDED:
+            forwarded[lower] = list(values)
+        elif lower == b"x-forwarded-for":
+            prior = list(values)
+    address = client_address.encode()
+    forwarded[b"x-forwarded-for"] = [b", ".join([*prior, address])]
+    forwarded[b"x-real-ip"] = [address]
+    forwarded[b"x-forwarded-proto"] = [b"https" if secure else b"http"]
+    return Headers(forwarded)
 
 
 def without_credentials(headers: Headers) -> Headers:

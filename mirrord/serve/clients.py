@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
@@ -70,6 +71,30 @@ class ClientAuth:
             _welcome(request)
             return None
         return headers
+
+    def admit_now(
+        self, request: Request, registry: str, ref: Reference, name: str
+    ) -> Literal["client", "mirror"] | None:
+        """What ``admit`` would decide, when that needs no one asked and
+        answers nothing here: the request goes upstream as the client
+        (its headers as they are) or as the mirror (``as_mirror``).
+        ``None``: ``admit`` decides (nothing was answered)."""
+        if ref.kind is Kind.BASE or not ref.name:
+            return None
+        authorization = request.getHeader(b"authorization")
+        token = bearer(authorization)
+        grant = self.tokens.check(token) if token else None
+        if grant is not None:
+            found = self.publicity.get(registry)
+            if not grant.allows_pull(ref.name, name) or (
+                found is not None and found[0].account is not None
+            ):
+                return None
+            return "mirror"
+        book = self.realms.get(registry)
+        if book is not None and book.service is not None and authorization is None:
+            return None
+        return "client"
 
     async def _anonymous_may_read(self, registry: str, name: str, headers: Headers) -> bool:
         """With an account the mirror may read what anonymous clients may

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -21,8 +23,9 @@ from mirrord.registry import errors
 from mirrord.registry.respond import API_VERSION
 from mirrord.serve.answer import copy_headers, note_cache, note_upstream, write_answer
 from mirrord.serve.cached import OCTET_STREAM, CacheContext, accepts, drop
+from mirrord.serve.memo import ManifestMemo
 from mirrord.serve.privacy import credential_of
-from mirrord.store.disk import Entry, Meta, TagRecord, write_tag_file
+from mirrord.store.disk import TOUCH_EVERY, Entry, Meta, TagRecord, write_tag_file
 from mirrord.store.worker import put_bytes
 from mirrord.upstream.bodies import BodyTooLarge, read_small_body
 from mirrord.upstream.chain import FAILOVER_CODES, Answer
@@ -42,6 +45,36 @@ class Manifests(CacheContext):
         # HEADs of a tag on their way upstream, shared by whoever may see
         # their answer: (repository, tag, credential or "" when public).
         self._revalidating: dict[tuple[str, str, str], Deferred[Answer | None]] = {}
+        # Recently served manifests' bytes, so a hit reads no file.
+        self._memo = ManifestMemo()
+        self._results: dict[str, Any] = {}
+
+    def by_digest_now(
+        self, request: Request, digest: str, path: str, headers: Callable[[], Headers]
+    ) -> bool:
+        """A manifest in the cache that this client may read, sent at once
+        (``False``: ``by_digest`` decides). The client's ``headers()`` are
+        built only for content that is not public."""
+        cached = self._cached_manifest(digest)
+        if cached is None:
+            return False
+        entry, body = cached
+        if not (entry.meta.public or self.access.allowed_now(headers(), entry.meta, path)):
+            return False
+        self._send_manifest(request, digest, body, entry.meta.media_type, "HIT")
+        return True
+
+    def by_tag_now(
+        self, request: Request, tag: str, name: str, headers: Callable[[], Headers]
+    ) -> bool:
+        """A tag revalidated within ``tag_ttl``, sent at once from the cache
+        (``False``: ``by_tag`` decides)."""
+        record = self._fresh.get((name, tag))
+        if record is None:
+            return False
+        # A public record is served to anyone: no headers are looked at.
+        client = Headers() if record.public else headers()
+        return self._serve_recent(request, tag, name, client, record, "HIT")
 
     async def by_digest(
         self, request: Request, digest: str, name: str, path: str, headers: Headers
@@ -129,7 +162,10 @@ class Manifests(CacheContext):
             note_upstream(request, upstream)
             copy_headers(request, upstream, self.realms)
             request.setResponseCode(200)
-        self.metrics.cache.labels(status).inc()
+        counter = self._results.get(status)
+        if counter is None:
+            counter = self._results[status] = self.metrics.cache.labels(status)
+        counter.inc()
         note_cache(request, status)
         request.setHeader(*API_VERSION)
         request.setHeader(b"Docker-Content-Digest", digest.encode())
@@ -143,11 +179,23 @@ class Manifests(CacheContext):
         request.finish()
 
     def _cached_manifest(self, digest: str) -> tuple[Entry, bytes] | None:
+        entry = self.store.entries.get(digest)
+        if entry is not None:
+            body = self._memo.get(digest, entry)
+            now = self.store.now()
+            # The store's own ``get`` (a stat, and the mtime touched once
+            # an hour for the access order across restarts) when it is due.
+            if body is not None and now - entry.last_access < TOUCH_EVERY:
+                entry.last_access = now
+                return entry, body
         entry = self.store.get(digest)
         if entry is None:
             return None
         body = self.store.read(digest)
-        return (entry, body) if body is not None else None
+        if body is None:
+            return None
+        self._memo.put(digest, entry, body)
+        return entry, body
 
     async def _manifest_on_disk(self, digest: str) -> tuple[Entry, bytes] | None:
         """A manifest another process sharing the cache stored: indexed

@@ -87,6 +87,21 @@ class AccessChecks:
             return False
         return self._verified.get((credential_of(headers), repository)) is not None
 
+    def allowed_now(self, headers: Headers, meta: Meta, path: str) -> bool:
+        """Does ``check`` let this client read it without asking anyone?
+        (``False`` says only that the answer needs ``check``.)"""
+        if meta.public:
+            return True
+        if is_mirror(headers):
+            return False
+        credential = credential_of(headers)
+        if (
+            meta.registry == self.registry
+            and self._verified.get((credential, meta.repository)) is not None
+        ):
+            return True
+        return self._confirmed.get((credential, path)) is not None
+
     async def check(
         self, headers: Headers, meta: Meta, path: str
     ) -> Answer | AnonymousRefusal | None:

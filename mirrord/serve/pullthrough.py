@@ -8,6 +8,7 @@ outage."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
@@ -50,6 +51,15 @@ class PullThrough(CacheContext):
             await self._base(request, path, headers)
         else:
             await self._pass(request, path, headers)
+
+    def serve_now(
+        self, request: Request, ref: Reference, name: str, path: str, headers: Callable[[], Headers]
+    ) -> bool:
+        if ref.kind is not Kind.MANIFEST:
+            return False
+        if ref.by_digest:
+            return self.manifests.by_digest_now(request, ref.reference, path, headers)
+        return self.manifests.by_tag_now(request, ref.reference, name, headers)
 
     async def _base(self, request: Request, path: str, headers: Headers) -> None:
         try:

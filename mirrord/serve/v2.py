@@ -32,11 +32,14 @@ from mirrord.registry.routing import Route, Router
 from mirrord.serve.answer import write_answer
 from mirrord.serve.clients import ClientAuth
 from mirrord.upstream.chain import UpstreamChain
+from mirrord.upstream.identity import as_mirror
 
 log = Logger()
 
 _RANGE_RE = re.compile(rb"bytes=(\d+-\d*|-\d+)")
 ALLOWED_METHODS = (b"GET", b"HEAD")
+PARSED_MAX = 1024
+_ParseKey = tuple[str, bytes | None, bytes | None]  # path after /v2/, Host, ns
 
 
 class Backend(TypingProtocol):
@@ -46,6 +49,13 @@ class Backend(TypingProtocol):
     async def serve(
         self, request: Request, ref: Reference, name: str, path: str, headers: Headers
     ) -> None: ...
+
+    def serve_now(
+        self, request: Request, ref: Reference, name: str, path: str, headers: Callable[[], Headers]
+    ) -> bool:
+        """Answer at once if that needs no waiting (a cache hit this
+        client may read); ``False`` when ``serve`` must, nothing written."""
+        ...
 
 
 @dataclass
@@ -62,6 +72,11 @@ class PassThrough:
     ) -> None:
         answer = await self.chain.request(request.method, path, headers)
         await write_answer(request, answer, self.realms, self.clock, self.timeouts)
+
+    def serve_now(
+        self, request: Request, ref: Reference, name: str, path: str, headers: Callable[[], Headers]
+    ) -> bool:
+        return False
 
 
 def upstream_name(ref: Reference, registry: Registry) -> str:
@@ -119,6 +134,12 @@ class RegistryProxy(Resource):
         self._router = router
         self._count = count  # each valid request, by kind, cache on or off
         self._clients = clients
+        # Recent paths, routed and parsed (a pure function of the path, the
+        # Host header and ``ns``): a cached manifest is asked for again and
+        # again. Refusals are not kept; the table is emptied when full.
+        self._parsed: dict[
+            tuple[str, bytes | None, bytes | None], tuple[Route[Backend], Reference]
+        ] = {}
 
     def render(self, request: Request) -> bytes | int:
         try:
@@ -126,7 +147,32 @@ class RegistryProxy(Resource):
         except errors.RegistryError as e:
             write_error(request, e)
             return NOT_DONE_YET
-        work = ensureDeferred(self._serve(request, route, ref))
+        # A cache hit is answered here, synchronously: no coroutine, no
+        # Deferred, nothing to cancel (most of a cached manifest's cost
+        # was that machinery). Anything that must wait takes ``_serve``.
+        try:
+            self._count(ref.kind.value)
+            name = upstream_name(ref, route.registry)
+            path = ref.path(name) + self._query(request, ref)
+            # Built only if asked for: a hit on public content never is.
+            built: list[Headers] = []
+
+            def headers() -> Headers:
+                if not built:
+                    built.append(
+                        upstream_request_headers(
+                            request.requestHeaders, client_address(request), request.isSecure()
+                        )
+                    )
+                return built[0]
+
+            if self._serve_now(request, route, ref, name, path, headers):
+                return NOT_DONE_YET
+            upstream = headers()
+        except Exception:
+            self._failed(Failure(), request)
+            return NOT_DONE_YET
+        work = ensureDeferred(self._serve(request, route, ref, name, path, upstream))
         request.notifyFinish().addErrback(lambda _: work.cancel())
         work.addErrback(self._failed, request)
         return NOT_DONE_YET
@@ -140,6 +186,43 @@ class RegistryProxy(Resource):
             raise errors.name_invalid(request.path.decode("latin-1")) from None
         ns = request.args.get(b"ns", [None])[-1]
         host = request.getHeader(b"host")
+        key = (rest, host, ns)
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            parsed = self._route(rest, host, ns)
+            if len(self._parsed) >= PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[key] = parsed
+        route, ref = parsed
+        if ref.kind is Kind.BLOB and request.requestHeaders.hasHeader(b"range"):
+            # What the cache and the upstream see is the range as checked.
+            checked = check_range(request.requestHeaders.getRawHeaders(b"range", []))
+            request.requestHeaders.setRawHeaders(b"range", [checked])
+        return route, ref
+
+    def _serve_now(
+        self,
+        request: Request,
+        route: Route[Backend],
+        ref: Reference,
+        name: str,
+        path: str,
+        headers: Callable[[], Headers],
+    ) -> bool:
+        if ref.kind is not Kind.MANIFEST:
+            return False
+        if self._clients is not None:
+            admitted = self._clients.admit_now(request, route.registry.name, ref, name)
+            if admitted is None:
+                return False
+            if admitted == "mirror":
+                client = headers
+                headers = lambda: as_mirror(client())  # noqa: E731
+        return route.target.serve_now(request, ref, name, path, headers)
+
+    def _route(
+        self, rest: str, host: bytes | None, ns: bytes | None
+    ) -> tuple[Route[Backend], Reference]:
         route = self._router.route(
             rest,
             host.decode("latin-1") if host else None,
@@ -148,19 +231,17 @@ class RegistryProxy(Resource):
         ref = reference.parse(route.path)
         if ref.name:
             check_repository(route.registry, upstream_name(ref, route.registry))
-        if ref.kind is Kind.BLOB and request.requestHeaders.hasHeader(b"range"):
-            # What the cache and the upstream see is the range as checked.
-            checked = check_range(request.requestHeaders.getRawHeaders(b"range", []))
-            request.requestHeaders.setRawHeaders(b"range", [checked])
         return route, ref
 
-    async def _serve(self, request: Request, route: Route[Backend], ref: Reference) -> None:
-        self._count(ref.kind.value)
-        name = upstream_name(ref, route.registry)
-        path = ref.path(name) + self._query(request, ref)
-        headers = upstream_request_headers(
-            request.requestHeaders, client_address(request), request.isSecure()
-        )
+    async def _serve(
+        self,
+        request: Request,
+        route: Route[Backend],
+        ref: Reference,
+        name: str,
+        path: str,
+        headers: Headers,
+    ) -> None:
         if self._clients is not None:
             admitted = await self._clients.admit(request, route.registry.name, ref, name, headers)
             if admitted is None:

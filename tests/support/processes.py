@@ -30,11 +30,21 @@ def twistd() -> str:
 
 
 def mirrord_argv(*options: str) -> list[str]:
-    """``twistd mirrord`` in the foreground, as the unit and README run it;
+    """``twistd mirrord`` in the foreground, as the unit and README run it
+    (with the unit's logger: what is measured in ``bench/`` is what runs);
     one process (``--workers 1``) unless ``options`` say ``--workers N``
     (the last one given wins), so tests behave as they did before workers
     and start fast."""
-    return [twistd(), "--nodaemon", "--pidfile=", "mirrord", "--workers", "1", *options]
+    return [
+        twistd(),
+        "--nodaemon",
+        "--pidfile=",
+        "--logger=mirrord.daemon.logs.observer",
+        "mirrord",
+        "--workers",
+        "1",
+        *options,
+    ]
 
 
 @dataclass
