@@ -450,7 +450,9 @@ class GuardedRoot(Resource):
         )
         request.client_ip = client  # type: ignore[attr-defined]
         refusal = self._guard.check(request, client, peer)
-        if refusal is None:
+        # Requests in flight are counted only while a limit needs them: the
+        # count costs a Deferred per request (and a locked table with workers).
+        if refusal is None and self._guard.access.max_requests_per_client:
             requests = self._guard.requests
             requests.add(client)
             request.notifyFinish().addBoth(lambda _: requests.remove(client))
