@@ -8,6 +8,7 @@ process, so two stores here behave as two daemons do)."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -20,9 +21,11 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
+from twisted.web.test.requesthelper import DummyRequest
 
 from mirrord.store import shared
 from mirrord.store.disk import BlobStore, Meta
+from mirrord.store.fill import FileStreamer
 from mirrord.store.follow import RemoteFill
 from mirrord.store.index import SharedIndex
 from tests.support.blobs import Collector, PacedBlobs
@@ -361,3 +364,118 @@ class TwoMirrorsTests(SynchronousTestCase):
         self.assertEqual(reader.data, self.data)
         reader.reason.trap(ResponseDone)
         self.assertEqual(self.upstream.gets, 1)
+
+
+class _Client(DummyRequest):
+    """A request that records what a client would receive: the body written
+    and whether it was finished (a complete 200) or cut."""
+
+    channel = None
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class FollowedFileReplacedTests(SynchronousTestCase):
+    """A follower's client is never sent a whole blob that is not the
+    digest's bytes, whatever happened to the file it was following."""
+
+    def setUp(self) -> None:
+        self.root = Path(tempfile.mkdtemp())
+        self.filler = BlobStore(self.root, 1 << 30)
+        self.here = BlobStore(self.root, 1 << 30)
+        self.data = os.urandom(50_000)
+        self.digest = _digest(self.data)
+        self.meta = Meta("application/x-test", "library/x")
+        self.about = {"meta": dataclasses.asdict(self.meta), "size": len(self.data)}
+        self.clock = Clock()
+
+    def follow(self) -> tuple[RemoteFill, _Client]:
+        """Follow the digest's fill and stream it to a client."""
+        following = self.here.claim(self.digest)
+        self.assertFalse(following.locked)
+        follower = RemoteFill(
+            self.here, following, self.digest, maybeDeferred, self.clock, 5.0, 60.0
+        )
+        self.successResultOf(follower.start())
+        request = _Client([b""])
+        streamer = FileStreamer(
+            request,
+            follower.source,
+            0,
+            len(self.data),
+            follower,
+            self.clock,
+            300.0,
+            lambda: None,
+        )
+        self.outcome: list[object] = []
+        streamer.start().addBoth(self.outcome.append)
+        self.clock.advance(0.05)
+        return follower, request
+
+    def publish_right_blob(self) -> None:
+        """Another process claims the digest, fills it right and publishes it."""
+        claim = self.filler.claim(self.digest)
+        self.assertTrue(claim.locked)
+        temp = self.filler.new_temp(len(self.data), claim)
+        shared.describe(claim, self.about)
+        temp.write(self.data)
+        self.filler.commit(temp, self.digest, json.dumps(self.about["meta"]).encode(), 1.0)
+        temp.discard()
+
+    def assert_cut(self, follower: RemoteFill, request: _Client) -> None:
+        body = b"".join(request.written)
+        self.assertFalse(
+            request.finished and body != self.data, "a complete body that is not the blob"
+        )
+        self.assertEqual(request.finished, 0)
+        self.assertFalse(follower.verified)
+        self.assertIsNotNone(follower.error)
+
+    def test_takeover_of_a_killed_fill_cuts_the_follower(self) -> None:
+        """A filler killed mid-fill, then a new filler publishing the blob:
+        the follower's client, sent the dead filler's bytes, is cut."""
+        path = shared.fill_path(self.root / "tmp", self.digest)
+        dead = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(dead, fcntl.LOCK_EX)
+        shared.describe(shared.Claim(path, dead, True), self.about)
+        os.write(dead, b"X" * 20_000)
+        follower, request = self.follow()
+        self.assertEqual(b"".join(request.written), b"X" * 20_000)
+        os.close(dead)  # killed: its lock goes
+        self.publish_right_blob()
+        self.clock.advance(0.05)
+        self.assert_cut(follower, request)
+
+    def test_mismatch_then_another_publication_cuts_the_follower(self) -> None:
+        """A fill whose body did not match its digest, then another process
+        publishing the right blob before the next look: the follower's
+        client, sent the rejected bytes, is cut."""
+        claim = self.filler.claim(self.digest)
+        temp = self.filler.new_temp(len(self.data), claim)
+        shared.describe(claim, self.about)
+        temp.write(b"Y" * 50_000)
+        follower, request = self.follow()
+        self.assertEqual(b"".join(request.written), b"Y" * 49_999)
+        temp.discard()  # the digest did not match
+        self.publish_right_blob()
+        self.clock.advance(0.05)
+        self.assert_cut(follower, request)
+
+    def test_following_to_the_publication_sends_the_blob(self) -> None:
+        """The follower of a fill that publishes sends the whole blob."""
+        claim = self.filler.claim(self.digest)
+        temp = self.filler.new_temp(len(self.data), claim)
+        shared.describe(claim, self.about)
+        temp.write(self.data[:20_000])
+        follower, request = self.follow()
+        temp.write(self.data[20_000:])
+        self.filler.commit(temp, self.digest, json.dumps(self.about["meta"]).encode(), 1.0)
+        temp.discard()
+        self.clock.advance(0.05)
+        self.assertTrue(follower.verified)
+        self.assertEqual((b"".join(request.written), request.finished), (self.data, 1))
