@@ -106,6 +106,21 @@ class FillLockTests(SynchronousTestCase):
         self.assertTrue(shared.about_path(held.path).exists())
         self.assertFalse(leftover.exists())
 
+    def test_restart_scan_keeps_the_description_a_live_fill_is_writing(self) -> None:
+        """Another process's restart scan leaves the temporary file of a live
+        fill's description alone (its filler is about to rename it)."""
+        held = self.store.claim(self.digest)
+        self.addCleanup(held.release)
+        about = shared.about_path(held.path)
+        writing = shared.describing_path(about)
+        writing.write_bytes(b"{}")
+        restarted = BlobStore(self.store.root, 1 << 30)
+        restarted.rebuild()
+        self.assertTrue(writing.exists(), "a live filler's description was removed")
+        held.release()
+        self.assertEqual(BlobStore(self.store.root, 1 << 30).rebuild(), (0, 1))
+        self.assertFalse(writing.exists())
+
 
 class FollowerTests(SynchronousTestCase):
     """A ``RemoteFill`` following another process's fill on a task.Clock."""

@@ -257,10 +257,7 @@ class BlobStore:
         their lock says so. Returns how many files went."""
         removed = 0
         for temp in (self.root / "tmp").iterdir():
-            owner = temp
-            if temp.name.endswith(shared.ABOUT_SUFFIX):
-                owner = temp.with_suffix(shared.FILL_SUFFIX)
-            if shared.is_held(owner):
+            if shared.is_held(shared.owner_of(temp)):
                 continue
             temp.unlink(missing_ok=True)
             removed += 1

@@ -120,10 +120,27 @@ def claim(tmp: Path, digest: str, published: Path) -> Claim:
     raise OSError(errno.EBUSY, f"cannot take the fill lock of {digest}")
 
 
+def describing_path(about: Path) -> Path:
+    """The temporary name ``describe`` writes ``about`` under."""
+    return about.with_name(f".{about.name}.{os.getpid()}")
+
+
+def owner_of(temp: Path) -> Path:
+    """The fill file whose lock says whether ``temp`` (a file in ``tmp/``)
+    is in use: a fill's own file, its description, or the temporary file
+    ``describe`` writes that description under (``.<description>.<pid>``)."""
+    name = temp.name
+    if name.startswith(".") and ABOUT_SUFFIX + "." in name:
+        name = name[1:].rsplit(ABOUT_SUFFIX + ".", 1)[0] + ABOUT_SUFFIX
+    if name.endswith(ABOUT_SUFFIX):
+        return temp.with_name(name).with_suffix(FILL_SUFFIX)
+    return temp
+
+
 def describe(claim: Claim, about: dict) -> None:
     """Tell followers what the upstream said (media type, size...)."""
     about_file = about_path(claim.path)
-    temp = about_file.with_name(f".{about_file.name}.{os.getpid()}")
+    temp = describing_path(about_file)
     temp.write_bytes(json.dumps(about).encode())
     os.replace(temp, about_file)
 
