@@ -23,8 +23,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.test.requesthelper import DummyRequest
 
+from mirrord.front.history import History
+from mirrord.front.status import StatusSource, totals
+from mirrord.front.texts import TEXTS
+from mirrord.metrics import Metrics, _CacheGauges
 from mirrord.store import shared
-from mirrord.store.disk import BlobStore, Meta
+from mirrord.store.disk import FIGURES_EVERY, BlobStore, Meta
 from mirrord.store.fill import FileStreamer
 from mirrord.store.follow import RemoteFill
 from mirrord.store.index import SharedIndex
@@ -245,6 +249,39 @@ class SharedIndexTests(SynchronousTestCase):
         self.assertEqual(self.one.total(), 0)
         self.assertIsNotNone(finder.find(_digest(b"orphan")))
         self.assertEqual(self.one.total(), len(b"orphan"))
+
+
+class SharedFiguresTests(SynchronousTestCase):
+    """The cache's size and entries every worker shows."""
+
+    def test_every_worker_shows_the_shared_cache_figures(self) -> None:
+        """/metrics and the status page of a worker count the blobs another
+        worker stored (within a few seconds), not only its own."""
+        root = Path(tempfile.mkdtemp())
+        clock = Clock()
+        clock.advance(1000)
+        one, two = (
+            BlobStore(root, 1 << 30, now=clock.seconds, share=True, offload=maybeDeferred)
+            for _ in range(2)
+        )
+        one.rebuild()
+        two.rebuild()
+        one.put_bytes(_digest(b"blob"), b"blob", Meta())
+        one.put_bytes(_digest(b"other"), b"other", Meta())
+        clock.advance(FIGURES_EVERY + 1)
+        two.figures()  # starts a refresh on the disk worker (synchronous here)
+        metrics = Metrics()
+        metrics.watch(two, ())
+        gauges = {m.name: m.samples[0].value for m in _CacheGauges(metrics).collect()}
+        self.assertEqual(
+            (gauges["mirrord_cache_size_bytes"], gauges["mirrord_cache_entries"]), (9, 2)
+        )
+        page = StatusSource(
+            metrics, History(lambda: totals(metrics), clock), clock, {}, two, ()
+        )._cache_row(TEXTS["en"])
+        self.assertIn('value="9"', page)
+        self.assertIn("2 blobs", page)
+        self.assertEqual(one.figures(), two.figures())
 
 
 class SharedEvictionTests(SynchronousTestCase):

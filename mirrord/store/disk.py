@@ -107,6 +107,9 @@ TOUCH_EVERY = 3600.0
 TAG_REFRESH_EVERY = 60.0
 # Seconds between two batches of hits sent to the shared index.
 TOUCHES_EVERY = 30.0
+# Seconds the shared index's figures (size, blobs) shown by /metrics and the
+# status page may be old: each worker reads them from SQLite at most this often.
+FIGURES_EVERY = 5.0
 
 
 class TempBlob:
@@ -207,6 +210,9 @@ class BlobStore:
     _touched: dict[str, float] = field(default_factory=dict, init=False)
     _touches_sent: float = field(default=0.0, init=False)
     _evicting: bool = field(default=False, init=False)
+    _figures: tuple[int, int] | None = field(default=None, init=False)
+    _figures_read: float = field(default=float("-inf"), init=False)
+    _figures_reading: bool = field(default=False, init=False)
     _evict_again: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -249,7 +255,33 @@ class BlobStore:
                 lambda digest: self.data_path(digest).exists(),
             )
             self.size = self.shared.total()
+            self._figures = self.shared.figures()
+            self._figures_read = self.now()
         return len(self.entries), removed
+
+    def figures(self) -> tuple[int, int]:
+        """(bytes, blobs) in the cache, as /metrics and the status page show
+        them. With several processes: the shared index's, the same in every
+        worker, read on the disk worker at most every ``FIGURES_EVERY``
+        seconds (this returns the last reading, never waits for SQLite)."""
+        if self.shared is None or self.offload is None:
+            return self.size, len(self.entries)
+        now = self.now()
+        if now - self._figures_read >= FIGURES_EVERY and not self._figures_reading:
+            self._figures_reading = True
+
+            def read(figures: tuple[int, int]) -> None:
+                self._figures, self._figures_read = figures, self.now()
+
+            def done(_: object) -> None:
+                self._figures_reading = False
+
+            self.offload(self.shared.figures).addCallback(read).addErrback(lambda _: None).addBoth(
+                done
+            )
+        if self._figures is None:
+            return self.size, len(self.entries)
+        return self._figures
 
     def scan_temporary(self) -> int:
         """Remove what interrupted fills left in ``tmp/``, except the files

@@ -75,6 +75,13 @@ class SharedIndex:
     def total(self) -> int:
         return self._db.execute("SELECT coalesce(sum(size), 0) FROM blobs").fetchone()[0]
 
+    def figures(self) -> tuple[int, int]:
+        """(bytes, blobs) in the cache, every process's."""
+        size, count = self._db.execute(
+            "SELECT coalesce(sum(size), 0), count(*) FROM blobs"
+        ).fetchone()
+        return size, count
+
     def digests(self) -> set[str]:
         return {row[0] for row in self._db.execute("SELECT digest FROM blobs")}
 
