@@ -212,6 +212,25 @@ class SharedIndexTests(SynchronousTestCase):
     def evict(self, index: SharedIndex, keep=lambda digest, repository: False):
         return index.evict(1000, 0.9, 0.6, keep, self.removed.append)
 
+    def test_restart_looks_at_the_files_without_locking_the_index(self) -> None:
+        """A restarting process's look at every blob's file does not hold
+        the index: another process records its blob meanwhile."""
+        for n in range(3):
+            self.one.put(f"sha256:{n}", 10, 1.0, "")
+        self.two._db.execute("PRAGMA busy_timeout = 10")
+        recorded: list[str] = []
+
+        def exists(digest: str) -> bool:
+            recorded.append(digest)
+            if digest == "sha256:0":
+                return False
+            self.two.put(f"{digest}-other", 1, 1.0, "")  # another process's publication
+            return True
+
+        self.one.reconcile([], exists)
+        self.assertEqual(len(recorded), 4)  # three looks, then the missing one again
+        self.assertNotIn("sha256:0", self.one.digests())
+
     def test_total_counts_every_process_and_eviction_is_lru_across_them(self) -> None:
         """Blobs published by two processes count together against the
         limit, and the least recently used (by anyone's hits) go first."""
@@ -282,6 +301,28 @@ class SharedFiguresTests(SynchronousTestCase):
         self.assertIn('value="9"', page)
         self.assertIn("2 blobs", page)
         self.assertEqual(one.figures(), two.figures())
+
+    def test_blob_published_while_the_index_is_locked_is_counted_later(self) -> None:
+        """A blob linked in place while another process holds the index past
+        the busy timeout is served, and counted once the index is free."""
+        root = Path(tempfile.mkdtemp())
+        clock = Clock()
+        clock.advance(1000)
+        one, two = (
+            BlobStore(root, 1 << 30, now=clock.seconds, share=True, offload=maybeDeferred)
+            for _ in range(2)
+        )
+        one.rebuild()
+        two.rebuild()
+        assert one.shared is not None and two.shared is not None
+        one.shared._db.execute("PRAGMA busy_timeout = 10")
+        two.shared._db.execute("BEGIN IMMEDIATE")  # a long reconcile, say
+        one.put_bytes(_digest(b"blob"), b"blob", Meta())
+        self.assertEqual(one.read(_digest(b"blob")), b"blob")
+        two.shared._db.execute("ROLLBACK")
+        clock.advance(FIGURES_EVERY + 1)
+        one.figures()
+        self.assertEqual(two.shared.figures(), (4, 1))
 
 
 class SharedEvictionTests(SynchronousTestCase):

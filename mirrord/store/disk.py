@@ -33,6 +33,8 @@ import fnmatch
 import hashlib
 import json
 import os
+import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,9 +42,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
+
 from mirrord.store import shared
 from mirrord.store.index import SharedIndex, pinned_repository
 from mirrord.store.shared import Claim
+
+log = Logger()
 
 
 class DigestMismatch(Exception):
@@ -213,6 +219,11 @@ class BlobStore:
     _figures: tuple[int, int] | None = field(default=None, init=False)
     _figures_read: float = field(default=float("-inf"), init=False)
     _figures_reading: bool = field(default=False, init=False)
+    # Blobs linked in place whose record in the shared index failed (it was
+    # locked past its busy timeout): digest -> (size, when, repository),
+    # recorded again by the disk worker (``record_pending``), never lost.
+    _unrecorded: dict[str, tuple[int, float, str]] = field(default_factory=dict, init=False)
+    _unrecorded_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _evict_again: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -259,6 +270,36 @@ class BlobStore:
             self._figures_read = self.now()
         return len(self.entries), removed
 
+    def _read_figures(self) -> tuple[int, int]:
+        assert self.shared is not None
+        self.record_pending()
+        return self.shared.figures()
+
+    def record_pending(self) -> None:
+        """Record the blobs whose record failed before (blocks; the disk
+        worker's). What fails again stays pending."""
+        assert self.shared is not None
+        with self._unrecorded_lock:
+            pending, self._unrecorded = self._unrecorded, {}
+        for digest, (size, when, repository) in pending.items():
+            if not self.data_path(digest).exists():
+                continue  # evicted meanwhile: nothing to count
+            self._record(digest, size, when, repository)
+
+    def _record(self, digest: str, size: int, when: float, repository: str) -> None:
+        assert self.shared is not None
+        try:
+            self.shared.put(digest, size, when, repository)
+        except sqlite3.Error as e:
+            log.warn(
+                "{digest} is in place but not yet counted in the shared index ({error});"
+                " recorded later",
+                digest=digest,
+                error=str(e),
+            )
+            with self._unrecorded_lock:
+                self._unrecorded[digest] = (size, when, repository)
+
     def figures(self) -> tuple[int, int]:
         """(bytes, blobs) in the cache, as /metrics and the status page show
         them. With several processes: the shared index's, the same in every
@@ -276,9 +317,8 @@ class BlobStore:
             def done(_: object) -> None:
                 self._figures_reading = False
 
-            self.offload(self.shared.figures).addCallback(read).addErrback(lambda _: None).addBoth(
-                done
-            )
+            reading = self.offload(self._read_figures)
+            reading.addCallback(read).addErrback(lambda _: None).addBoth(done)
         if self._figures is None:
             return self.size, len(self.entries)
         return self._figures
@@ -358,8 +398,11 @@ class BlobStore:
         os.link(temp.path, staged)
         os.replace(staged, directory / "data")
         if self.shared is not None:
+            # The blob is in place: a failed record must not fail the fill.
+            if self._unrecorded:
+                self.record_pending()
             repository = json.loads(meta).get("repository", "")
-            self.shared.put(digest, temp.size, when, repository)
+            self._record(digest, temp.size, when, repository)
 
     def add(self, digest: str, size: int, meta: Meta, when: float) -> Entry:
         """Index a blob ``commit`` put in place (the reactor's bookkeeping)."""
