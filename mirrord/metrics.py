@@ -213,9 +213,10 @@ class _CacheGauges:
         store = self._metrics._store
         if store is None:
             return
+        size, entries = store.figures()
         for (name, text), value in (
-            (_CACHE_SIZE, store.size),
-            (_CACHE_ENTRIES, len(store.entries)),
+            (_CACHE_SIZE, size),
+            (_CACHE_ENTRIES, entries),
             (_CACHE_LIMIT, store.max_size),
         ):
             yield GaugeMetricFamily(name, text, value=value)

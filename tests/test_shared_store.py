@@ -8,6 +8,7 @@ process, so two stores here behave as two daemons do)."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -20,9 +21,15 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
+from twisted.web.test.requesthelper import DummyRequest
 
+from mirrord.front.history import History
+from mirrord.front.status import StatusSource, totals
+from mirrord.front.texts import TEXTS
+from mirrord.metrics import Metrics, _CacheGauges
 from mirrord.store import shared
-from mirrord.store.disk import BlobStore, Meta
+from mirrord.store.disk import FIGURES_EVERY, BlobStore, Meta
+from mirrord.store.fill import FileStreamer
 from mirrord.store.follow import RemoteFill
 from mirrord.store.index import SharedIndex
 from tests.support.blobs import Collector, PacedBlobs
@@ -102,6 +109,21 @@ class FillLockTests(SynchronousTestCase):
         self.assertTrue(held.path.exists())
         self.assertTrue(shared.about_path(held.path).exists())
         self.assertFalse(leftover.exists())
+
+    def test_restart_scan_keeps_the_description_a_live_fill_is_writing(self) -> None:
+        """Another process's restart scan leaves the temporary file of a live
+        fill's description alone (its filler is about to rename it)."""
+        held = self.store.claim(self.digest)
+        self.addCleanup(held.release)
+        about = shared.about_path(held.path)
+        writing = shared.describing_path(about)
+        writing.write_bytes(b"{}")
+        restarted = BlobStore(self.store.root, 1 << 30)
+        restarted.rebuild()
+        self.assertTrue(writing.exists(), "a live filler's description was removed")
+        held.release()
+        self.assertEqual(BlobStore(self.store.root, 1 << 30).rebuild(), (0, 1))
+        self.assertFalse(writing.exists())
 
 
 class FollowerTests(SynchronousTestCase):
@@ -190,6 +212,25 @@ class SharedIndexTests(SynchronousTestCase):
     def evict(self, index: SharedIndex, keep=lambda digest, repository: False):
         return index.evict(1000, 0.9, 0.6, keep, self.removed.append)
 
+    def test_restart_looks_at_the_files_without_locking_the_index(self) -> None:
+        """A restarting process's look at every blob's file does not hold
+        the index: another process records its blob meanwhile."""
+        for n in range(3):
+            self.one.put(f"sha256:{n}", 10, 1.0, "")
+        self.two._db.execute("PRAGMA busy_timeout = 10")
+        recorded: list[str] = []
+
+        def exists(digest: str) -> bool:
+            recorded.append(digest)
+            if digest == "sha256:0":
+                return False
+            self.two.put(f"{digest}-other", 1, 1.0, "")  # another process's publication
+            return True
+
+        self.one.reconcile([], exists)
+        self.assertEqual(len(recorded), 4)  # three looks, then the missing one again
+        self.assertNotIn("sha256:0", self.one.digests())
+
     def test_total_counts_every_process_and_eviction_is_lru_across_them(self) -> None:
         """Blobs published by two processes count together against the
         limit, and the least recently used (by anyone's hits) go first."""
@@ -227,6 +268,61 @@ class SharedIndexTests(SynchronousTestCase):
         self.assertEqual(self.one.total(), 0)
         self.assertIsNotNone(finder.find(_digest(b"orphan")))
         self.assertEqual(self.one.total(), len(b"orphan"))
+
+
+class SharedFiguresTests(SynchronousTestCase):
+    """The cache's size and entries every worker shows."""
+
+    def test_every_worker_shows_the_shared_cache_figures(self) -> None:
+        """/metrics and the status page of a worker count the blobs another
+        worker stored (within a few seconds), not only its own."""
+        root = Path(tempfile.mkdtemp())
+        clock = Clock()
+        clock.advance(1000)
+        one, two = (
+            BlobStore(root, 1 << 30, now=clock.seconds, share=True, offload=maybeDeferred)
+            for _ in range(2)
+        )
+        one.rebuild()
+        two.rebuild()
+        one.put_bytes(_digest(b"blob"), b"blob", Meta())
+        one.put_bytes(_digest(b"other"), b"other", Meta())
+        clock.advance(FIGURES_EVERY + 1)
+        two.figures()  # starts a refresh on the disk worker (synchronous here)
+        metrics = Metrics()
+        metrics.watch(two, ())
+        gauges = {m.name: m.samples[0].value for m in _CacheGauges(metrics).collect()}
+        self.assertEqual(
+            (gauges["mirrord_cache_size_bytes"], gauges["mirrord_cache_entries"]), (9, 2)
+        )
+        page = StatusSource(
+            metrics, History(lambda: totals(metrics), clock), clock, {}, two, ()
+        )._cache_row(TEXTS["en"])
+        self.assertIn('value="9"', page)
+        self.assertIn("2 blobs", page)
+        self.assertEqual(one.figures(), two.figures())
+
+    def test_blob_published_while_the_index_is_locked_is_counted_later(self) -> None:
+        """A blob linked in place while another process holds the index past
+        the busy timeout is served, and counted once the index is free."""
+        root = Path(tempfile.mkdtemp())
+        clock = Clock()
+        clock.advance(1000)
+        one, two = (
+            BlobStore(root, 1 << 30, now=clock.seconds, share=True, offload=maybeDeferred)
+            for _ in range(2)
+        )
+        one.rebuild()
+        two.rebuild()
+        assert one.shared is not None and two.shared is not None
+        one.shared._db.execute("PRAGMA busy_timeout = 10")
+        two.shared._db.execute("BEGIN IMMEDIATE")  # a long reconcile, say
+        one.put_bytes(_digest(b"blob"), b"blob", Meta())
+        self.assertEqual(one.read(_digest(b"blob")), b"blob")
+        two.shared._db.execute("ROLLBACK")
+        clock.advance(FIGURES_EVERY + 1)
+        one.figures()
+        self.assertEqual(two.shared.figures(), (4, 1))
 
 
 class SharedEvictionTests(SynchronousTestCase):
@@ -361,3 +457,118 @@ class TwoMirrorsTests(SynchronousTestCase):
         self.assertEqual(reader.data, self.data)
         reader.reason.trap(ResponseDone)
         self.assertEqual(self.upstream.gets, 1)
+
+
+class _Client(DummyRequest):
+    """A request that records what a client would receive: the body written
+    and whether it was finished (a complete 200) or cut."""
+
+    channel = None
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class FollowedFileReplacedTests(SynchronousTestCase):
+    """A follower's client is never sent a whole blob that is not the
+    digest's bytes, whatever happened to the file it was following."""
+
+    def setUp(self) -> None:
+        self.root = Path(tempfile.mkdtemp())
+        self.filler = BlobStore(self.root, 1 << 30)
+        self.here = BlobStore(self.root, 1 << 30)
+        self.data = os.urandom(50_000)
+        self.digest = _digest(self.data)
+        self.meta = Meta("application/x-test", "library/x")
+        self.about = {"meta": dataclasses.asdict(self.meta), "size": len(self.data)}
+        self.clock = Clock()
+
+    def follow(self) -> tuple[RemoteFill, _Client]:
+        """Follow the digest's fill and stream it to a client."""
+        following = self.here.claim(self.digest)
+        self.assertFalse(following.locked)
+        follower = RemoteFill(
+            self.here, following, self.digest, maybeDeferred, self.clock, 5.0, 60.0
+        )
+        self.successResultOf(follower.start())
+        request = _Client([b""])
+        streamer = FileStreamer(
+            request,
+            follower.source,
+            0,
+            len(self.data),
+            follower,
+            self.clock,
+            300.0,
+            lambda: None,
+        )
+        self.outcome: list[object] = []
+        streamer.start().addBoth(self.outcome.append)
+        self.clock.advance(0.05)
+        return follower, request
+
+    def publish_right_blob(self) -> None:
+        """Another process claims the digest, fills it right and publishes it."""
+        claim = self.filler.claim(self.digest)
+        self.assertTrue(claim.locked)
+        temp = self.filler.new_temp(len(self.data), claim)
+        shared.describe(claim, self.about)
+        temp.write(self.data)
+        self.filler.commit(temp, self.digest, json.dumps(self.about["meta"]).encode(), 1.0)
+        temp.discard()
+
+    def assert_cut(self, follower: RemoteFill, request: _Client) -> None:
+        body = b"".join(request.written)
+        self.assertFalse(
+            request.finished and body != self.data, "a complete body that is not the blob"
+        )
+        self.assertEqual(request.finished, 0)
+        self.assertFalse(follower.verified)
+        self.assertIsNotNone(follower.error)
+
+    def test_takeover_of_a_killed_fill_cuts_the_follower(self) -> None:
+        """A filler killed mid-fill, then a new filler publishing the blob:
+        the follower's client, sent the dead filler's bytes, is cut."""
+        path = shared.fill_path(self.root / "tmp", self.digest)
+        dead = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(dead, fcntl.LOCK_EX)
+        shared.describe(shared.Claim(path, dead, True), self.about)
+        os.write(dead, b"X" * 20_000)
+        follower, request = self.follow()
+        self.assertEqual(b"".join(request.written), b"X" * 20_000)
+        os.close(dead)  # killed: its lock goes
+        self.publish_right_blob()
+        self.clock.advance(0.05)
+        self.assert_cut(follower, request)
+
+    def test_mismatch_then_another_publication_cuts_the_follower(self) -> None:
+        """A fill whose body did not match its digest, then another process
+        publishing the right blob before the next look: the follower's
+        client, sent the rejected bytes, is cut."""
+        claim = self.filler.claim(self.digest)
+        temp = self.filler.new_temp(len(self.data), claim)
+        shared.describe(claim, self.about)
+        temp.write(b"Y" * 50_000)
+        follower, request = self.follow()
+        self.assertEqual(b"".join(request.written), b"Y" * 49_999)
+        temp.discard()  # the digest did not match
+        self.publish_right_blob()
+        self.clock.advance(0.05)
+        self.assert_cut(follower, request)
+
+    def test_following_to_the_publication_sends_the_blob(self) -> None:
+        """The follower of a fill that publishes sends the whole blob."""
+        claim = self.filler.claim(self.digest)
+        temp = self.filler.new_temp(len(self.data), claim)
+        shared.describe(claim, self.about)
+        temp.write(self.data[:20_000])
+        follower, request = self.follow()
+        temp.write(self.data[20_000:])
+        self.filler.commit(temp, self.digest, json.dumps(self.about["meta"]).encode(), 1.0)
+        temp.discard()
+        self.clock.advance(0.05)
+        self.assertTrue(follower.verified)
+        self.assertEqual((b"".join(request.written), request.finished), (self.data, 1))

@@ -131,15 +131,17 @@ class StatusSource:
         store = self.store
         if store is None:
             return f"<tr><th>{t['cache']}</th><td>{t['cache_off']}</td></tr>"
-        percent = f"{100 * store.size / store.max_size:.1f} %" if store.max_size else "-"
+        # The shared index's figures with workers: the same in each.
+        size, entries = store.figures()
+        percent = f"{100 * size / store.max_size:.1f} %" if store.max_size else "-"
         used = t["cache_used"].format(
-            used=human_bytes(store.size),
+            used=human_bytes(size),
             limit=human_bytes(store.max_size),
             percent=percent,
-            entries=len(store.entries),
+            entries=entries,
         )
         meter = (
-            f'<meter min="0" max="{store.max_size}" value="{store.size}" '
+            f'<meter min="0" max="{store.max_size}" value="{size}" '
             f'high="{0.9 * store.max_size:.0f}"></meter>'
         )
         return f"<tr><th>{t['cache']}</th><td>{meter} {used}</td></tr>"

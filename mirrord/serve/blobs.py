@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -381,7 +382,12 @@ class Blobs(CacheContext):
             entry = self.store.get(digest)
             if entry is None:
                 raise _Vanished()
-        path = following.path if following is not None else self.store.data_path(digest)
+        path: str | int | Path = self.store.data_path(digest)
+        if isinstance(following, RemoteFill):
+            # Its descriptor, not its path: see ``RemoteFill.source``.
+            path = following.source
+        elif following is not None:
+            path = following.path
         if entry is not None:
             entry.readers += 1
         try:

@@ -33,6 +33,8 @@ import fnmatch
 import hashlib
 import json
 import os
+import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,9 +42,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
+
 from mirrord.store import shared
 from mirrord.store.index import SharedIndex, pinned_repository
 from mirrord.store.shared import Claim
+
+log = Logger()
 
 
 class DigestMismatch(Exception):
@@ -107,6 +113,9 @@ TOUCH_EVERY = 3600.0
 TAG_REFRESH_EVERY = 60.0
 # Seconds between two batches of hits sent to the shared index.
 TOUCHES_EVERY = 30.0
+# Seconds the shared index's figures (size, blobs) shown by /metrics and the
+# status page may be old: each worker reads them from SQLite at most this often.
+FIGURES_EVERY = 5.0
 
 
 class TempBlob:
@@ -207,6 +216,14 @@ class BlobStore:
     _touched: dict[str, float] = field(default_factory=dict, init=False)
     _touches_sent: float = field(default=0.0, init=False)
     _evicting: bool = field(default=False, init=False)
+    _figures: tuple[int, int] | None = field(default=None, init=False)
+    _figures_read: float = field(default=float("-inf"), init=False)
+    _figures_reading: bool = field(default=False, init=False)
+    # Blobs linked in place whose record in the shared index failed (it was
+    # locked past its busy timeout): digest -> (size, when, repository),
+    # recorded again by the disk worker (``record_pending``), never lost.
+    _unrecorded: dict[str, tuple[int, float, str]] = field(default_factory=dict, init=False)
+    _unrecorded_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _evict_again: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -249,7 +266,62 @@ class BlobStore:
                 lambda digest: self.data_path(digest).exists(),
             )
             self.size = self.shared.total()
+            self._figures = self.shared.figures()
+            self._figures_read = self.now()
         return len(self.entries), removed
+
+    def _read_figures(self) -> tuple[int, int]:
+        assert self.shared is not None
+        self.record_pending()
+        return self.shared.figures()
+
+    def record_pending(self) -> None:
+        """Record the blobs whose record failed before (blocks; the disk
+        worker's). What fails again stays pending."""
+        assert self.shared is not None
+        with self._unrecorded_lock:
+            pending, self._unrecorded = self._unrecorded, {}
+        for digest, (size, when, repository) in pending.items():
+            if not self.data_path(digest).exists():
+                continue  # evicted meanwhile: nothing to count
+            self._record(digest, size, when, repository)
+
+    def _record(self, digest: str, size: int, when: float, repository: str) -> None:
+        assert self.shared is not None
+        try:
+            self.shared.put(digest, size, when, repository)
+        except sqlite3.Error as e:
+            log.warn(
+                "{digest} is in place but not yet counted in the shared index ({error});"
+                " recorded later",
+                digest=digest,
+                error=str(e),
+            )
+            with self._unrecorded_lock:
+                self._unrecorded[digest] = (size, when, repository)
+
+    def figures(self) -> tuple[int, int]:
+        """(bytes, blobs) in the cache, as /metrics and the status page show
+        them. With several processes: the shared index's, the same in every
+        worker, read on the disk worker at most every ``FIGURES_EVERY``
+        seconds (this returns the last reading, never waits for SQLite)."""
+        if self.shared is None or self.offload is None:
+            return self.size, len(self.entries)
+        now = self.now()
+        if now - self._figures_read >= FIGURES_EVERY and not self._figures_reading:
+            self._figures_reading = True
+
+            def read(figures: tuple[int, int]) -> None:
+                self._figures, self._figures_read = figures, self.now()
+
+            def done(_: object) -> None:
+                self._figures_reading = False
+
+            reading = self.offload(self._read_figures)
+            reading.addCallback(read).addErrback(lambda _: None).addBoth(done)
+        if self._figures is None:
+            return self.size, len(self.entries)
+        return self._figures
 
     def scan_temporary(self) -> int:
         """Remove what interrupted fills left in ``tmp/``, except the files
@@ -257,10 +329,7 @@ class BlobStore:
         their lock says so. Returns how many files went."""
         removed = 0
         for temp in (self.root / "tmp").iterdir():
-            owner = temp
-            if temp.name.endswith(shared.ABOUT_SUFFIX):
-                owner = temp.with_suffix(shared.FILL_SUFFIX)
-            if shared.is_held(owner):
+            if shared.is_held(shared.owner_of(temp)):
                 continue
             temp.unlink(missing_ok=True)
             removed += 1
@@ -329,8 +398,11 @@ class BlobStore:
         os.link(temp.path, staged)
         os.replace(staged, directory / "data")
         if self.shared is not None:
+            # The blob is in place: a failed record must not fail the fill.
+            if self._unrecorded:
+                self.record_pending()
             repository = json.loads(meta).get("repository", "")
-            self.shared.put(digest, temp.size, when, repository)
+            self._record(digest, temp.size, when, repository)
 
     def add(self, digest: str, size: int, meta: Meta, when: float) -> Entry:
         """Index a blob ``commit`` put in place (the reactor's bookkeeping)."""

@@ -503,7 +503,7 @@ class FileStreamer:
     def __init__(
         self,
         request: Request,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | int,
         offset: int,
         length: int | None,
         fill: Fill | None,
@@ -512,7 +512,8 @@ class FileStreamer:
         room: Callable[[], int | None] | None = None,
     ) -> None:
         self._request = request
-        self._fd = os.open(path, os.O_RDONLY)
+        # An int: an open descriptor (a followed fill's), read through a copy.
+        self._fd = os.dup(path) if isinstance(path, int) else os.open(path, os.O_RDONLY)
         self._position = offset
         # Unknown only while following a fill whose upstream sent no length.
         self._end = None if length is None else offset + length

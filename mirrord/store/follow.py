@@ -90,6 +90,13 @@ class RemoteFill:
         return str(self.claim.path)
 
     @property
+    def source(self) -> int:
+        """What readers stream from: the claim's descriptor (they dup it),
+        never the path, which may name another fill's file by then; only
+        this descriptor's file is ever called published (``shared.probe``)."""
+        return self.claim.fd
+
+    @property
     def finished(self) -> bool:
         return self.entry is not None or self.error is not None
 

@@ -75,6 +75,13 @@ class SharedIndex:
     def total(self) -> int:
         return self._db.execute("SELECT coalesce(sum(size), 0) FROM blobs").fetchone()[0]
 
+    def figures(self) -> tuple[int, int]:
+        """(bytes, blobs) in the cache, every process's."""
+        size, count = self._db.execute(
+            "SELECT coalesce(sum(size), 0), count(*) FROM blobs"
+        ).fetchone()
+        return size, count
+
     def digests(self) -> set[str]:
         return {row[0] for row in self._db.execute("SELECT digest FROM blobs")}
 
@@ -82,14 +89,16 @@ class SharedIndex:
         self, found: Iterable[tuple[str, int, float, str]], exists: Callable[[str], bool]
     ) -> None:
         """After a scan of the disk: add what is there and missing here;
-        drop rows whose files are gone (checked again inside the
-        transaction: a blob another process published meanwhile stays)."""
+        drop rows whose files are gone. The files are looked at before the
+        transaction (a stat of every row under the write lock could hold it
+        past other processes' busy timeout), and only the missing ones again
+        inside it: a blob another process published meanwhile stays."""
+        rows = [tuple(row) for row in found]
+        missing = [digest for digest in self.digests() if not exists(digest)]
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.executemany(
-                "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?)", [tuple(row) for row in found]
-            )
-            for digest in self.digests():
+            self._db.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?)", rows)
+            for digest in missing:
                 if not exists(digest):
                     self.remove(digest)
             self._db.execute("COMMIT")

@@ -11,9 +11,10 @@ filler learned from the upstream's headers (media type, expected size).
 
 A process that cannot take the lock follows the file (``Probe``): its size
 is what is written so far; the blob is verified once ``blobs/.../data``
-exists (the filler links it only after the digest matched). A lock that is
-free while no blob is published means the fill ended without one: the
-file's bytes are never trusted (the next claimer truncates it).
+is linked to the very file it follows (the filler links it only after the
+digest matched). A lock that is free while no blob is published, or a blob
+published from another file, means the fill it followed ended without
+one: the file's bytes are never trusted (the next claimer unlinks it).
 """
 
 from __future__ import annotations
@@ -69,15 +70,26 @@ class Published(Exception):
 def claim(tmp: Path, digest: str, published: Path) -> Claim:
     """Take ``digest``'s fill lock, or learn who holds it.
 
-    Returns a locked ``Claim`` on an empty file (anything a dead filler
-    left is truncated: unverifiable), or an unlocked one when a live
-    process holds the lock. Raises ``Published`` when ``published`` (the
+    Returns a locked ``Claim`` on a new, empty file, or an unlocked one
+    (on the file a live process fills) when such a process holds the lock.
+    A file a dead filler left is unlinked, never truncated in place: its
+    followers must see that fill end (their descriptor's file is never
+    published, see ``probe``), and the inode may be a just-evicted blob's
+    that readers still serve. Raises ``Published`` when ``published`` (the
     blob's data file) exists, and ``OSError`` when the file cannot be made."""
     path = fill_path(tmp, digest)
     for _ in range(CLAIM_ATTEMPTS):
         if published.exists():
             raise Published(digest)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            created = True
+        except FileExistsError:
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # its filler unlinked it meanwhile: try again
+            created = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -92,19 +104,43 @@ def claim(tmp: Path, digest: str, published: Path) -> Claim:
         if published.exists():
             # Published while we opened it: the file may be the blob's own
             # inode (a filler killed between linking and unlinking).
-            path.unlink(missing_ok=True)
+            if not created:
+                path.unlink(missing_ok=True)
             os.close(fd)
             raise Published(digest)
-        os.ftruncate(fd, 0)
+        if not created:
+            # A dead filler's file: unlink it (under its lock, so nobody
+            # takes it meanwhile) and make a new one on the next turn.
+            path.unlink(missing_ok=True)
+            about_path(path).unlink(missing_ok=True)
+            os.close(fd)
+            continue
         about_path(path).unlink(missing_ok=True)
         return Claim(path, fd, locked=True)
     raise OSError(errno.EBUSY, f"cannot take the fill lock of {digest}")
 
 
+def describing_path(about: Path) -> Path:
+    """The temporary name ``describe`` writes ``about`` under."""
+    return about.with_name(f".{about.name}.{os.getpid()}")
+
+
+def owner_of(temp: Path) -> Path:
+    """The fill file whose lock says whether ``temp`` (a file in ``tmp/``)
+    is in use: a fill's own file, its description, or the temporary file
+    ``describe`` writes that description under (``.<description>.<pid>``)."""
+    name = temp.name
+    if name.startswith(".") and ABOUT_SUFFIX + "." in name:
+        name = name[1:].rsplit(ABOUT_SUFFIX + ".", 1)[0] + ABOUT_SUFFIX
+    if name.endswith(ABOUT_SUFFIX):
+        return temp.with_name(name).with_suffix(FILL_SUFFIX)
+    return temp
+
+
 def describe(claim: Claim, about: dict) -> None:
     """Tell followers what the upstream said (media type, size...)."""
     about_file = about_path(claim.path)
-    temp = about_file.with_name(f".{about_file.name}.{os.getpid()}")
+    temp = describing_path(about_file)
     temp.write_bytes(json.dumps(about).encode())
     os.replace(temp, about_file)
 
@@ -123,8 +159,14 @@ class Probe:
 
 
 def probe(claim: Claim, published: Path, meta: Path) -> Probe:
-    """Look at the fill ``claim`` follows (blocking, cheap: a few stats)."""
-    seen = _published(published, meta)
+    """Look at the fill ``claim`` follows (blocking, cheap: a few stats).
+
+    Published means the blob's data is the very file ``claim`` has open
+    (the filler linked it in place): a published blob on another inode
+    (this fill was rejected or its filler died, and another process filled
+    the digest since) says nothing of the bytes followed so far, so that
+    fill counts as abandoned and its readers are cut."""
+    seen = _published(published, meta, claim.fd)
     if seen is not None:
         return seen
     size = os.fstat(claim.fd).st_size
@@ -141,17 +183,20 @@ def probe(claim: Claim, published: Path, meta: Path) -> Probe:
         raise
     # Free: the filler finished, failed or died. Published in the meantime?
     fcntl.flock(claim.fd, fcntl.LOCK_UN)
-    seen = _published(published, meta)
+    seen = _published(published, meta, claim.fd)
     return seen if seen is not None else Probe(size, about, abandoned=True)
 
 
-def _published(data: Path, meta: Path) -> Probe | None:
+def _published(data: Path, meta: Path, fd: int) -> Probe | None:
     try:
-        size = data.stat().st_size
+        stat = data.stat()
         about = json.loads(meta.read_bytes())
     except (OSError, ValueError):
         return None
-    return Probe(size, {"meta": about, "size": size}, published=True)
+    mine = os.fstat(fd)
+    if (stat.st_dev, stat.st_ino) != (mine.st_dev, mine.st_ino):
+        return Probe(mine.st_size, abandoned=True)
+    return Probe(stat.st_size, {"meta": about, "size": stat.st_size}, published=True)
 
 
 def is_held(path: Path) -> bool:

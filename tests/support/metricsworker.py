@@ -43,6 +43,9 @@ class Store:
     max_size: int = 0
     entries: dict[str, object] = field(default_factory=dict)
 
+    def figures(self) -> tuple[int, int]:
+        return self.size, len(self.entries)
+
 
 def main(directory: Path, command: str, *args: str) -> None:
     metrics = Metrics(directory)
