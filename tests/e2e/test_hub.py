@@ -162,10 +162,12 @@ def test_slow_client_holds_the_upstream_back_with_the_cache_off(
     finally:
         mirror.stop()
     assert got == hub.big_digest
-    # Socket buffers on both hops and the daemon's own hold a few MiB; an
-    # upstream that was not paused would be done (256 MiB) long before.
+    # Socket buffers on both hops (the kernel grows loopback buffers to
+    # several MiB each, more on a busy machine: 74 to 101 MiB sent seen
+    # here) and the daemon's own hold some; an upstream that was not paused
+    # has sent all 256 MiB long before (229 MiB with the pause removed).
     [ahead] = sent_when_read
-    assert ahead < (64 + 32) * MiB, f"upstream sent {ahead / MiB:.0f} MiB by 64 MiB read"
+    assert ahead < (64 + 64) * MiB, f"upstream sent {ahead / MiB:.0f} MiB by 64 MiB read"
     assert sent == hub.big_size
     assert peak < 100 * 1024, f"peak RSS {peak} KiB"
     served = f"GET /v2/library/alpine/blobs/{hub.big_digest} -> 200 bytes={hub.big_size}"
