@@ -84,6 +84,52 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where verified blobs, manifests and tag records are kept for every
+    host: ``disk`` (the cache directory alone) or ``s3`` (a bucket a fleet
+    shares, behind each host's own disk cache, which stays its first tier)."""
+
+    backend: str = "disk"
+    endpoint: str = ""
+    bucket: str = ""
+    region: str = "us-east-1"
+    prefix: str = ""
+    access_key: str = ""
+    secret_key_file: str = ""
+    tls_ca: str = ""
+    # Answer blob hits the bucket holds (and this host does not) with a 307
+    # to a presigned URL valid for ``redirect_ttl`` seconds.
+    redirect: bool = False
+    redirect_ttl: float = 600.0
+    # The bucket's cap (0: none), enforced by last access across the fleet.
+    max_size: int = 0
+    # Every S3 call's bound; after ``breaker_failures`` misses in a row the
+    # bucket is skipped for ``breaker_reset`` seconds.
+    deadline: float = 10.0
+    breaker_failures: int = 3
+    breaker_reset: float = 30.0
+    part_size: int = 16 << 20
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Coordination between the hosts of a fleet: a lease per digest in
+    Redis names the one host fetching it; the others stream from that
+    host's fill over ``/_mirrord/fleet/`` (HMAC-signed with the shared
+    secret, over TLS). Without ``redis`` each host fills on its own."""
+
+    redis: str = ""
+    advertise: str = ""
+    secret_file: str = ""
+    # The CA that issued the members' certificates (default: the system's).
+    tls_ca: str = ""
+    # This host's name among the members (default: the host name).
+    member: str = ""
+    lease_ttl: float = 30.0
+    deadline: float = 2.0
+
+
+@dataclass(frozen=True)
 class Access:
     """Who may use the mirror: it must not be an open relay for the world."""
 
@@ -185,6 +231,8 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     access: Access = field(default_factory=Access)
     metrics: MetricsAccess = field(default_factory=MetricsAccess)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     # Served registries: Docker Hub unless configured otherwise; a preset
     # (ghcr.io, quay.io, ...) is served once its table exists, even empty.
     registries: Mapping[str, Registry] = field(
@@ -224,6 +272,8 @@ _TOP_LEVEL_TYPES: dict[str, type | tuple[type, ...]] = {
     "cache": dict,
     "access": dict,
     "metrics": dict,
+    "store": dict,
+    "fleet": dict,
     "registries": dict,
 }
 _ACCESS_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -237,6 +287,33 @@ _ACCESS_TYPES: dict[str, type | tuple[type, ...]] = {
     "max_failed_logins": int,
     "failed_login_window": (int, float),
 }
+_STORE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "backend": str,
+    "endpoint": str,
+    "bucket": str,
+    "region": str,
+    "prefix": str,
+    "access_key": str,
+    "secret_key_file": str,
+    "tls_ca": str,
+    "redirect": bool,
+    "redirect_ttl": (int, float),
+    "max_size": (str, int),
+    "deadline": (int, float),
+    "breaker_failures": int,
+    "breaker_reset": (int, float),
+    "part_size": (str, int),
+}
+_FLEET_TYPES: dict[str, type | tuple[type, ...]] = {
+    "redis": str,
+    "advertise": str,
+    "secret_file": str,
+    "tls_ca": str,
+    "member": str,
+    "lease_ttl": (int, float),
+    "deadline": (int, float),
+}
+STORE_BACKENDS = ("disk", "s3")
 _METRICS_TYPES: dict[str, type | tuple[type, ...]] = {"allow": list}
 _CACHE_TYPES: dict[str, type | tuple[type, ...]] = {
     "enabled": bool,
@@ -412,6 +489,10 @@ def from_mapping(data: Mapping[str, Any], where: str = "configuration") -> Confi
             values[key] = _access(f"{where} [access]", value)
         elif key == "metrics":
             values[key] = _metrics(f"{where} [metrics]", value)
+        elif key == "store":
+            values[key] = _store(f"{where} [store]", value)
+        elif key == "fleet":
+            values[key] = _fleet(f"{where} [fleet]", value)
         elif key == "registries":
             registries = {DOCKER_HUB: PRESET_UPSTREAMS[DOCKER_HUB]}
             for name, table in value.items():
@@ -469,6 +550,60 @@ def _cache(where: str, table: Mapping[str, Any]) -> CacheConfig:
     return cache
 
 
+def _size_key(where: str, table: Mapping[str, Any], key: str) -> int:
+    try:
+        return parse_size(table[key])
+    except ValueError:
+        raise ConfigError(
+            f'{where}: key {key!r} must be a size like "50GiB", not {table[key]!r}'
+        ) from None
+
+
+def _store(where: str, table: Mapping[str, Any]) -> StoreConfig:
+    _check_keys(where, table, _STORE_TYPES)
+    values = dict(table)
+    for key in ("max_size", "part_size"):
+        if key in values:
+            values[key] = _size_key(where, table, key)
+    store = StoreConfig(**values)
+    if store.backend not in STORE_BACKENDS:
+        raise ConfigError(f"{where}: key 'backend' must be one of {', '.join(STORE_BACKENDS)}")
+    for key in ("redirect_ttl", "deadline", "breaker_reset"):
+        if getattr(store, key) <= 0:
+            raise ConfigError(f"{where}: key {key!r} must be positive")
+    if store.breaker_failures < 1:
+        raise ConfigError(f"{where}: key 'breaker_failures' must be >= 1")
+    if not 5 << 20 <= store.part_size <= 5 << 30:
+        raise ConfigError(f"{where}: key 'part_size' must be between 5MiB and 5GiB (S3's limits)")
+    if store.max_size < 0:
+        raise ConfigError(f"{where}: key 'max_size' must not be negative")
+    if store.backend == "s3":
+        for key in ("endpoint", "bucket", "access_key", "secret_key_file"):
+            if not getattr(store, key):
+                raise ConfigError(f'{where}: backend "s3" needs key {key!r}')
+        if urlsplit(store.endpoint).scheme not in ("http", "https"):
+            raise ConfigError(f"{where}: key 'endpoint' must be an http:// or https:// URL")
+    return store
+
+
+def _fleet(where: str, table: Mapping[str, Any]) -> FleetConfig:
+    _check_keys(where, table, _FLEET_TYPES)
+    fleet = FleetConfig(**table)
+    for key in ("lease_ttl", "deadline"):
+        if getattr(fleet, key) <= 0:
+            raise ConfigError(f"{where}: key {key!r} must be positive")
+    if fleet.redis:
+        if urlsplit(fleet.redis).scheme != "redis":
+            raise ConfigError(f"{where}: key 'redis' must be a redis://host:port/db URL")
+        if urlsplit(fleet.advertise).scheme != "https" or not urlsplit(fleet.advertise).hostname:
+            raise ConfigError(
+                f"{where}: with 'redis', key 'advertise' must be this host's https:// address"
+            )
+        if not fleet.secret_file:
+            raise ConfigError(f"{where}: with 'redis', key 'secret_file' is needed")
+    return fleet
+
+
 def _listen_entry(where: str, value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
@@ -511,6 +646,11 @@ def _check_config(where: str, config: Config) -> Config:
         raise ConfigError(f"{where}: key 'acme_directory' must be an https:// URL")
     if config.max_redirects < 0 or config.pool_size < 0 or config.quota_reserve < 0:
         raise ConfigError(f"{where}: 'max_redirects', 'pool_size', 'quota_reserve' must be >= 0")
+    if config.store.backend != "disk" and not config.cache.enabled:
+        raise ConfigError(
+            f"{where}: [store] backend {config.store.backend!r} needs the disk cache "
+            "([cache] enabled = true): fills spool to it"
+        )
     if config.workers < 1:
         raise ConfigError(f"{where}: key 'workers' must be >= 1, not {config.workers}")
     return config

@@ -76,6 +76,11 @@ class Metrics:
             "Range requests made to resume a fill whose upstream body was cut",
             registry=r,
         )
+        self.shared_errors = Counter(
+            "mirrord_shared_store_errors",
+            "Shared store (S3) calls that failed, timed out or were skipped by its breaker",
+            registry=r,
+        )
         # Workers read these from the shared store at scrape time
         # (``_CacheGauges``): a gauge object would write a file of its own.
         self.cache_size: Gauge | None = None
@@ -101,6 +106,7 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
         self._store: Any = None
+        self._fleet_registered = False
         self._fills: Sized = ()
         self._published = -1
 
@@ -108,6 +114,13 @@ class Metrics:
     def shared(self) -> bool:
         """True in a worker: the figures are all workers' sums."""
         return self._shared
+
+    def watch_fleet(self, status: Any) -> None:
+        """Report the shared store's and the fleet's state (a
+        ``mirrord.fleet.status.FleetStatus``) at every scrape."""
+        if not self._fleet_registered:
+            self.registry.register(status)
+            self._fleet_registered = True
 
     def update_cache(self, store: Any) -> None:
         """The cache gauges from a ``BlobStore``; with workers, this

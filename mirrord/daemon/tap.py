@@ -27,6 +27,7 @@ from mirrord.daemon import check
 from mirrord.daemon.acme import AcmeService, Issuer, held_certificate
 from mirrord.daemon.admin import admin_service
 from mirrord.daemon.alpn import ALPNResponder
+from mirrord.daemon.fleetwiring import FleetParts, build_fleet
 from mirrord.daemon.http01 import HTTP01Responder, challenge_site
 from mirrord.daemon.inherited import AdoptedEndpoint, Inherited, ParentChannel, die_with_parent
 from mirrord.daemon.role import Role
@@ -46,7 +47,7 @@ from mirrord.front.accesslog import CombinedLog
 from mirrord.front.guard import Guard
 from mirrord.front.history import History
 from mirrord.front.login import LoginWorker, MirrorLogin, Runner, run_inline
-from mirrord.front.site import MirrordSite, build_site
+from mirrord.front.site import MirrordSite, build_site, mount_internal
 from mirrord.front.status import FiguresAccess, StatusSource, totals
 from mirrord.front.usage import CertificateNote, render_usage
 from mirrord.front.workershare import WorkerShare
@@ -265,6 +266,7 @@ def build_backend(
     hashers: Callable[[str], Hasher] = InlineHasher,
     in_flight: InFlight | None = None,
     access: AccessChecks | None = None,
+    fleet: FleetParts | None = None,
 ) -> Backend:
     """The cache in front of a registry's chain, or the chain alone.
     ``in_flight`` is the store's table of fetches, shared by every registry;
@@ -286,6 +288,9 @@ def build_backend(
         metrics,
         hashers,
         in_flight,
+        shared=fleet.bucket if fleet else None,
+        redirect=config.store.redirect,
+        fleet=fleet.fleet if fleet else None,
     )
 
 
@@ -386,6 +391,8 @@ class Wiring:
     history: History
     # The fetches in flight, one per digest for the whole daemon.
     in_flight: InFlight
+    # The shared store and the fleet, when configured.
+    fleet: FleetParts | None = None
 
 
 def wire(
@@ -424,6 +431,13 @@ def wire(
         counter.inc()
 
     in_flight = InFlight(lambda: store is not None and metrics.update_cache(store))
+    fleet = None
+    if store is not None:
+        fleet = build_fleet(
+            config, reactor, store, in_flight, hashers("sha256").run, role.runs_singletons
+        )
+    if fleet is not None:
+        metrics.watch_fleet(fleet.status)
     targets: dict[str, TokenTarget] = {}
     checks: dict[str, AccessChecks] = {}
     served: dict[str, tuple[Registry, Backend]] = {}
@@ -445,7 +459,16 @@ def wire(
         targets[name] = TokenTarget(registry, chain, realms)
         checks[name] = access_checks(config, targets[name], follower, clock)
         backend = build_backend(
-            config, targets[name], store, follower, clock, metrics, hashers, in_flight, checks[name]
+            config,
+            targets[name],
+            store,
+            follower,
+            clock,
+            metrics,
+            hashers,
+            in_flight,
+            checks[name],
+            fleet,
         )
         served[name] = (registry, backend)
     metrics.watch(store, in_flight)
@@ -506,7 +529,9 @@ def wire(
     site.count_body = count_body
     if config.access_log:
         site.combined_log = CombinedLog(Path(config.access_log))
-    return Wiring(site, targets, store, metrics, history, in_flight)
+    if fleet is not None and fleet.resource is not None:
+        mount_internal(site, b"fleet", fleet.resource)
+    return Wiring(site, targets, store, metrics, history, in_flight, fleet)
 
 
 def build_service(
@@ -549,6 +574,8 @@ def build_service(
     )
     if role.runs_singletons:
         wiring.history.setServiceParent(service)
+    if wiring.fleet is not None:
+        wiring.fleet.service.setServiceParent(service)
     if wiring.store is not None and role.runs_singletons:
         admin_service(
             reactor, Path(config.state_dir), wiring.store, hash_worker.run, config.cache.pinned

@@ -427,6 +427,10 @@ class GuardedRoot(Resource):
         self._guard = guard
         self._exempt = exempt
 
+    def exempt(self, path: bytes) -> None:
+        """Let requests under ``/<path>`` by the guard (they check themselves)."""
+        self._exempt = (*self._exempt, path)
+
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if path in self._exempt:
             return self._root.getChildWithDefault(path, request)

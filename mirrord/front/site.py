@@ -298,6 +298,21 @@ class _NotFound(Resource):
         return NOT_DONE_YET
 
 
+def mount_internal(site: MirrordSite, name: bytes, resource: Resource) -> None:
+    """Put ``resource`` at ``/_mirrord/<name>``: endpoints for the other
+    members of a fleet, which authenticate each request themselves, so
+    the guard (allow-list, mirror login, client limits) lets them by."""
+    root = site.resource
+    tree = root._root if isinstance(root, GuardedRoot) else root
+    internal = tree.children.get(b"_mirrord")
+    if internal is None:
+        internal = Resource()
+        tree.putChild(b"_mirrord", internal)
+        if isinstance(root, GuardedRoot):
+            root.exempt(b"_mirrord")
+    internal.putChild(name, resource)
+
+
 def build_site(
     *,
     registry_proxy: Resource,

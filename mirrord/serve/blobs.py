@@ -11,20 +11,24 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
+from mirrord.fleet.coordinator import Elsewhere, Owned
+from mirrord.fleet.peer import PeerUnavailable
 from mirrord.registry import errors
 from mirrord.registry.respond import API_VERSION, abort_client, write_error
-from mirrord.serve.answer import note_cache, note_upstream, write_answer
+from mirrord.serve.answer import note_cache, note_source, note_upstream, write_answer
 from mirrord.serve.cached import OCTET_STREAM, CacheContext, drop
 from mirrord.store.disk import Entry, Meta
-from mirrord.store.fill import Fill, FillFailed, StoreFailed, stream_file
+from mirrord.store.fill import Fill, FillFailed, Resume, StoreFailed, stream_file
 from mirrord.store.follow import RemoteFill
 from mirrord.store.inflight import Starting
 from mirrord.store.shared import Claim, Published
@@ -105,6 +109,9 @@ class Blobs(CacheContext):
                 looked = True
                 await self._adopt_from_disk(digest)
                 continue
+            if self.shared is not None and (request.method == b"HEAD" or self.redirect):
+                if await self._answer_from_shared(request, digest, path, headers):
+                    return
             if request.method == b"HEAD" or request.getHeader(b"range") is not None:
                 await self._pass(request, path, headers)
                 return
@@ -139,6 +146,19 @@ class Blobs(CacheContext):
         if isinstance(outcome, Answer):
             note_cache(request, "MISS")
             await write_answer(request, outcome, self.realms, self.clock, self.timeouts)
+            return False
+        if isinstance(outcome, Sourced):
+            note_source(request, outcome.source)
+            if not await self._refused(request, outcome.fill.meta, headers, path):
+                await self._send_blob(
+                    request,
+                    digest,
+                    outcome.fill.expected_size,
+                    outcome.fill.meta,
+                    outcome.status,
+                    fill=outcome.fill,
+                    upstream=(path, headers),
+                )
             return False
         if isinstance(outcome, RemoteFill):
             if not await self._refused(request, outcome.meta, headers, path):
@@ -213,7 +233,169 @@ class Blobs(CacheContext):
             claim = None
         if not isinstance(claim, Claim | None):
             return claim
-        return await self._fetch_fill(digest, name, path, headers, claim)
+        owned: Owned | None = None
+        if self.shared is not None or self.fleet is not None:
+            sourced = await self._shared_fill(digest, path, headers, claim)
+            if isinstance(sourced, Sourced):
+                return sourced
+            owned = sourced
+        return await self._fetch_fill(digest, name, path, headers, claim, owned)
+
+    async def _shared_fill(
+        self, digest: str, path: str, headers: Headers, claim: Claim | None
+    ) -> Sourced | Owned | None:
+        """A fill from the fleet instead of the upstream: from the shared
+        store when it has the blob, else from the member whose lease says
+        it is filling it. Otherwise this host's lease (if the fleet is on)
+        for the upstream fill, or None. Every failure here falls through
+        to the upstream: the fleet makes fetches fewer, never pulls fail."""
+        found = await self._shared_lookup(digest)
+        if found is not None:
+            try:
+                response = await self.shared.open(digest)
+            except Exception as e:
+                log.warn("cannot read {digest} from the shared store: {e}", digest=digest, e=e)
+            else:
+                fill = self._new_fill(
+                    response, digest, found.size, found.meta, claim, self._shared_resume(digest)
+                )
+                if fill is not None:
+                    return Sourced(fill, "shared", "SHARED")
+        if self.fleet is None:
+            return None
+        lease = await self.fleet.claim(digest)
+        if not isinstance(lease, Elsewhere):
+            return lease
+        try:
+            response, meta = await self.fleet.follow(lease.owner, digest)
+        except PeerUnavailable as e:
+            # Its owner is gone (its lease not yet expired) or unreachable:
+            # fetch it here; the blob is verified either way.
+            log.warn(
+                "cannot follow {digest} at {owner} ({e}): filling it here",
+                digest=digest,
+                owner=lease.owner,
+                e=e,
+            )
+            return None
+        size = response.length if response.length is not UNKNOWN_LENGTH else None
+        fill = self._new_fill(
+            response, digest, size, meta, claim, self._peer_resume(digest, path, headers)
+        )
+        if fill is None:
+            return None
+        return Sourced(fill, "fleet", "FLEET")
+
+    async def _shared_lookup(self, digest: str) -> Any:
+        if self.shared is None:
+            return None
+        try:
+            return await self.shared.lookup(digest)
+        except Exception as e:  # down, slow (its deadline) or refusing
+            self.metrics.shared_errors.inc()
+            log.warn("shared store lookup of {digest} failed: {e}", digest=digest, e=e)
+            return None
+
+    def _shared_resume(self, digest: str) -> Resume:
+        def resume(offset: int) -> Deferred[IResponse | None]:
+            async def again() -> IResponse | None:
+                try:
+                    return await self.shared.open(digest, offset)
+                except Exception as e:
+                    log.warn("resume of {digest} from the store failed: {e}", digest=digest, e=e)
+                    return None
+
+            return ensureDeferred(again())
+
+        return resume
+
+    def _peer_resume(self, digest: str, path: str, headers: Headers) -> Resume:
+        """The owner's stream was cut: it may have died. The blob from the
+        shared store if it got there, else from whoever holds the lease
+        now; if that is this host, from the upstream with ``Range``."""
+
+        async def again(offset: int) -> IResponse | None:
+            found = await self._shared_lookup(digest)
+            if found is not None:
+                try:
+                    return await self.shared.open(digest, offset)
+                except Exception as e:
+                    log.warn("cannot read {digest} from the store: {e}", digest=digest, e=e)
+            lease = await self.fleet.claim(digest) if self.fleet is not None else None
+            if isinstance(lease, Elsewhere):
+                try:
+                    response, _ = await self.fleet.follow(lease.owner, digest, offset)
+                    return response
+                except PeerUnavailable as e:
+                    log.warn("owner of {digest} unreachable: {e}", digest=digest, e=e)
+                    return None
+            if isinstance(lease, Owned):
+                self.fleet.takeovers += 1
+                fill = self.in_flight.get(digest)
+                if isinstance(fill, Fill):
+                    self._publish_when_done(fill, lease)
+                else:
+                    lease.release()
+            return await self._resume_from(path, headers, offset)
+
+        return lambda offset: ensureDeferred(again(offset))
+
+    async def _answer_from_shared(
+        self, request: Request, digest: str, path: str, headers: Headers
+    ) -> bool:
+        """A HEAD, or with ``redirect`` a GET, of a blob only the shared
+        store has: answered from it (after the privacy check)."""
+        found = await self._shared_lookup(digest)
+        if found is None:
+            return False
+        if await self._refused(request, found.meta, headers, path):
+            return True
+        note_cache(request, "SHARED")
+        self.metrics.cache.labels("SHARED").inc()
+        request.setHeader(*API_VERSION)
+        request.setHeader(b"Docker-Content-Digest", digest.encode())
+        request.setHeader(b"ETag", f'"{digest}"'.encode())
+        if request.method == b"HEAD":
+            request.setHeader(b"Content-Type", found.meta.media_type.encode())
+            request.setHeader(b"Accept-Ranges", b"bytes")
+            request.setHeader(b"Content-Length", b"%d" % found.size)
+        else:
+            request.setResponseCode(307)
+            request.setHeader(b"Location", self.shared.redirect_url(digest).encode())
+            request.setHeader(b"Content-Length", b"0")
+        request.finish()
+        return True
+
+    def _publish_when_done(self, fill: Fill, owned: Owned | None) -> None:
+        """Once ``fill`` is verified and on disk, upload it to the shared
+        store; the fleet lease (if any) goes when that is done or failed."""
+        if self.shared is None:
+            if owned is not None:
+                fill.done.addBoth(lambda result: (owned.release(), result)[1])
+            return
+
+        async def upload(entry: Entry) -> None:
+            entry.readers += 1  # not evicted from under the upload
+            try:
+                await self.shared.publish(
+                    entry.digest, str(self.store.data_path(entry.digest)), entry.size, entry.meta
+                )
+            finally:
+                entry.readers -= 1
+
+        def published(entry: Entry) -> Deferred[None]:
+            return ensureDeferred(upload(entry)).addErrback(
+                lambda f: log.warn(
+                    "cannot upload {digest} to the shared store: {e}", digest=fill.digest, e=f.value
+                )
+            )
+
+        def finally_release(result: object) -> object:
+            if owned is not None:
+                owned.release()
+            return None
+
+        fill.done.addCallback(published).addBoth(finally_release)
 
     def _let_go(self, claim: Claim | None) -> None:
         """No fill after all: drop the lock (and its empty file) on the disk worker."""
@@ -222,16 +404,64 @@ class Blobs(CacheContext):
                 lambda f: log.warn("cannot drop a fill lock: {error}", error=str(f.value))
             )
 
+    def _new_fill(
+        self,
+        response: IResponse,
+        digest: str,
+        size: int | None,
+        meta: Meta,
+        claim: Claim | None,
+        resume: Resume,
+    ) -> Fill | None:
+        """A fill of ``digest`` fed by ``response`` (the shared store or
+        another member), verified like any other; None if the disk cannot
+        take it (the caller then goes to the upstream)."""
+        try:
+            fill = Fill(
+                self.store,
+                self.hashers(digest.split(":", 1)[0]),
+                digest,
+                meta,
+                size,
+                self.clock,
+                self.timeouts.body_idle,
+                self.config.fill_timeout,
+                on_mismatch=lambda _: self.metrics.mismatches.inc(),
+                resume=resume,
+                resume_attempts=self.config.resume_attempts,
+                resume_window=self.config.fill_timeout,
+                on_resume=lambda _: self.metrics.resumes.inc(),
+                claim=claim,
+            )
+        except OSError as e:
+            log.warn("not caching {digest}: {error}", digest=digest, error=str(e))
+            response.deliverBody(_Discard())
+            return None
+        response.deliverBody(fill)
+        fill.add_reader()
+        fill.remove_reader()
+        return fill
+
     async def _fetch_fill(
-        self, digest: str, name: str, path: str, headers: Headers, claim: Claim | None
+        self,
+        digest: str,
+        name: str,
+        path: str,
+        headers: Headers,
+        claim: Claim | None,
+        owned: Owned | None = None,
     ) -> tuple[Fill, Answer] | Answer:
         try:
             answer = await self.chain.request(b"GET", path, headers)
         except BaseException:
             self._let_go(claim)
+            if owned is not None:
+                owned.release()
             raise
         if answer.code != 200 or answer.body is not None:
             self._let_go(claim)
+            if owned is not None:
+                owned.release()
             return answer
         length = answer.response.length
         content_type = answer.headers.getRawHeaders(b"content-type", [OCTET_STREAM.encode()])[-1]
@@ -263,8 +493,12 @@ class Blobs(CacheContext):
             # blob, passed through; nothing is cached.
             log.warn("not caching {digest}: {error}", digest=digest, error=str(e))
             self._let_go(claim)
+            if owned is not None:
+                owned.release()
             return answer
         answer.response.deliverBody(fill)
+        if self.shared is not None or owned is not None:
+            self._publish_when_done(fill, owned)
         # Bounded even if nobody ever reads it (the leader may have gone).
         fill.add_reader()
         fill.remove_reader()
@@ -431,6 +665,20 @@ class Blobs(CacheContext):
                 entry.readers -= 1
 
 
+@dataclass(frozen=True)
+class Sourced:
+    """A fill fed by the fleet (``source``: "shared" or "fleet") rather
+    than the upstream: its leader is checked like a hit's client."""
+
+    fill: Fill
+    source: str
+    status: str
+
+
+class _Discard(Protocol):
+    """Reads a body nobody will use to its end."""
+
+
 class _Vanished(Exception):
     """The blob went (evicted) between finding it and opening it."""
 
@@ -452,10 +700,12 @@ CLAIM_TRIES = 3
 
 
 def _fill_in(
-    outcome: tuple[Fill, Answer] | Answer | RemoteFill | object,
+    outcome: tuple[Fill, Answer] | Answer | RemoteFill | Sourced | object,
 ) -> Fill | RemoteFill | None:
     if isinstance(outcome, RemoteFill):
         return outcome
+    if isinstance(outcome, Sourced):
+        return outcome.fill
     return outcome[0] if isinstance(outcome, tuple) else None
 
 

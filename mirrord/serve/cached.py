@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
@@ -24,6 +25,10 @@ from mirrord.store.worker import Hasher, InlineHasher
 from mirrord.upstream.bodies import discard_body
 from mirrord.upstream.chain import Answer, UpstreamChain
 from mirrord.upstream.identity import is_mirror, scope_for
+
+if TYPE_CHECKING:
+    from mirrord.fleet.coordinator import Fleet
+    from mirrord.store.interface import SharedStore
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -45,6 +50,12 @@ class CacheContext:
     hashers: Callable[[str], Hasher] = InlineHasher
     # One table per store, shared by every registry: give each the same.
     in_flight: InFlight | None = None  # type: ignore[assignment]
+    # The fleet's shared store (``mirrord.store.bucket``), behind the disk.
+    shared: SharedStore | None = None
+    # Answer blob hits of the shared store with a 307 to it.
+    redirect: bool = False
+    # One upstream fetch per blob across hosts (``mirrord.fleet.coordinator``).
+    fleet: Fleet | None = None
 
     async def _pass(
         self, request: Request, path: str, headers: Headers, cache: str = "MISS"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -86,10 +86,53 @@ class Manifests(CacheContext):
                 return
             self._send_manifest(request, digest, body, entry.meta.media_type, "HIT")
             return
+        shared = await self._manifest_from_shared(digest)
+        if shared is not None:
+            entry, body = shared
+            if await self._refused(request, entry.meta, headers, path):
+                return
+            self._send_manifest(request, digest, body, entry.meta.media_type, "SHARED")
+            return
         if request.method == b"HEAD":
             await self._pass(request, path, headers)
             return
         await self._fetch_manifest(request, name, path, headers, expected=digest)
+
+    async def _manifest_from_shared(self, digest: str) -> tuple[Entry, bytes] | None:
+        """A manifest another host of the fleet stored, checked against its
+        digest and kept on this host's disk too; None when the shared store
+        has none or cannot say within its deadline."""
+        if self.shared is None or not digest.startswith("sha256:"):
+            return None
+        try:
+            found = await self.shared.get_small(digest)
+        except Exception as e:
+            self.metrics.shared_errors.inc()
+            log.warn("shared store read of {digest} failed: {e}", digest=digest, e=e)
+            return None
+        if found is None:
+            return None
+        body, meta = found
+        if _digest_of(body) != digest:
+            self.metrics.mismatches.inc()
+            log.error("the shared store's {digest} does not match its digest", digest=digest)
+            return None
+        try:
+            await put_bytes(self.store, self.hashers("sha256"), digest, body, meta)
+        except OSError as e:
+            log.warn("cannot cache manifest {digest}: {error}", digest=digest, error=str(e))
+            return None
+        return self._cached_manifest(digest)
+
+    def _share(self, work: Any, what: str) -> None:
+        """Write-through to the shared store: its failure costs the fleet a
+        copy, never this pull."""
+
+        def failed(failure: Failure) -> None:
+            self.metrics.shared_errors.inc()
+            log.warn("shared store: cannot {what}: {error}", what=what, error=failure.value)
+
+        ensureDeferred(work).addErrback(failed)
 
     async def by_tag(
         self, request: Request, tag: str, name: str, path: str, headers: Headers
@@ -247,6 +290,8 @@ class Manifests(CacheContext):
                 meta = Meta(media_type, name, public, self.registry.name)
                 await put_bytes(self.store, self.hashers("sha256"), digest, body, meta)
                 self.store.evict()
+                if self.shared is not None:
+                    self._share(self.shared.put_small(digest, body, meta), f"store {digest}")
             except OSError as e:
                 # The client still gets the manifest; only the cache misses out.
                 log.warn("cannot cache manifest {digest}: {error}", digest=digest, error=str(e))
@@ -267,6 +312,10 @@ class Manifests(CacheContext):
         job = self.tags.prepare(self.registry.name, name, tag, record)
         if job is None:
             return
+        if self.shared is not None:
+            self._share(
+                self.shared.put_tag(self.registry.name, name, tag, record), f"record {name}:{tag}"
+            )
 
         def failed(failure: Failure) -> None:
             log.warn(
@@ -313,6 +362,19 @@ class Manifests(CacheContext):
                 await self._manifest_on_disk(record.digest)
         else:
             record = self.tags.get(self.registry.name, name, tag)
+        if self.shared is not None:
+            # Another host of the fleet may have seen the tag later.
+            try:
+                theirs = await self.shared.get_tag(self.registry.name, name, tag)
+            except Exception as e:
+                self.metrics.shared_errors.inc()
+                log.warn("shared store tag read failed: {e}", e=e)
+                theirs = None
+            if theirs is not None and (record is None or theirs.fetched > record.fetched):
+                record = theirs
+                self.tags.learn(self.registry.name, name, tag, record)
+            if record is not None and self._cached_manifest(record.digest) is None:
+                await self._manifest_from_shared(record.digest)
         if record is None or self.clock.seconds() - record.fetched > self.config.stale_max_age:
             return False
         return self._serve_recent(request, tag, name, headers, record, "STALE")
