@@ -485,6 +485,7 @@ def wire(
         {name: target.chain for name, target in targets.items()},
         store,
         in_flight,
+        fleet.status if fleet is not None else None,
     )
 
     def usage(request: Request) -> bytes:

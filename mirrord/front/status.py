@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
 from html import escape
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
@@ -87,6 +87,8 @@ class StatusSource:
     chains: Mapping[str, _Chain]
     store: _Store | None
     fills: Sized
+    # The shared store's and the fleet's state (``mirrord.fleet.status``).
+    fleet: Any = None
 
     def render(self, t: Mapping[str, str]) -> str:
         """The section's HTML in the language of ``t`` (see ``texts``)."""
@@ -123,6 +125,7 @@ class StatusSource:
             f'<table class="figures">{"".join(table)}</table>'
             f"{legend}{''.join(charts)}"
             f"<h3>{t['upstreams']}</h3>{self._upstreams(t)}"
+            f"{self._fleet(t)}"
             f"<p><small>{t['since_start'].format(minutes=len(self.history.samples))} "
             f"{t['metrics_hint']}</small></p></section>"
         )
@@ -145,6 +148,40 @@ class StatusSource:
             f'high="{0.9 * store.max_size:.0f}"></meter>'
         )
         return f"<tr><th>{t['cache']}</th><td>{meter} {used}</td></tr>"
+
+    def _fleet(self, t: Mapping[str, str]) -> str:
+        """The shared store and the fleet, as last polled (never waits on them)."""
+        if self.fleet is None:
+            return ""
+        state = self.fleet.as_dict()
+        rows = []
+        store, fleet = state["store"], state["fleet"]
+        if store["up"] is not None:
+            health = t["up"] if store["up"] else t["down"]
+            kind = "healthy" if store["up"] else "resting"
+            used = t["shared_used"].format(
+                used=human_bytes(max(store["bytes"], 0)) if store["bytes"] >= 0 else "?",
+                blobs=store["blobs"] if store["blobs"] >= 0 else "?",
+                limit=human_bytes(store["max_size"]) if store["max_size"] else "-",
+                uploads=store["uploads"],
+            )
+            rows.append(
+                f'<tr><th>{t["shared_store"]}</th><td><span class="{kind}">{health}</span>; '
+                f"{used}</td></tr>"
+            )
+        if fleet["redis_up"] is not None:
+            health = t["up"] if fleet["redis_up"] else t["down"]
+            kind = "healthy" if fleet["redis_up"] else "resting"
+            rows.append(
+                f'<tr><th>{t["redis"]}</th><td><span class="{kind}">{health}</span></td></tr>'
+            )
+            members = ", ".join(
+                f"{escape(name)} (<code>{escape(url)}</code>)"
+                for name, url in sorted(fleet["members"].items())
+            )
+            rows.append(f"<tr><th>{t['members']}</th><td>{members or '-'}</td></tr>")
+            rows.append(f"<tr><th>{t['leases']}</th><td>{len(fleet['leases'])}</td></tr>")
+        return f'<h3>{t["fleet"]}</h3><table class="figures" id="fleet">{"".join(rows)}</table>'
 
     def _upstreams(self, t: Mapping[str, str]) -> str:
         now = self.clock.seconds()

@@ -224,10 +224,17 @@ class Mirror(Process):
 
 
 def start_mirror(
-    workdir: Path, pki: Pki, upstreams: list[str], name: str, *extra: str, config: str = ""
+    workdir: Path,
+    pki: Pki,
+    upstreams: list[str],
+    name: str,
+    *extra: str,
+    config: str = "",
+    port: int | None = None,
 ) -> Mirror:
-    """A twistd mirrord on loopback; ``config`` is its TOML file's text."""
-    port = free_port()
+    """A twistd mirrord on loopback; ``config`` is its TOML file's text;
+    ``port`` when the config must name it (a fleet member's address)."""
+    port = port or free_port()
     config_path = workdir / (f"{name}.toml" if config else "empty.toml")
     argv = [
         *mirrord_argv(),

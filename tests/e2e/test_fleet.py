@@ -1,0 +1,324 @@
+"""A fleet: ``twistd mirrord`` members, each with its own state directory
+and port, sharing one bucket on a real Ceph RADOS Gateway and one
+``redis-server``, in front of the fake Hub. A blob is fetched from
+upstream once for the fleet; what one member cached another serves without
+the upstream; a member killed mid-fill leaves the others' clients whole or
+cleanly cut; a frozen S3 or a stopped Redis keeps pulls working; a tag one
+member fetched is served stale by another during an outage; skopeo pulls
+through two members."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Hub, Mirror, Skopeo, start_mirror, verify_dir_copy
+from tests.e2e.test_shared_cache import (
+    BIG,
+    HOLD,
+    SMALL,
+    Fetched,
+    _fetch,
+    _in_parallel,
+    _join,
+    _manifest,
+    _wait_for,
+    shared_hub,  # noqa: F401  (the fake Hub these tests pull from)
+)
+from tests.support.pki import Pki
+from tests.support.processes import free_port
+from tests.support.redisserver import RedisServer, start_redis
+from tests.support.rgw import Rgw
+
+
+@dataclass
+class FleetEnv:
+    rgw: Rgw
+    redis: RedisServer
+    secrets: Path
+
+
+@pytest.fixture(scope="module")
+def fleet_env(workdir: Path, rgw: Rgw) -> Iterator[FleetEnv]:
+    directory = workdir / "fleet"
+    directory.mkdir(exist_ok=True)
+    (directory / "s3-secret").write_text(rgw.secret_key + "\n")
+    (directory / "fleet-secret").write_text(os.urandom(24).hex() + "\n")
+    redis = start_redis(directory / "redis")
+    yield FleetEnv(rgw, redis, directory)
+    redis.stop()
+
+
+_databases = iter(range(1, 16))
+
+
+def _members(
+    workdir: Path,
+    pki: Pki,
+    env: FleetEnv,
+    hub: Hub,
+    name: str,
+    count: int = 2,
+    extra: str = "",
+    redis_url: str | None = None,
+) -> list[Mirror]:
+    """``count`` members on a fresh bucket and a Redis database of their own."""
+    bucket = f"fleet-{name}"
+    env.rgw.bucket(bucket)
+    db = next(_databases)
+    redis = redis_url or f"redis://127.0.0.1:{env.redis.port}/{db}"
+    members = []
+    for i in range(count):
+        port = free_port()
+        config = f"""
+[store]
+backend = "s3"
+endpoint = "{env.rgw.endpoint}"
+bucket = "{bucket}"
+region = "{env.rgw.region}"
+access_key = "{env.rgw.access_key}"
+secret_key_file = "{env.secrets / "s3-secret"}"
+deadline = 3
+breaker_reset = 5
+
+[fleet]
+redis = "{redis}"
+advertise = "https://127.0.0.1:{port}"
+secret_file = "{env.secrets / "fleet-secret"}"
+tls_ca = "{pki.ca}"
+member = "{name}-{i}"
+lease_ttl = 6
+{extra}
+"""
+        members.append(
+            start_mirror(workdir, pki, [hub.url], f"fleet-{name}-{i}", config=config, port=port)
+        )
+    return members
+
+
+def _in_bucket(env: FleetEnv, bucket: str, digest: str) -> bool:
+    return env.rgw.head(bucket, "blobs/sha256/" + digest.split(":", 1)[1]) is not None
+
+
+def _stop(members: list[Mirror]) -> None:
+    for member in members:
+        member.stop()
+
+
+def _gets(hub: Hub) -> int:
+    return hub.control()["counts"].get("GET blobs", 0)
+
+
+def test_sixteen_clients_over_two_members_make_one_upstream_fetch(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """16 concurrent clients of one uncached blob, 8 on each member, all get
+    the right bytes from one upstream GET; the blob then sits in the bucket."""
+    hub, big, _ = shared_hub
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    members = _members(workdir, pki, fleet_env, hub, "sixteen")
+    before = hub.control(cdn_hold_at=HOLD)["counts"]
+    try:
+        started = _in_parallel(
+            [lambda m=members[i % 2]: _fetch(context, m.port, big.digest, BIG) for i in range(16)]
+        )
+        _wait_for(lambda: hub.control()["counts"].get("cdn GET", 0) > before.get("cdn GET", 0))
+        time.sleep(2)  # every client is in before the held body goes on
+        hub.control(cdn_hold_at=None, release_cdn=True)
+        results = _join(started)
+        after = hub.control()["counts"]
+        _wait_for(lambda: _in_bucket(fleet_env, "fleet-sixteen", big.digest), timeout=30)
+    finally:
+        hub.control(cdn_hold_at=None, release_cdn=True)
+        _stop(members)
+    for result in results:
+        assert isinstance(result, Fetched), result
+        assert result.status.startswith(b"HTTP/1.1 200"), result.status
+        assert result.complete and result.body == big.data
+    assert after.get("GET blobs", 0) - before.get("GET blobs", 0) == 1
+    assert after.get("cdn GET", 0) - before.get("cdn GET", 0) == 1
+    logs = members[0].output() + members[1].output()
+    assert "cache=FLEET" in logs
+
+
+def test_what_one_member_cached_another_serves_without_upstream(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """A blob pulled through member A is served by member B, which never
+    had it, from the bucket: no upstream blob request."""
+    hub, _, smalls = shared_hub
+    blob = smalls[0]
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    a, b = _members(workdir, pki, fleet_env, hub, "shared")
+    try:
+        first = _fetch(context, a.port, blob.digest, SMALL)
+        _wait_for(lambda: _in_bucket(fleet_env, "fleet-shared", blob.digest), timeout=30)
+        before = _gets(hub)
+        second = _fetch(context, b.port, blob.digest, SMALL)
+        after = _gets(hub)
+    finally:
+        _stop([a, b])
+    assert first.complete and first.body == blob.data
+    assert second.complete and second.body == blob.data
+    assert after == before
+    assert "cache=SHARED" in b.output()
+
+
+def test_member_killed_mid_fill_leaves_whole_blobs_or_clean_cuts(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """SIGKILL the member filling a blob while another member's clients
+    stream it from that fill: they end with the whole verified blob (the
+    other member took over with Range) or a clean cut, never wrong bytes;
+    the next pull through the survivor is whole, and the bucket holds
+    nothing but the right bytes."""
+    hub, big, _ = shared_hub
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    filler, survivor = _members(
+        workdir, pki, fleet_env, hub, "killed", extra="[timeouts]\nbody_idle = 20\n"
+    )
+    before = hub.control(cdn_hold_at=HOLD)["counts"]
+    try:
+        first = _in_parallel([lambda: _fetch(context, filler.port, big.digest, BIG)])
+        _wait_for(lambda: hub.control()["counts"].get("cdn GET", 0) > before.get("cdn GET", 0))
+        followers = _in_parallel(
+            [lambda: _fetch(context, survivor.port, big.digest, BIG) for _ in range(4)]
+        )
+        time.sleep(2)  # following the held fill over the fleet endpoint
+        os.kill(filler.pid, signal.SIGKILL)
+        filler.proc.wait(10)
+        hub.control(cdn_hold_at=None, release_cdn=True)
+        ended = _join(followers, timeout=60)
+        _join(first, timeout=30)
+        again = _fetch(context, survivor.port, big.digest, BIG)
+        _wait_for(lambda: _in_bucket(fleet_env, "fleet-killed", big.digest), timeout=30)
+        stored = fleet_env.rgw.get("fleet-killed", "blobs/sha256/" + big.digest.split(":")[1])
+    finally:
+        hub.control(cdn_hold_at=None, release_cdn=True)
+        _stop([filler, survivor])
+    for result in ended:
+        assert isinstance(result, Fetched), result
+        if result.complete:
+            assert result.body == big.data
+        else:
+            assert big.data.startswith(result.body)
+    assert again.complete and again.body == big.data
+    assert hashlib.sha256(stored).hexdigest() == big.digest.split(":")[1]
+    assert "cache=FLEET" in survivor.output()
+
+
+def test_frozen_s3_keeps_pulls_working(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """With the OSD frozen (S3 hangs, as a stuck backend does), a pull
+    through a member still completes from the upstream, within the S3
+    deadline, and the member's breaker then skips S3."""
+    hub, _, smalls = shared_hub
+    blob = smalls[1]
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    [member] = _members(workdir, pki, fleet_env, hub, "frozen", count=1)
+    fleet_env.rgw.freeze_osd()
+    try:
+        started = time.monotonic()
+        got = _fetch(context, member.port, blob.digest, SMALL)
+        took = time.monotonic() - started
+        again = _fetch(context, member.port, blob.digest, SMALL)
+    finally:
+        fleet_env.rgw.thaw_osd()
+        member.stop()
+    assert got.complete and got.body == blob.data
+    assert again.complete and again.body == blob.data
+    assert took < 20, f"the pull waited {took:.1f} s on a frozen S3"
+    assert "Traceback" not in member.output()
+
+
+def test_stopped_redis_keeps_pulls_working(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """With Redis gone, each member fills on its own: pulls through both
+    complete with the right bytes."""
+    hub, _, smalls = shared_hub
+    blob = smalls[2]
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    own = start_redis(fleet_env.secrets / "redis-stopped")
+    members = _members(
+        workdir, pki, fleet_env, hub, "noredis", redis_url=f"redis://127.0.0.1:{own.port}/0"
+    )
+    try:
+        own.stop()
+        results = [_fetch(context, m.port, blob.digest, SMALL) for m in members]
+    finally:
+        _stop(members)
+        own.stop()
+    for result in results:
+        assert result.complete and result.body == blob.data
+    assert "Traceback" not in members[0].output() + members[1].output()
+
+
+def test_tag_fetched_by_one_member_is_served_stale_by_another(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """A tag pulled through member A is answered by member B, which never
+    pulled it, from the bucket while the upstream is down (stale)."""
+    hub, _, _ = shared_hub
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    a, b = _members(workdir, pki, fleet_env, hub, "stale", extra="[cache]\ntag_ttl = 0\n")
+    try:
+        status, body, _ = _manifest(context, a.port)
+        assert status == 200
+        _wait_for(
+            lambda: fleet_env.rgw.head("fleet-stale", "tags/docker.io/library/alpine/latest")
+            is not None,
+            timeout=20,
+        )
+        hub.control(outage=True)
+        try:
+            status, stale, warning = _manifest(context, b.port)
+        finally:
+            hub.control(outage=False)
+    finally:
+        _stop([a, b])
+    assert (status, stale) == (200, body)
+    assert "Stale" in warning
+    assert "cache=STALE" in b.output()
+
+
+def test_skopeo_pulls_through_two_members(
+    workdir: Path,
+    pki: Pki,
+    fleet_env: FleetEnv,
+    shared_hub,
+    skopeo: Skopeo,
+) -> None:
+    """skopeo copies an image through member A, then through member B as
+    docker.io's mirror; B's copy takes no blob from the upstream."""
+    hub, _, _ = shared_hub
+    a, b = _members(workdir, pki, fleet_env, hub, "skopeo")
+    try:
+        first = workdir / "fleet-skopeo-a"
+        skopeo.copy(f"{a.address}/library/alpine:latest", first)
+        verify_dir_copy(first)
+        digests = [
+            layer["digest"] for layer in json.loads((first / "manifest.json").read_text())["layers"]
+        ]
+        for digest in digests:
+            _wait_for(lambda d=digest: _in_bucket(fleet_env, "fleet-skopeo", d), timeout=30)
+        before = _gets(hub)
+        second = workdir / "fleet-skopeo-b"
+        conf = skopeo.registries_conf(b.address)
+        skopeo.copy("docker.io/library/alpine:latest", second, conf=conf)
+        verify_dir_copy(second)
+        after = _gets(hub)
+    finally:
+        _stop([a, b])
+    assert after == before
+    assert (first / "manifest.json").read_bytes() == (second / "manifest.json").read_bytes()
