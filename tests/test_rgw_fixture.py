@@ -9,6 +9,7 @@ import os
 import re
 import urllib.parse
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,22 @@ def test_daemons_are_running(rgw) -> None:
     assert len(set(pids.values())) == 3
     for pid in pids.values():
         os.kill(pid, 0)
+
+
+def test_a_start_that_runs_out_of_time_says_why_and_leaves_no_daemon(tmp_path) -> None:
+    """A start cut short by its bound raises with the logs and stops what it had started."""
+    from tests.support.rgw import Rgw, RgwError
+
+    directory = tmp_path / "short"
+    with pytest.raises(RgwError, match="--- ") as raised:
+        Rgw.start(directory, timeout=0.7)
+    assert "mon.a.log" in str(raised.value)
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and str(directory).encode() in cmdline:
+            left.append(cmdline.replace(b"\0", b" "))
+    assert left == []

@@ -13,6 +13,7 @@ ignores SIGTERM).
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import os
 import signal
@@ -277,6 +278,7 @@ class Rgw:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=self.directory,
+            preexec_fn=_die_with_parent,
         )
 
     def _check_daemons(self) -> None:
@@ -300,6 +302,13 @@ class Rgw:
             finally:
                 conn.close()
         raise RgwError(f"radosgw did not answer on {self.endpoint}\n{self.log_tails()}")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies, so a
+    killed pytest leaves no Ceph daemon behind (stop() is the normal way)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _config(d: Path, mon_port: int, frontend: str) -> str:
