@@ -105,8 +105,12 @@ lease_ttl = 6
     return members
 
 
+def _has(env: FleetEnv, bucket: str, key: str) -> bool:
+    return env.rgw.request("HEAD", f"/{bucket}/{key}").status == 200
+
+
 def _in_bucket(env: FleetEnv, bucket: str, digest: str) -> bool:
-    return env.rgw.head(bucket, "blobs/sha256/" + digest.split(":", 1)[1]) is not None
+    return _has(env, bucket, "blobs/sha256/" + digest.split(":", 1)[1])
 
 
 def _stop(members: list[Mirror]) -> None:
@@ -201,7 +205,9 @@ def test_member_killed_mid_fill_leaves_whole_blobs_or_clean_cuts(
         _join(first, timeout=30)
         again = _fetch(context, survivor.port, big.digest, BIG)
         _wait_for(lambda: _in_bucket(fleet_env, "fleet-killed", big.digest), timeout=30)
-        stored = fleet_env.rgw.get("fleet-killed", "blobs/sha256/" + big.digest.split(":")[1])
+        stored = fleet_env.rgw.request(
+            "GET", "/fleet-killed/blobs/sha256/" + big.digest.split(":")[1], timeout=60
+        ).body
     finally:
         hub.control(cdn_hold_at=None, release_cdn=True)
         _stop([filler, survivor])
@@ -276,8 +282,7 @@ def test_tag_fetched_by_one_member_is_served_stale_by_another(
         status, body, _ = _manifest(context, a.port)
         assert status == 200
         _wait_for(
-            lambda: fleet_env.rgw.head("fleet-stale", "tags/docker.io/library/alpine/latest")
-            is not None,
+            lambda: _has(fleet_env, "fleet-stale", "tags/docker.io/library/alpine/latest"),
             timeout=20,
         )
         hub.control(outage=True)
