@@ -6,6 +6,8 @@ starts the global reactor or a thread."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -519,3 +521,55 @@ def test_stopped_client_refuses(fleet: FleetRedis, loop: Loop, redis_server: Red
     loop.run(client.stop())
     with pytest.raises(FleetUnavailable):
         loop.run(client.call("PING"))
+
+
+def _connections_received(loop: Loop, client: FleetRedis) -> int:
+    info = loop.run(client.call("INFO", "stats"))
+    (line,) = (x for x in info.splitlines() if x.startswith("total_connections_received:"))
+    return int(line.split(":")[1])
+
+
+def test_one_connection_attempt_at_a_time(own_redis: RedisServer, loop: Loop) -> None:
+    """Concurrent calls with no connection share one attempt: two rounds of
+    50 calls to a frozen Redis open two connections, not a hundred."""
+    watcher = _client(loop, own_redis.url)
+    before = _connections_received(loop, watcher)
+    client = _client(loop, own_redis.url, retry_after=0.0)
+    own_redis.pause()
+    try:
+        for _ in range(2):
+            results = loop.gather([client.call("PING") for _ in range(50)], timeout=5)
+            assert all(isinstance(r, FleetUnavailable) for r in results), results
+    finally:
+        own_redis.resume()
+    assert loop.run(client.call("PING")) == "PONG"
+    # Two rounds, the PING just now, and none for the watcher (connected before).
+    assert _connections_received(loop, watcher) - before <= 3
+    for c in (client, watcher):
+        loop.run(c.stop())
+
+
+def test_a_cancelled_call_is_no_outage(fleet: FleetRedis, loop: Loop) -> None:
+    """A caller that cancels its call leaves the client up and the connection
+    in step: the next call gets its own reply."""
+    loop.run(fleet.call("SET", "k", "v"))
+    slow = Deferred.fromCoroutine(fleet.call("BLPOP", "nothing", 0.2))
+    loop.reactor.iterate(0)
+    slow.cancel()
+    with pytest.raises(CancelledError):
+        loop.run(slow)
+    assert fleet.up
+    assert loop.run(fleet.call("GET", "k")) == "v"
+    assert fleet.failures == 0
+
+
+def test_importing_installs_no_reactor() -> None:
+    """Importing the fleet modules leaves the global reactor alone, so
+    twistd can still install the one it was asked for (txredisapi, imported
+    at its top, would install the default one)."""
+    code = (
+        "import sys\n"
+        "import mirrord.fleet.index, mirrord.fleet.leases, mirrord.fleet.members\n"
+        "assert 'twisted.internet.reactor' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

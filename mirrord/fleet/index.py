@@ -7,8 +7,9 @@ Keys (all under ``prefix``): ``index:sizes`` (hash digest -> bytes),
 ``index:access`` (sorted set digest -> last access, Unix seconds),
 ``index:total`` (the sum of ``index:sizes``), ``pins`` (set of digests).
 Every change that touches more than one of them is one Lua script, so they
-move together: the total is the sum of the sizes after every script, and
-no host sees a blob counted but not dated or the reverse.
+move together: the total is the sum of the sizes after every script, and no
+host sees a blob counted but not dated or the reverse. Needs Redis 6.2 or
+later (``ZADD ... GT``).
 
 Correctness, for the store that drives it (the order is what matters):
 
@@ -22,8 +23,9 @@ Correctness, for the store that drives it (the order is what matters):
   claiming one digest exactly one gets True, and only that one deletes, so
   an object is deleted once and the bytes freed are subtracted once: two
   hosts evicting together cannot both count the same blob towards their
-  goal, and with ``above`` they stop as soon as the shared total is under
-  the cap, so they do not overshoot by more than the blobs in flight.
+  goal. With ``above`` (the cap) a claim also succeeds only while the
+  shared total is still over it, and subtracts at once, so however many
+  hosts evict together the fleet frees at most one blob more than needed.
 * **A crash between the two steps of either** (a host dies after its
   upload but before ``add``, or after its claim but before the delete)
   leaves an *orphan*: an object in the bucket the index does not count.

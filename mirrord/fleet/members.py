@@ -54,11 +54,15 @@ class Members:
         if not self._loop.running:
             self._loop.start(self.ttl / 3, now=True).addErrback(self._crashed)
 
-    async def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """Stop the heartbeat and leave the list now (or, when Redis is
-        unavailable, within ``ttl``)."""
+        unavailable, within ``ttl``). A Deferred, not a coroutine, so the
+        heartbeat stops even if nobody waits for the rest."""
         if self._loop.running:
             self._loop.stop()
+        return Deferred.fromCoroutine(self._leave())
+
+    async def _leave(self) -> None:
         try:
             await self.redis.eval(_LEAVE, [self.key], [self.advertise])
         except FleetUnavailable as e:

@@ -18,16 +18,19 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-import txredisapi
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from txredisapi import BaseRedisProtocol as _Protocol
 
 log = Logger()
 
@@ -78,25 +81,39 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-class _Protocol(txredisapi.BaseRedisProtocol):
-    """txredisapi's RESP parser and command writer, on the injected reactor,
-    ready as soon as TCP is (AUTH and SELECT are sent by the client)."""
+@cache
+def _redis() -> Any:
+    """txredisapi, imported on first use: importing it installs the default
+    global reactor (``from twisted.internet import reactor`` at its top), which
+    must not happen before twistd installs the one it was asked for."""
+    import txredisapi
 
-    def __init__(self, reactor: Reactor, lost: Callable[[_Protocol], None]) -> None:
-        # Text replies as str, numbers left as the strings Redis sent:
-        # convertNumbers would turn an owner named "42" into an int.
-        super().__init__(charset="utf-8", convertNumbers=False)
-        # The class attribute is the global reactor's; re-entrant parsing
-        # (setLineMode) must run on ours.
-        self.callLater = reactor.callLater
-        self._lost = lost
+    return txredisapi
 
-    def connectionMade(self) -> None:
-        self._ready = True
 
-    def connectionLost(self, why: Failure = None) -> None:  # type: ignore[assignment]
-        super().connectionLost(why)
-        self._lost(self)
+@cache
+def _protocol_class() -> type[_Protocol]:
+    class Protocol(_redis().BaseRedisProtocol):  # type: ignore[misc]
+        """txredisapi's RESP parser and command writer, on the injected
+        reactor, ready as soon as TCP is (the client sends AUTH and SELECT)."""
+
+        def __init__(self, reactor: Reactor, lost: Callable[[_Protocol], None]) -> None:
+            # Text replies as str, numbers left as the strings Redis sent:
+            # convertNumbers would turn an owner named "42" into an int.
+            super().__init__(charset="utf-8", convertNumbers=False)
+            # The class attribute is the global reactor's; re-entrant
+            # parsing (setLineMode) must run on ours.
+            self.callLater = reactor.callLater
+            self._lost = lost
+
+        def connectionMade(self) -> None:
+            self._ready = True
+
+        def connectionLost(self, why: Failure | None = None) -> None:
+            super().connectionLost(why)
+            self._lost(self)
+
+    return Protocol
 
 
 def _describe(failure: BaseException) -> str:
@@ -116,6 +133,9 @@ class FleetRedis:
         # Whether the last call got an answer, and why the last one did not.
         self.up = False
         self.last_error = "not started"
+        # For the operations page and /metrics.
+        self.calls = 0
+        self.failures = 0
         self._running = False
         self._protocol: _Protocol | None = None
         self._connecting: Deferred[_Protocol] | None = None
@@ -156,7 +176,7 @@ class FleetRedis:
                 return await protocol.execute_command(
                     "EVALSHA", script.sha, len(keys), *keys, *args
                 )
-            except txredisapi.ResponseError as e:
+            except _redis().ResponseError as e:
                 if not str(e).startswith("NOSCRIPT"):
                     raise
             return await protocol.execute_command("EVAL", script.source, len(keys), *keys, *args)
@@ -188,23 +208,33 @@ class FleetRedis:
         async def attempt() -> Any:
             return await operation(await self._connection())
 
+        self.calls += 1
         bounded = Deferred.fromCoroutine(attempt())
         bounded.addTimeout(self.deadline, self._reactor)
         try:
             result = await bounded
-        except FleetUnavailable:
+        except CancelledError:
+            # The caller gave up (addTimeout turns our own deadline into
+            # TimeoutError): no news about Redis, and a reply still due
+            # is dropped by the protocol, so the connection stays usable.
             raise
-        except txredisapi.ResponseError as e:
+        except FleetUnavailable:
+            self.failures += 1
+            raise
+        except _redis().ResponseError as e:
             # It answered: the connection is fine, the command was not (a
             # script error, LOADING, OOM); callers treat it as no fleet.
             self._answered()
+            self.failures += 1
             raise FleetUnavailable(f"Redis answered an error: {e}") from e
         except TimeoutError as e:
             reason = f"no answer within {self.deadline} s"
+            self.failures += 1
             self._down(reason)
             raise FleetUnavailable(reason) from e
         except Exception as e:
             reason = _describe(e)
+            self.failures += 1
             self._down(reason)
             raise FleetUnavailable(reason) from e
         self._answered()
@@ -226,7 +256,8 @@ class FleetRedis:
         return waiter
 
     async def _connect(self) -> _Protocol:
-        factory = Factory.forProtocol(lambda: _Protocol(self._reactor, self._lost))
+        protocol_class = _protocol_class()
+        factory = Factory.forProtocol(lambda: protocol_class(self._reactor, self._lost))
         protocol: _Protocol = await self._endpoint().connect(factory)
         try:
             if self.address.password is not None:
@@ -250,6 +281,10 @@ class FleetRedis:
     def _connected(self, result: _Protocol | Failure) -> None:
         self._connecting = None
         waiters, self._waiters = self._waiters, []
+        if isinstance(result, Failure) and not self._running:
+            for waiter in waiters:
+                waiter.errback(FleetUnavailable("the fleet's Redis client is stopped"))
+            return
         if isinstance(result, Failure):
             if result.check(TimeoutError):
                 reason = f"no connection within {self.deadline} s"
