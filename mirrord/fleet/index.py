@@ -36,6 +36,10 @@ Correctness, for the store that drives it (the order is what matters):
   arise from outside (an object deleted by hand or by a bucket lifecycle
   rule, a Redis restored from an old snapshot); a host that finds an
   object missing should ``remove`` it at once.
+* **A call that times out** may or may not have been applied (the script
+  runs whole on the server, or not at all): an ``add`` that was not is an
+  orphan, a ``claim_eviction`` that was (its caller, told False or an
+  error, does not delete) is an orphan too. Both are the crash cases above.
 * **Repair** is ``reconcile(listing, started)``, run now and then with a
   listing of the bucket begun at ``started``: orphans are added (their
   last access is the object's modification time, the most that is known,

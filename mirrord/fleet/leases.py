@@ -6,6 +6,11 @@ expires unless renewed: a host that dies stops renewing and another can
 take the digest over after ``ttl``. Renew and release are Lua scripts that
 act only when the key still names the caller, so a host whose lease expired
 while it was stalled can neither extend nor delete its successor's.
+
+An ``acquire`` that raises ``FleetUnavailable`` after its deadline may
+still have taken the lease on the server; nobody renews it, so it is gone
+within ``ttl``, and a caller that fills on its own meanwhile can
+``release`` it (only its own) once Redis answers again.
 """
 
 from __future__ import annotations
