@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mirrord.fleet.leases import LeaseKeeper, Leases
-from mirrord.fleet.peer import PeerClient
-from mirrord.fleet.redis import FleetUnavailable
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
+from mirrord.fleet.leases import LeaseKeeper, Leases
+from mirrord.fleet.peer import PeerClient
+from mirrord.fleet.redis import FleetUnavailable
 from mirrord.store.disk import Meta
 
 log = Logger()
@@ -79,7 +80,6 @@ class Fleet:
         keeper = LeaseKeeper(self.clock, self.leases, digest, self.advertise, self.lease_ttl)
         owned = Owned(self, digest, keeper)
         keeper.on_lost = lambda: self._lost(owned)
-        keeper.start()
         self.owned[digest] = owned
         return owned
 
@@ -94,9 +94,10 @@ class Fleet:
             return
         del self.owned[owned.digest]
         owned.keeper.stop()
-        d = self.leases.release(owned.digest, self.advertise)
-        if hasattr(d, "addErrback"):
-            d.addErrback(lambda f: log.warn("cannot release {d}: {e}", d=owned.digest, e=f.value))
+        # Not released (Redis away): it expires within lease_ttl.
+        ensureDeferred(self.leases.release(owned.digest, self.advertise)).addErrback(
+            lambda f: log.warn("cannot release {d}: {e}", d=owned.digest, e=f.value)
+        )
 
     def _lost(self, owned: Owned) -> None:
         """Another host took the lease (ours expired while Redis was away):

@@ -197,7 +197,9 @@ class Bucket:
         for digest, size in candidates:
             if freed >= over:
                 break
-            if not await self.index.claim_eviction(digest):
+            # Only while the fleet's total is over the cap: two hosts
+            # evicting at once free at most one blob more than needed.
+            if not await self.index.claim_eviction(digest, above=self.max_size):
                 continue
             try:
                 await self.client.delete(blob_key(digest))
