@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from mirrord.store.s3 import Breaker, S3Client, S3Error, S3Unavailable, pack_meta, unpack_meta
 from mirrord.store.s3.client import read_body
@@ -205,6 +207,34 @@ def test_failed_upload_is_aborted(reactor: Any, client: S3Client, tmp_path: Path
     assert call(reactor, client.list_uploads) == []
 
 
+def test_cancelled_upload_is_aborted(reactor: Any, client: S3Client, tmp_path: Path) -> None:
+    """An upload its caller cancels midway is aborted: no object, no upload left."""
+    path = tmp_path / "blob"
+    with open(path, "wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(MIB))
+    started: list[Deferred[None]] = []
+    before = client.requests
+
+    def start() -> None:
+        started.append(client.upload_file("blobs/c", str(path), 48 * MIB, "x/y", {}))
+
+    call(reactor, start)
+    deadline = time.monotonic() + WAIT
+    while client.requests < before + 2:  # created, and the first part sent
+        assert time.monotonic() < deadline, "the upload did not start"
+        time.sleep(0.005)
+    call(reactor, started[0].cancel)
+    with pytest.raises(CancelledError):
+        call(reactor, lambda: started[0])
+    for _ in range(100):  # the abort runs on after the cancel
+        if call(reactor, client.list_uploads) == []:
+            break
+        time.sleep(0.05)
+    assert call(reactor, client.list_uploads) == []
+    assert call(reactor, client.head, "blobs/c") is None
+
+
 def test_abort_stale_uploads(reactor: Any, client: S3Client) -> None:
     """Unfinished uploads are listed, and aborted only once older than asked."""
     create = lambda: client._guarded("CREATE-UPLOAD", "k", lambda: client._create("k", {}))  # noqa: E731
@@ -285,3 +315,50 @@ def test_frozen_osd_deadline_then_breaker(reactor: Any, rgw: Any) -> None:
             time.sleep(3.1)
     assert breaker.state == "closed"
     call(reactor, c.close)
+
+
+class _Canned(Resource):
+    """Answers every request with one status and S3 error body, and keeps
+    the request headers it saw."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status = 503
+        self.code = b"SlowDown"
+        self.seen: list[dict[bytes, list[bytes]]] = []
+
+    def render(self, request: Any) -> bytes:
+        self.seen.append(dict(request.requestHeaders.getAllRawHeaders()))
+        request.setResponseCode(self.status)
+        return b"<Error><Code>" + self.code + b"</Code><Message>m</Message></Error>"
+
+
+def test_server_errors_and_refusals(reactor: Any) -> None:
+    """5xx answers and refused connections are S3Unavailable and count against
+    the breaker; a 4xx is S3Error with S3's code and counts as an answer; the
+    client never asks for a content encoding."""
+    resource = _Canned()
+    port = call(reactor, lambda: reactor.listenTCP(0, Site(resource), interface="127.0.0.1"))
+    try:
+        endpoint = f"http://127.0.0.1:{port.getHost().port}"
+        breaker = Breaker(reactor, failures=2)
+        c = S3Client(reactor, endpoint, "b", "us-east-1", "AK", "SK", breaker=breaker)
+        with pytest.raises(S3Unavailable, match="503 SlowDown"):
+            call(reactor, c.get, "k")
+        assert breaker.consecutive_failures == 1
+        resource.status, resource.code = 403, b"AccessDenied"
+        with pytest.raises(S3Error) as e:
+            call(reactor, c.get_bytes, "k", 10)
+        assert (e.value.code, e.value.s3_code) == (403, "AccessDenied")
+        assert breaker.consecutive_failures == 0
+        encodings = [h.get(b"Accept-Encoding", [b""])[0] for h in resource.seen]
+        assert encodings == [b"identity", b"identity"]
+        call(reactor, c.close)
+    finally:
+        call(reactor, port.stopListening)
+    refused = S3Client(reactor, endpoint, "b", "us-east-1", "AK", "SK", breaker=breaker)
+    with pytest.raises(S3Unavailable):
+        call(reactor, refused.head, "k")
+    assert breaker.consecutive_failures == 1

@@ -321,6 +321,7 @@ class S3Client:
         self.prefix = prefix
         self.deadline = deadline
         self.breaker = breaker if breaker is not None else Breaker(reactor)
+        self._region = region
         self._signer = Signer(access_key, secret_key, region)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 32
@@ -417,7 +418,12 @@ class S3Client:
         # with ConnectingCancelledError, which it does not turn into a
         # TimeoutError. Whatever a cancelled call fails with, the timer
         # says whether the deadline cancelled it or the caller did.
-        expired = False
+        expired = cancelled = False
+
+        def cancel(_: Deferred[T]) -> None:
+            nonlocal cancelled
+            cancelled = True
+            d.cancel()
 
         def expire() -> None:
             nonlocal expired
@@ -432,6 +438,11 @@ class S3Client:
             if not isinstance(result, Failure):
                 self.breaker.success()
                 return result
+            if cancelled and not expired:
+                # The caller's cancel; an Agent reports one that came after
+                # the request was sent as ResponseNeverReceived.
+                self.breaker.release()
+                return Failure(CancelledError(f"S3 {what} {key} cancelled"))
             if expired or result.check(*_UNAVAILABLE):
                 self.breaker.failure()
                 if expired:
@@ -455,7 +466,9 @@ class S3Client:
             self.breaker.release()
             return result
 
-        return d.addBoth(done)
+        outer: Deferred[T] = Deferred(cancel)
+        d.addBoth(done).chainDeferred(outer)
+        return outer
 
     # -- objects ----------------------------------------------------------
 
@@ -621,16 +634,34 @@ class S3Client:
                 return
             if response.code != 404:
                 raise await self._error(response)
-            response = await self._send("PUT", None, body=b"")
-            if response.code == 200:
-                await read_body(response, SMALL_BODY)
+            error = await self._create_bucket(self._location())
+            if isinstance(error, S3Error) and error.s3_code == "InvalidLocationConstraint":
+                # RGW names its zonegroups, not AWS regions ("default").
+                error = await self._create_bucket(b"")
+            if error is None:
                 return
-            error = await self._error(response)
             if isinstance(error, S3Error) and error.s3_code == "BucketAlreadyOwnedByYou":
                 return
             raise error
 
         return self._guarded("CREATE", self.bucket, work)
+
+    def _location(self) -> bytes:
+        # AWS wants the region named unless it is us-east-1, where naming
+        # it is an error.
+        if self._region in ("", "us-east-1"):
+            return b""
+        return (
+            "<CreateBucketConfiguration><LocationConstraint>"
+            f"{escape(self._region)}</LocationConstraint></CreateBucketConfiguration>"
+        ).encode()
+
+    async def _create_bucket(self, body: bytes) -> Exception | None:
+        response = await self._send("PUT", None, body=body)
+        if response.code == 200:
+            await read_body(response, SMALL_BODY)
+            return None
+        return await self._error(response)
 
     # -- multipart --------------------------------------------------------
 
@@ -648,7 +679,8 @@ class S3Client:
         only when all of it is in. A file smaller than one part is one PUT;
         a larger one a multipart upload, aborted if anything fails.
 
-        Each request has the client's deadline; parts are read and hashed
+        Each request has the client's deadline, parts too: with 16 MiB
+        parts and 10 s, S3 must take at least 1.6 MB/s. Parts are read and hashed
         in ``run``, the next one while the current one is sent. Each part
         carries its SHA-256 in the signature, so S3 refuses a part that
         was damaged on the way (``XAmzContentSHA256Mismatch``)."""
@@ -665,6 +697,7 @@ class S3Client:
         if count > MAX_PARTS:
             raise ValueError(f"{size} bytes need more than {MAX_PARTS} parts of {part_size}")
         upload_id = await self._guarded("CREATE-UPLOAD", key, lambda: self._create(key, headers))
+        next_part: Deferred[tuple[bytes, str]] | None = None
         try:
             etags: list[str] = []
             next_part = self._run(_read_part, path, 0, min(part_size, size))
@@ -681,10 +714,14 @@ class S3Client:
                 etags.append(etag)
             await self._guarded("COMPLETE", key, lambda: self._complete(key, upload_id, etags))
         except (CancelledError, ConnectingCancelledError):
+            if next_part is not None:
+                next_part.addErrback(lambda _: None)  # a read still under way
             # The caller has gone: abort without holding it up.
             self._abort_quietly(key, upload_id)
             raise
         except BaseException:
+            if next_part is not None:
+                next_part.addErrback(lambda _: None)
             await self._abort_quietly(key, upload_id)
             raise
         self.log.info(
