@@ -124,8 +124,7 @@ class ClientDeadlineTests(SynchronousTestCase):
             self.reactor.advance(0.1)
             self.failureResultOf(d, S3Unavailable)
         self.assertEqual(self.breaker.state, "open")
-        d = self.client.get_bytes("k", 100)
-        self.failureResultOf(d, S3Unavailable)
+        self.failureResultOf(self.client.get_bytes("k", 100), S3Unavailable)
         self.assertEqual(len(self.reactor.tcpClients), 3, "an open breaker made a connection")
         self.assertEqual(self.client.requests, 3)
 

@@ -36,22 +36,25 @@ WAIT = 60.0  # bound on any one call seen from the test thread
 
 @pytest.fixture(scope="session")
 def reactor() -> Iterator[Any]:
-    """The global reactor, running in a daemon thread until the process ends."""
+    """The global reactor, running in a thread until the session ends (then
+    stopped, which also stops the clients' thread pools)."""
     from twisted.internet import reactor as global_reactor
 
-    if not global_reactor.running:
-        thread = threading.Thread(
-            target=global_reactor.run,
-            kwargs={"installSignalHandlers": False},
-            name="reactor",
-            daemon=True,
-        )
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not global_reactor.running:
-            assert time.monotonic() < deadline, "the reactor did not start"
-            time.sleep(0.01)
+    assert not global_reactor.running, "another test runs the global reactor"
+    thread = threading.Thread(
+        target=global_reactor.run,
+        kwargs={"installSignalHandlers": False},
+        name="reactor",
+        daemon=True,
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not global_reactor.running:
+        assert time.monotonic() < deadline, "the reactor did not start"
+        time.sleep(0.01)
     yield global_reactor
+    global_reactor.callFromThread(global_reactor.stop)
+    thread.join(10)
 
 
 def call(reactor: Any, f: Callable[..., Any], *args: Any, timeout: float = WAIT) -> Any:
@@ -269,10 +272,10 @@ def test_abort_stale_uploads(reactor: Any, client: S3Client) -> None:
 def test_presigned_get_and_its_expiry(reactor: Any, client: S3Client) -> None:
     """A presigned URL serves the object to a plain HTTP client; once expired
     the server refuses it (403)."""
-    call(reactor, client.put_bytes, "p", b"presigned bytes", "text/plain", {})
-    with urllib.request.urlopen(client.presign_get("p", 60), timeout=10) as response:
+    call(reactor, client.put_bytes, "p q/r+s", b"presigned bytes", "text/plain", {})
+    with urllib.request.urlopen(client.presign_get("p q/r+s", 60), timeout=10) as response:
         assert response.read() == b"presigned bytes"
-    url = client.presign_get("p", 1)
+    url = client.presign_get("p q/r+s", 1)
     time.sleep(2)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url, timeout=10)

@@ -28,6 +28,7 @@ are in memory: the one being sent and the next.
 from __future__ import annotations
 
 import base64
+import builtins
 import calendar
 import functools
 import hashlib
@@ -80,7 +81,7 @@ MIN_PART = 5 << 20
 MAX_PAGES = 1000
 # RGW's beast frontend closes idle connections after 65 s; a PUT on a
 # connection the server has just closed is not retried by Twisted.
-IDLE_CONNECTION = 20.0
+IDLE_CONNECTION = 20
 
 
 class S3Error(Exception):
@@ -122,8 +123,10 @@ def unpack_meta(header: str) -> Any:
 def _meta_headers(metadata: dict[str, str]) -> dict[str, str]:
     headers = {}
     for name, value in metadata.items():
-        if not name or not all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
-            raise ValueError(f"metadata name {name!r} is not a token")
+        # Letters, digits and dashes only: proxies may drop headers with
+        # underscores, and S3 lowercases the names.
+        if not name or not all(c.isascii() and (c.isalnum() or c == "-") for c in name):
+            raise ValueError(f"metadata name {name!r} is not letters, digits and dashes")
         if not value.isascii() or not value.isprintable():
             raise ValueError(f"metadata {name!r} is not printable ASCII: use pack_meta")
         headers[f"x-amz-meta-{name.lower()}"] = value
@@ -787,7 +790,7 @@ class S3Client:
             raise S3Error(response.code, "NoETag", f"part {number} has no ETag")
         return etag
 
-    async def _complete(self, key: str, upload_id: str, etags: list[str]) -> None:
+    async def _complete(self, key: str, upload_id: str, etags: builtins.list[str]) -> None:
         parts = "".join(
             f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(etag)}</ETag></Part>"
             for n, etag in enumerate(etags, 1)
@@ -831,7 +834,7 @@ class S3Client:
         return self._guarded("ABORT", key, work)
 
     @_deferred
-    async def list_uploads(self) -> list[tuple[str, str, str]]:
+    async def list_uploads(self) -> builtins.list[tuple[str, str, str]]:
         """``(key, upload_id, initiated)`` of the unfinished multipart uploads
         under the client's prefix."""
         found: list[tuple[str, str, str]] = []
