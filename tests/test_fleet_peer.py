@@ -6,6 +6,7 @@ reactor, a real ``BlobStore`` and real fills fed by bodies the tests pace."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import tls
@@ -35,8 +37,10 @@ from mirrord.daemon.tls import ServerTLS, make_context
 from mirrord.fleet.endpoint import FleetResource
 from mirrord.fleet.peer import PeerClient, PeerUnavailable, parse_meta, trust
 from mirrord.fleet.secret import FleetSecret
+from mirrord.store import shared
 from mirrord.store.disk import BlobStore, Meta
 from mirrord.store.fill import Fill
+from mirrord.store.follow import RemoteFill
 from mirrord.store.inflight import InFlight
 from mirrord.store.worker import InlineHasher
 from mirrord.tuning import LargeWriteTLSFactory
@@ -378,6 +382,19 @@ class FleetLoopbackTests(_Hosts):
             self.successResultOf(self.wait(ensureDeferred(self.client.health(self.advertise))))
         )
 
+    def test_peer_that_never_answers_is_unavailable_after_the_deadline(self) -> None:
+        """A host that accepts the connection and says nothing: ``PeerUnavailable``
+        once the deadline passed, not a wait without end."""
+        silent = self.reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        hasty = PeerClient(self.reactor, self.secret, str(self.pki.ca), deadline=0.3)
+        self.addCleanup(hasty.close)
+        started = time.monotonic()
+        asked = hasty.get_blob(f"https://127.0.0.1:{silent.getHost().port}", self.digest)
+        failure = self.failureResultOf(self.wait(ensureDeferred(asked)), PeerUnavailable)
+        self.assertIn("within 0.3s", str(failure.value))
+        self.assertLess(time.monotonic() - started, 3.0)
+
     def test_peer_certificate_must_name_the_advertised_host_and_chain_to_the_ca(self) -> None:
         """A certificate for another address, or from a CA not trusted:
         ``PeerUnavailable``, nothing read."""
@@ -543,6 +560,54 @@ class FleetLoopbackTests(_Hosts):
         self.run_until(lambda: len(body.data) >= 100_000)
         fill.dataReceived(self.data[100_000:])
         fill.connectionLost(Failure(ResponseDone()))
+        self.run_until(lambda: body.ended)
+        body.reason.trap(ResponseDone)
+        self.assertEqual(body.data, self.data)
+
+    def test_fill_whose_disk_fails_cuts_the_peer(self) -> None:
+        """This host's disk fails the fill mid-body: the peer is cut (it has
+        no upstream to finish from here), never sent a clean short body."""
+        fill = self.start_fill(len(self.data))
+        fill.dataReceived(self.data[:200_000])
+        response, _ = self.successResultOf(self.get_blob())
+        body = Collector()
+        response.deliverBody(body)
+        self.run_until(lambda: len(body.data) >= 200_000)
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, fill.temp._fd)
+        os.close(full)
+        fill.dataReceived(self.data[200_000:300_000])
+        self.assertTrue(fill.store_failed)
+        self.run_until(lambda: body.ended)
+        self.assert_cut(body)
+
+    def test_another_process_fill_is_followed_from_its_descriptor(self) -> None:
+        """A fill another process of this host runs (a ``RemoteFill`` in the
+        table): the peer gets its bytes as that file grows, and the whole
+        blob once the other process published it."""
+        filler = BlobStore(self.store.root, 1 << 30)
+        claim = filler.claim(self.digest)
+        self.assertTrue(claim.locked)
+        temp = filler.new_temp(len(self.data), claim)
+        about = {"meta": dataclasses.asdict(META), "size": len(self.data)}
+        shared.describe(claim, about)
+        temp.write(self.data[:250_000])
+        following = self.store.claim(self.digest)
+        self.assertFalse(following.locked)
+        remote = RemoteFill(
+            self.store, following, self.digest, maybeDeferred, self.reactor, 5.0, 60.0
+        )
+        self.successResultOf(self.wait(remote.start()))
+        self.in_flight.start(self.digest, succeed(remote), lambda o: o, lambda o: None)
+        response, meta = self.successResultOf(self.get_blob())
+        self.assertEqual((response.code, meta, response.length), (200, META, len(self.data)))
+        body = Collector()
+        response.deliverBody(body)
+        self.run_until(lambda: len(body.data) >= 250_000)
+        self.assertFalse(body.ended)
+        temp.write(self.data[250_000:])
+        filler.commit(temp, self.digest, json.dumps(about["meta"]).encode(), 1.0)
+        temp.discard()
         self.run_until(lambda: body.ended)
         body.reason.trap(ResponseDone)
         self.assertEqual(body.data, self.data)

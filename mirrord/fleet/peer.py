@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -102,7 +102,9 @@ class PeerClient:
     ) -> tuple[IResponse, Meta]:
         """The response of ``advertise`` for ``digest`` from byte ``offset``
         (200 for the whole blob, 206 for the rest), its body unread, and the
-        blob's ``Meta``; or ``PeerUnavailable``."""
+        blob's ``Meta``; or ``PeerUnavailable``. Deliver the body at once
+        (``deliverBody``): until then Twisted holds the connection paused,
+        and the other host cuts a reader paused for its ``client_idle``."""
         if DIGEST.fullmatch(digest.encode("ascii", "replace")) is None:
             raise ValueError(f"not a sha256 digest: {digest!r}")
         headers = {}
@@ -160,15 +162,29 @@ class PeerClient:
         signed.setRawHeaders(
             b"authorization", [self._secret.sign(b"GET", full_path, self._reactor.seconds())]
         )
+        asked = self._agent.request(b"GET", url.encode("ascii"), signed)
+        # Not ``addTimeout``: a cancelled Agent request fails with
+        # ResponseNeverReceived, not CancelledError, once it is on the wire.
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            asked.cancel()
+
+        timer = self._reactor.callLater(self._deadline, expire)
         try:
-            asked = self._agent.request(b"GET", url.encode("ascii"), signed)
-            return await asked.addTimeout(self._deadline, self._reactor)
-        except TimeoutError:
-            raise PeerUnavailable(f"{advertise}: no answer within {self._deadline:g}s") from None
-        except CancelledError:
-            raise
+            return await asked
         except Exception as e:
+            if expired:
+                raise PeerUnavailable(
+                    f"{advertise}: no answer within {self._deadline:g}s"
+                ) from None
+            if isinstance(e, CancelledError):
+                raise  # our caller gave up
             raise PeerUnavailable(f"{advertise}: {e!r}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
 
     def close(self) -> Any:
         """Close the pool's idle connections, if the pool is this client's own."""
