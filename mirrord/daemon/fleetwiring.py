@@ -74,9 +74,8 @@ def build_fleet(
             deadline=s3.deadline,
             breaker=Breaker(reactor, s3.breaker_failures, s3.breaker_reset),
             run=run,
-            part_size=s3.part_size,
         )
-        bucket = Bucket(client, reactor, None, s3.max_size, s3.redirect_ttl)
+        bucket = Bucket(client, reactor, None, s3.max_size, s3.redirect_ttl, s3.part_size)
     status = FleetStatus(reactor, bucket=bucket, max_size=config.store.max_size)
     fleet = resource = redis = members = None
     if config.fleet.redis:

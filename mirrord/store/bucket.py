@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from mirrord.store.disk import Meta, TagRecord
-from mirrord.store.s3.client import ObjectInfo, S3Client, S3Error, S3Unavailable
+from mirrord.store.s3.client import ObjectInfo, S3Client, S3Error, S3Unavailable, parse_time
 
 log = Logger()
 
@@ -37,6 +37,8 @@ META_HEADER = "mirrord"
 MAX_SMALL = 4 << 20
 # A blob's access time is sent to the fleet's index at most this often per host.
 TOUCH_EVERY = 60.0
+# Blobs listed per reconcile of the fleet's index with the bucket.
+LISTED = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Bucket:
     index: Any = None
     max_size: int = 0
     redirect_ttl: float = 600.0
+    part_size: int = 16 << 20
     _touched: dict[str, float] = field(default_factory=dict)
     # Uploads this host runs now: a second verified fill of the same digest
     # (another registry, say) does not upload it twice.
@@ -121,7 +124,7 @@ class Bucket:
             if await self.client.head(blob_key(digest)) is not None:
                 return False
             await self.client.upload_file(
-                blob_key(digest), path, size, meta.media_type, encode_meta(meta)
+                blob_key(digest), path, size, meta.media_type, encode_meta(meta), self.part_size
             )
             self.uploads += 1
             await self._indexed(digest, size)
@@ -216,8 +219,12 @@ class Bucket:
         a crash between an upload and its indexing, or the other way)."""
         if self.index is None:
             return
-        listing = await self.client.list("blobs/")
-        await self.index.reconcile([(_digest_of_key(key), size) for key, size, _ in listing])
+        started = self.clock.seconds()
+        listing = await self.client.list("blobs/", LISTED)
+        await self.index.reconcile(
+            [(_digest_of_key(key), size, parse_time(modified)) for key, size, modified in listing],
+            started,
+        )
 
     async def abort_stale_uploads(self, older_than: float) -> int:
         return await self.client.abort_stale_uploads(older_than)

@@ -32,12 +32,14 @@ from tests.e2e.test_shared_cache import (
     _join,
     _manifest,
     _wait_for,
-    shared_hub,  # noqa: F401  (the fake Hub these tests pull from)
+    shared_hub,
 )
 from tests.support.pki import Pki
 from tests.support.processes import free_port
 from tests.support.redisserver import RedisServer, start_redis
 from tests.support.rgw import Rgw
+
+__all__ = ["shared_hub"]  # the fixture (the fake Hub these tests pull from), used by name
 
 
 @dataclass

@@ -133,7 +133,7 @@ def _meta_headers(metadata: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-def _parse_time(text: str) -> float:
+def parse_time(text: str) -> float:
     """Seconds since the epoch from S3's ISO 8601 times (2026-12-03T12:00:00.000Z)."""
     base = text.split(".")[0].rstrip("Z")
     return float(calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S")))
@@ -868,7 +868,7 @@ class S3Client:
         aborted = 0
         for key, upload_id, initiated in await self.list_uploads():
             try:
-                started = _parse_time(initiated)
+                started = parse_time(initiated)
             except ValueError:
                 continue
             if now - started > older_than:
