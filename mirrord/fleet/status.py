@@ -15,7 +15,7 @@ from twisted.logger import Logger
 log = Logger()
 
 
-@dataclass
+@dataclass(eq=False)  # a collector: registered by identity
 class FleetStatus:
     """The last figures seen; ``poll`` refreshes them."""
 

@@ -327,15 +327,23 @@ class Blobs(CacheContext):
                     response, _ = await self.fleet.follow(lease.owner, digest, offset)
                     return response
                 except PeerUnavailable as e:
+                    # Dead, most likely, its lease not yet expired: the rest
+                    # from the upstream rather than cutting our clients (a
+                    # live but unreachable owner costs one fetch more).
                     log.warn("owner of {digest} unreachable: {e}", digest=digest, e=e)
-                    return None
-            if isinstance(lease, Owned):
+                    lease = None
+            fill = self.in_flight.get(digest)
+            if isinstance(lease, Owned) and not isinstance(fill, Fill):
+                lease.release()
+                lease = None
+            if self.fleet is not None:
                 self.fleet.takeovers += 1
-                fill = self.in_flight.get(digest)
-                if isinstance(fill, Fill):
-                    self._publish_when_done(fill, lease)
-                else:
-                    lease.release()
+            log.info(
+                "took over {digest} from its owner at byte {offset}", digest=digest, offset=offset
+            )
+            if isinstance(fill, Fill):
+                # The owner will not upload it now: this host does.
+                self._publish_when_done(fill, lease)
             return await self._resume_from(path, headers, offset)
 
         return lambda offset: ensureDeferred(again(offset))

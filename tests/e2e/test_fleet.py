@@ -183,10 +183,10 @@ def test_member_killed_mid_fill_leaves_whole_blobs_or_clean_cuts(
     workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
 ) -> None:
     """SIGKILL the member filling a blob while another member's clients
-    stream it from that fill: they end with the whole verified blob (the
-    other member took over with Range) or a clean cut, never wrong bytes;
-    the next pull through the survivor is whole, and the bucket holds
-    nothing but the right bytes."""
+    stream it from that fill: the survivor takes over from the upstream
+    with Range at the byte it had, so its clients end with the whole
+    verified blob; the next pull through it is a whole blob too, and the
+    bucket holds nothing but the right bytes."""
     hub, big, _ = shared_hub
     context = ssl.create_default_context(cafile=str(pki.ca))
     filler, survivor = _members(
@@ -205,6 +205,7 @@ def test_member_killed_mid_fill_leaves_whole_blobs_or_clean_cuts(
         hub.control(cdn_hold_at=None, release_cdn=True)
         ended = _join(followers, timeout=60)
         _join(first, timeout=30)
+        after = hub.control()["counts"]
         again = _fetch(context, survivor.port, big.digest, BIG)
         _wait_for(lambda: _in_bucket(fleet_env, "fleet-killed", big.digest), timeout=30)
         stored = fleet_env.rgw.request(
@@ -215,13 +216,13 @@ def test_member_killed_mid_fill_leaves_whole_blobs_or_clean_cuts(
         _stop([filler, survivor])
     for result in ended:
         assert isinstance(result, Fetched), result
-        if result.complete:
-            assert result.body == big.data
-        else:
-            assert big.data.startswith(result.body)
+        assert result.complete and result.body == big.data
     assert again.complete and again.body == big.data
     assert hashlib.sha256(stored).hexdigest() == big.digest.split(":")[1]
     assert "cache=FLEET" in survivor.output()
+    assert "took over" in survivor.output()
+    # The survivor fetched only the rest, with Range, not the whole again.
+    assert after.get("cdn ranged", 0) - before.get("cdn ranged", 0) >= 1
 
 
 def test_frozen_s3_keeps_pulls_working(
