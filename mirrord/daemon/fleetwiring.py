@@ -25,6 +25,7 @@ log = Logger()
 
 STATUS_EVERY = 5.0
 CLEANUP_EVERY = 3600.0
+PINS_EVERY = 60.0
 # Multipart uploads older than this were left by a host that died.
 STALE_UPLOAD = 24 * 3600.0
 
@@ -75,7 +76,15 @@ def build_fleet(
             breaker=Breaker(reactor, s3.breaker_failures, s3.breaker_reset),
             run=run,
         )
-        bucket = Bucket(client, reactor, None, s3.max_size, s3.redirect_ttl, s3.part_size)
+        bucket = Bucket(
+            client,
+            reactor,
+            None,
+            s3.max_size,
+            s3.redirect_ttl,
+            s3.part_size,
+            config.cache.pinned,
+        )
     status = FleetStatus(reactor, bucket=bucket, max_size=config.store.max_size)
     fleet = resource = redis = members = None
     if config.fleet.redis:
@@ -105,7 +114,12 @@ def build_fleet(
         resource = FleetResource(
             secret, store, in_flight, reactor, config.timeouts.client_idle, run
         )
-    service = _FleetService(status, bucket, redis, members, singleton)
+    tag_pins = [p for p in config.cache.pinned if ":" in p]
+
+    async def pins() -> set[str]:
+        return await run(store.tag_pins_on_disk, tag_pins) if tag_pins else set()
+
+    service = _FleetService(status, bucket, redis, members, singleton, pins)
     return FleetParts(bucket, fleet, status, resource, service)
 
 
@@ -115,8 +129,15 @@ class _FleetService(Service):
     name = "fleet"
 
     def __init__(
-        self, status: FleetStatus, bucket: Bucket | None, redis: Any, members: Any, singleton: bool
+        self,
+        status: FleetStatus,
+        bucket: Bucket | None,
+        redis: Any,
+        members: Any,
+        singleton: bool,
+        pins: Callable[[], Any],
     ) -> None:
+        self._pins = pins
         self._status = status
         self._bucket = bucket
         self._redis = redis
@@ -133,6 +154,8 @@ class _FleetService(Service):
         self._every(STATUS_EVERY, self._status.poll)
         if self._bucket is not None and self._singleton:
             self._every(CLEANUP_EVERY, self._tidy)
+            if self._bucket.index is not None:
+                self._every(PINS_EVERY, self._pin_tags)
 
     def _every(self, seconds: float, job: Callable[[], Any]) -> None:
         loop = LoopingCall(lambda: ensureDeferred(job()).addErrback(_logged))
@@ -151,6 +174,10 @@ class _FleetService(Service):
             log.info("aborted {count} stale multipart uploads", count=aborted)
         if self._bucket.index is not None:
             await self._bucket.reconcile()
+
+    async def _pin_tags(self) -> None:
+        assert self._bucket is not None
+        await self._bucket.pin_tags(await self._pins())
 
     def stopService(self) -> Any:
         for loop in self._loops:

@@ -18,6 +18,7 @@ the caller goes on with its local disk and the upstream.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,9 @@ class Bucket:
     max_size: int = 0
     redirect_ttl: float = 600.0
     part_size: int = 16 << 20
+    # [cache] pinned: repository patterns pin what is uploaded under them,
+    # fleet-wide (tag patterns are pinned by ``pin_tags``).
+    pinned: tuple[str, ...] = ()
     _touched: dict[str, float] = field(default_factory=dict)
     # Uploads this host runs now: a second verified fill of the same digest
     # (another registry, say) does not upload it twice.
@@ -127,7 +131,7 @@ class Bucket:
                 blob_key(digest), path, size, meta.media_type, encode_meta(meta), self.part_size
             )
             self.uploads += 1
-            await self._indexed(digest, size)
+            await self._indexed(digest, size, meta)
             return True
         except BaseException:
             self.upload_failures += 1
@@ -152,7 +156,7 @@ class Bucket:
             blob_key(digest), data, meta.media_type, encode_meta(meta), if_none_match=True
         )
         if stored:
-            await self._indexed(digest, len(data))
+            await self._indexed(digest, len(data), meta)
 
     async def get_tag(self, registry: str, name: str, tag: str) -> TagRecord | None:
         data = await self.client.get_bytes(tag_key(registry, name, tag), MAX_SMALL)
@@ -180,16 +184,24 @@ class Bucket:
             self._touched.clear()
         _quietly(self.index.touch(digest, now), "touch")
 
-    async def _indexed(self, digest: str, size: int) -> None:
+    async def _indexed(self, digest: str, size: int, meta: Meta) -> None:
         if self.index is None:
             return
         try:
+            if any(fnmatch.fnmatchcase(meta.repository, p) for p in self.pinned if ":" not in p):
+                await self.index.pin({digest})
             total = await self.index.add(digest, size, self.clock.seconds())
         except Exception as e:  # Redis down: the bucket still has it
             log.warn("cannot index {digest} in the fleet: {error}", digest=digest, error=str(e))
             return
         if self.max_size and total > self.max_size:
             await self.evict(total - self.max_size)
+
+    async def pin_tags(self, digests: set[str]) -> None:
+        """Pin, fleet-wide, what this host's pinned tags need (``[cache]
+        pinned`` tag patterns); each host adds what it knows."""
+        if self.index is not None and digests:
+            await self.index.pin(digests)
 
     async def evict(self, over: int) -> int:
         """Delete the least recently read blobs (pins kept) until ``over``

@@ -10,11 +10,14 @@ through two members."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import re
 import signal
 import ssl
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +75,7 @@ def _members(
     count: int = 2,
     extra: str = "",
     redis_url: str | None = None,
+    store: str = "",
 ) -> list[Mirror]:
     """``count`` members on a fresh bucket and a Redis database of their own."""
     bucket = f"fleet-{name}"
@@ -91,7 +95,7 @@ access_key = "{env.rgw.access_key}"
 secret_key_file = "{env.secrets / "s3-secret"}"
 deadline = 3
 breaker_reset = 5
-
+{store}
 [fleet]
 redis = "{redis}"
 advertise = "https://127.0.0.1:{port}"
@@ -330,3 +334,66 @@ def test_skopeo_pulls_through_two_members(
         _stop([a, b])
     assert after == before
     assert (first / "manifest.json").read_bytes() == (second / "manifest.json").read_bytes()
+
+
+def _bucket_bytes(env: FleetEnv, bucket: str) -> int:
+    listing = env.rgw.request("GET", f"/{bucket}?list-type=2&prefix=blobs/").body.decode()
+    return sum(int(size) for size in re.findall(r"<Size>(\d+)</Size>", listing))
+
+
+def test_bucket_cap_holds_for_the_fleet(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """Blobs pulled alternately through two members into a bucket capped at
+    20 MB: the bucket stays under the cap, least recently used out first,
+    and the latest blob is kept."""
+    hub, _, smalls = shared_hub
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    members = _members(workdir, pki, fleet_env, hub, "cap", store='max_size = "20MB"\n')
+    try:
+        for i, blob in enumerate(smalls):
+            got = _fetch(context, members[i % 2].port, blob.digest, SMALL)
+            assert got.complete and got.body == blob.data
+            _wait_for(lambda b=blob: _in_bucket(fleet_env, "fleet-cap", b.digest), timeout=30)
+            _wait_for(lambda: _bucket_bytes(fleet_env, "fleet-cap") <= 20_000_000, timeout=10)
+        assert _in_bucket(fleet_env, "fleet-cap", smalls[-1].digest)
+        assert not _in_bucket(fleet_env, "fleet-cap", smalls[0].digest)
+    finally:
+        _stop(members)
+    assert "evicted" in members[0].output() + members[1].output()
+
+
+def test_redirect_sends_clients_to_a_presigned_url(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """With ``redirect = true`` a member answers a blob only the bucket has
+    with a 307 to a presigned URL that serves the right bytes, and a HEAD
+    from the bucket's size, with no upstream request."""
+    hub, _, smalls = shared_hub
+    blob = smalls[3]
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    a, b = _members(workdir, pki, fleet_env, hub, "redirect", store="redirect = true\n")
+    try:
+        first = _fetch(context, a.port, blob.digest, SMALL)
+        _wait_for(lambda: _in_bucket(fleet_env, "fleet-redirect", blob.digest), timeout=30)
+        before = _gets(hub)
+        conn = http.client.HTTPSConnection("127.0.0.1", b.port, context=context, timeout=30)
+        conn.request("HEAD", f"/v2/library/alpine/blobs/{blob.digest}")
+        head = conn.getresponse()
+        head.read()
+        conn.request("GET", f"/v2/library/alpine/blobs/{blob.digest}")
+        moved = conn.getresponse()
+        moved.read()
+        conn.close()
+        location = moved.getheader("Location") or ""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        body = opener.open(location, timeout=30).read()
+        after = _gets(hub)
+    finally:
+        _stop([a, b])
+    assert first.complete and first.body == blob.data
+    assert head.status == 200 and head.getheader("Content-Length") == str(SMALL)
+    assert moved.status == 307
+    assert location.startswith(fleet_env.rgw.endpoint) and "X-Amz-Signature=" in location
+    assert body == blob.data
+    assert after == before
