@@ -397,3 +397,46 @@ def test_redirect_sends_clients_to_a_presigned_url(
     assert location.startswith(fleet_env.rgw.endpoint) and "X-Amz-Signature=" in location
     assert body == blob.data
     assert after == before
+
+
+def test_metrics_and_status_page_show_the_store_and_the_members(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """``/metrics`` and the usage page of a member say S3 and Redis answer,
+    how many members there are, and what the bucket holds."""
+    hub, _, smalls = shared_hub
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    a, b = _members(workdir, pki, fleet_env, hub, "ops")
+    try:
+        got = _fetch(context, a.port, smalls[1].digest, SMALL)
+        _wait_for(lambda: _in_bucket(fleet_env, "fleet-ops", smalls[1].digest), timeout=30)
+
+        def page(path: str) -> str:
+            conn = http.client.HTTPSConnection("127.0.0.1", a.port, context=context, timeout=30)
+            try:
+                conn.request("GET", path, headers={"Accept-Language": "en"})
+                return conn.getresponse().read().decode()
+            finally:
+                conn.close()
+
+        def figures() -> dict[str, float]:
+            return {
+                name: float(value)
+                for name, value in re.findall(
+                    r"^(mirrord_(?:fleet|shared)\w*) (\S+)$", page("/metrics"), re.M
+                )
+            }
+
+        # Status is polled every few seconds, never on the scrape.
+        _wait_for(lambda: figures().get("mirrord_shared_store_blobs", 0) >= 1, timeout=20)
+        metrics = figures()
+        usage = page("/")
+    finally:
+        _stop([a, b])
+    assert got.complete
+    assert metrics["mirrord_shared_store_up"] == 1
+    assert metrics["mirrord_fleet_redis_up"] == 1
+    assert metrics["mirrord_fleet_members"] == 2
+    assert metrics["mirrord_shared_store_size_bytes"] >= SMALL
+    assert metrics["mirrord_shared_store_uploads"] == 1
+    assert "Fleet" in usage and "ops-0" in usage and "ops-1" in usage
