@@ -612,6 +612,38 @@ class FleetLoopbackTests(_Hosts):
         body.reason.trap(ResponseDone)
         self.assertEqual(body.data, self.data)
 
+    def test_another_worker_fill_unknown_here_is_found_and_followed(self) -> None:
+        """The lease names the host, not the worker: a request reaching a
+        worker that has never heard of the fill another worker runs finds
+        it by its lock on disk and follows it to the whole blob."""
+        filler = BlobStore(self.store.root, 1 << 30)
+        claim = filler.claim(self.digest)
+        temp = filler.new_temp(len(self.data), claim)
+        about = {"meta": dataclasses.asdict(META), "size": len(self.data)}
+        shared.describe(claim, about)
+        temp.write(self.data[:250_000])
+        self.assertIsNone(self.in_flight.get(self.digest))
+        response, meta = self.successResultOf(self.get_blob())
+        self.assertEqual((response.code, meta, response.length), (200, META, len(self.data)))
+        body = Collector()
+        response.deliverBody(body)
+        self.run_until(lambda: len(body.data) >= 250_000)
+        self.assertFalse(body.ended)
+        temp.write(self.data[250_000:])
+        filler.commit(temp, self.digest, json.dumps(about["meta"]).encode(), 1.0)
+        temp.discard()
+        self.run_until(lambda: body.ended)
+        body.reason.trap(ResponseDone)
+        self.assertEqual(body.data, self.data)
+
+    def test_nobody_filling_is_404_and_leaves_no_lock(self) -> None:
+        """No fill anywhere on this host: 404, and the look took no lock
+        that would stop this host's next fill."""
+        self.assertIn("404", str(self.failureResultOf(self.get_blob(), PeerUnavailable).value))
+        claim = self.store.claim(self.digest)
+        self.assertTrue(claim.locked)
+        claim.release()
+
     def test_fill_still_starting_is_waited_for_then_followed(self) -> None:
         """A fill waiting for its upstream's headers: the request waits,
         then follows the fill it became."""

@@ -112,7 +112,15 @@ def build_fleet(
         status.fleet, status.redis, status.members_of = fleet, redis, members
         status.index = bucket.index if bucket is not None else None
         resource = FleetResource(
-            secret, store, in_flight, reactor, config.timeouts.client_idle, run
+            secret,
+            store,
+            in_flight,
+            reactor,
+            config.timeouts.client_idle,
+            run,
+            follow_idle=max(config.timeouts.response, config.timeouts.body_idle)
+            * (config.cache.resume_attempts + 2),
+            fill_timeout=config.cache.fill_timeout,
         )
     tag_pins = [p for p in config.cache.pinned if ":" in p]
 

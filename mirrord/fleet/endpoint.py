@@ -40,6 +40,7 @@ from mirrord.store.disk import BlobStore, Entry, Meta
 from mirrord.store.fill import Fill, FillFailed, StoreFailed, stream_file
 from mirrord.store.follow import RemoteFill
 from mirrord.store.inflight import InFlight, Starting
+from mirrord.store.shared import Published
 
 log = Logger()
 
@@ -91,6 +92,8 @@ class FleetResource(Resource):
         run: Run,
         start_wait: float = START_WAIT,
         skew: float = 60.0,
+        follow_idle: float = 300.0,
+        fill_timeout: float = 600.0,
     ) -> None:
         super().__init__()
         self._secret = secret
@@ -101,6 +104,8 @@ class FleetResource(Resource):
         self._run = run
         self._start_wait = start_wait
         self._skew = skew
+        self._follow_idle = follow_idle
+        self._fill_timeout = fill_timeout
 
     def render(self, request: Request) -> bytes | int:
         # The signature first: a caller without the key learns nothing, not
@@ -167,14 +172,47 @@ class FleetResource(Resource):
                     return
                 continue
             if not looked and self._store is not None:
-                # Another process of this host may have published it.
+                # Another process of this host (a worker) may have published
+                # it, or be filling it: the lease names the host, not the
+                # worker this connection reached.
                 looked = True
                 found = await self._run(self._store.find, digest)
                 if found is not None:
                     self._store.adopt(found)
                     continue
+                other = await self._other_process(digest)
+                if other is not None:
+                    size = other.expected_size
+                    if await self._send(request, digest, offset, size, other.meta, fill=other):
+                        return
+                continue
             raise blob_unknown(digest)
         raise RegistryError(503, "UNAVAILABLE", f"{digest} keeps changing state; try again")
+
+    async def _other_process(self, digest: str) -> RemoteFill | None:
+        """Another process of this host filling ``digest``, to follow from
+        its file; None when none is (or it just published: look again)."""
+        assert self._store is not None
+        try:
+            claim = await self._run(self._store.claim, digest)
+        except Published:
+            return None
+        if claim.locked:  # nobody was filling it: not ours to start
+            await self._run(claim.release)
+            return None
+        follower = RemoteFill(
+            self._store,
+            claim,
+            digest,
+            self._run,
+            self._clock,
+            self._follow_idle,
+            self._fill_timeout,
+        )
+        try:
+            return await follower.start()
+        except FillFailed:
+            return None
 
     async def _wait_for_start(self, starting: Starting[Any]) -> None:
         """Until the fill has its upstream's headers (or none comes), bounded."""
