@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -192,11 +192,13 @@ class _FleetService(Service):
             if loop.running:
                 loop.stop()
         self._loops = []
-        if self._members is not None:
-            self._members.stop()
+        super().stopService()
+        # The member's key goes before the connection does (bounded by
+        # the Redis deadline).
+        left = self._members.stop() if self._members is not None else succeed(None)
         if self._redis is not None:
-            self._redis.stop()
-        return super().stopService()
+            left.addBoth(lambda _: self._redis.stop())
+        return left
 
 
 def _logged(failure: Any) -> None:
