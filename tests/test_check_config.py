@@ -64,6 +64,7 @@ def test_good_file_prints_effective_settings(tmp_path: Path, pki: Pki, busy_port
     assert f"max_size = {2 << 30}" in out
     assert 'users = {"alice" = "<redacted>"}' in out
     assert '[registries."ghcr.io"]\nupstreams = ["https://ghcr.io"]' in out
+    assert '[store]\nbackend = "disk"' in out and '[fleet]\nredis = ""' in out
     assert secret not in out + err
     assert out.endswith(f"mirrord: configuration {config} is ok\n")
     assert not (tmp_path / "state").exists()
@@ -94,15 +95,26 @@ def test_command_line_overrides_are_checked(tmp_path: Path, pki: Pki, busy_port:
         ('tls_ciphers = "NOTACIPHER"\n', "selects no usable cipher"),
         ('upstream_ca = "{bad}"\n', "{bad}: holds no certificate"),
         ('[cache]\nmax_size = "lots"\n', "max_size"),
+        (
+            '[store]\nbackend = "s3"\nendpoint = "http://127.0.0.1:9"\nbucket = "b"\n'
+            'access_key = "k"\nsecret_key_file = "{dir}/none"\n',
+            "[store] secret_key_file {dir}/none: cannot read",
+        ),
+        (
+            '[fleet]\nredis = "redis://127.0.0.1:9/0"\nadvertise = "https://127.0.0.1:8443"\n'
+            'secret_file = "{dir}/short"\n',
+            "[fleet] secret_file {dir}/short: ",
+        ),
     ],
 )
 def test_broken_file_exits_1_with_one_line(tmp_path: Path, pki: Pki, text: str, error: str) -> None:
     """A broken file exits 1 with one line on stderr naming the problem, and nothing on stdout."""
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate\n")
+    (tmp_path / "short").write_text("too short\n")
     fill = {"dir": str(tmp_path), "key": str(pki.privkey), "bad": str(bad)}
     config = tmp_path / "mirrord.toml"
-    config.write_text(text.format(**fill) + f'state_dir = "{tmp_path / "state"}"\n')
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n' + text.format(**fill))
     code, out, err = _check(config)
     assert (code, out) == (1, "")
     assert err.startswith("mirrord: ") and err.count("\n") == 1, err

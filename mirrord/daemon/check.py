@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mirrord.config import Config, ConfigError
+from mirrord.daemon.fleetwiring import check_fleet_files
 from mirrord.daemon.tls import CertificateError, make_context, upstream_policy
 
 REDACTED = "<redacted>"
@@ -33,6 +34,7 @@ def check(config: Config, parse_listen: Callable[[str], object]) -> str:
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise ConfigError(f"listen entry {entry!r} is not an endpoint: {e}") from None
     upstream_policy(config)
+    check_fleet_files(config)
     if config.cert:
         cert, key = Path(config.cert), Path(config.key)
         make_context(cert, key, config.tls_min_version, config.tls_ciphers)
@@ -78,10 +80,13 @@ def _table(record: Any, skip: frozenset[str] = frozenset()) -> list[str]:
 
 def effective_settings(config: Config) -> str:
     """The configuration as TOML, with every password hash redacted."""
-    tables = frozenset({"timeouts", "cache", "access", "registries"})
+    tables = frozenset({"timeouts", "cache", "access", "registries", "metrics", "store", "fleet"})
     lines = _table(config, tables)
     lines += ["", "[timeouts]", *_table(config.timeouts)]
     lines += ["", "[cache]", *_table(config.cache)]
+    lines += ["", "[metrics]", *_table(config.metrics)]
+    lines += ["", "[store]", *_table(config.store)]
+    lines += ["", "[fleet]", *_table(config.fleet)]
     access = dataclasses.replace(
         config.access, users={name: REDACTED for name in config.access.users}
     )

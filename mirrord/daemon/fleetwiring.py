@@ -46,6 +46,22 @@ def _read_secret(path: str, what: str) -> str:
         raise ConfigError(f"{what} {path}: cannot read: {e.strerror}") from None
 
 
+def check_fleet_files(config: Config) -> None:
+    """The secret files a start reads, readable and well formed (for
+    ``--check-config`` as for a start)."""
+    if config.store.backend == "s3" and not _read_secret(
+        config.store.secret_key_file, "[store] secret_key_file"
+    ):
+        raise ConfigError(f"[store] secret_key_file {config.store.secret_key_file} is empty")
+    if config.fleet.redis:
+        from mirrord.fleet.secret import FleetSecret
+
+        try:
+            FleetSecret.load(config.fleet.secret_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"[fleet] secret_file {config.fleet.secret_file}: {e}") from None
+
+
 def build_fleet(
     config: Config,
     reactor: Any,
