@@ -12,7 +12,16 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from mirrord import config
-from mirrord.config import Access, CacheConfig, ConfigError, MetricsAccess, Registry, Timeouts
+from mirrord.config import (
+    Access,
+    CacheConfig,
+    ConfigError,
+    FleetConfig,
+    MetricsAccess,
+    Registry,
+    StoreConfig,
+    Timeouts,
+)
 from mirrord.daemon.role import usable_cores
 from mirrord.daemon.tap import Options, listen_description, reloader
 from mirrord.daemon.tls import ServerTLS, make_context
@@ -139,7 +148,9 @@ class ConfigTests(SynchronousTestCase):
                 "ghcr.io": Registry("ghcr.io", ("https://ghcr.io",)),
             },
         )
-        # The file sets every key: a key added to a record must be added here.
+        # The file sets every key: a key added to a record must be added here
+        # ([store] and [fleet] need the cache on, which this file turns off:
+        # tests/test_fleet_config.py reads their full file).
         defaults = config.Config()
         for record, default in (
             (expected, defaults),
@@ -149,6 +160,8 @@ class ConfigTests(SynchronousTestCase):
             (expected.metrics, defaults.metrics),
         ):
             for f in dataclasses.fields(record):
+                if f.name in ("store", "fleet"):
+                    continue
                 self.assertNotEqual(getattr(record, f.name), getattr(default, f.name), f.name)
         self.assertRecord(config.load(path), expected)
 
@@ -219,6 +232,32 @@ class ConfigTests(SynchronousTestCase):
                 users={"ops": ops_hash},
             ),
             metrics=MetricsAccess(allow=("127.0.0.1/32", "::1/128")),
+            store=StoreConfig(
+                "s3",
+                "https://s3.example.net",
+                "mirrord",
+                "us-east-1",
+                "",
+                "MIRRORDKEY",
+                "/etc/mirrord/s3-secret",
+                "",
+                False,
+                600,
+                2 << 40,
+                10,
+                3,
+                30,
+                16 << 20,
+            ),
+            fleet=FleetConfig(
+                "redis://10.0.0.5:6379/0",
+                "https://10.0.0.2:443",
+                "/etc/mirrord/fleet-secret",
+                "/etc/mirrord/fleet-ca.pem",
+                "mirror-a",
+                30,
+                2,
+            ),
             registries={
                 "docker.io": Registry(
                     "docker.io",
@@ -241,7 +280,7 @@ class ConfigTests(SynchronousTestCase):
         """Every key the loader accepts appears in the shipped example, in its own table."""
         data = tomllib.loads(re.sub(r"(?m)^#(?=[^\s#])", "", EXAMPLE.read_text()))
         tables = {"timeouts": Timeouts, "cache": CacheConfig, "access": Access}
-        tables["metrics"] = MetricsAccess
+        tables.update(metrics=MetricsAccess, store=StoreConfig, fleet=FleetConfig)
         for f in dataclasses.fields(config.Config):
             if f.name != "registries":
                 self.assertIn(f.name, data, f.name)

@@ -3,10 +3,12 @@ one-line errors an operator sees when it says something wrong."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mirrord import config
-from mirrord.config import ConfigError
+from mirrord.config import ConfigError, FleetConfig, StoreConfig
 
 S3 = b"""
 [store]
@@ -73,3 +75,66 @@ def test_a_wrong_fleet_file_is_one_clear_error(text: bytes, says: str) -> None:
         config.parse(text, "mirrord.toml")
     assert says in str(raised.value)
     assert str(raised.value).startswith("mirrord.toml")
+
+
+def test_full_fleet_file_reads_every_key() -> None:
+    """Every key of [store] and [fleet] is read, with its type; none keeps
+    its default (a key added to either record must be added here)."""
+    loaded = config.parse(
+        b"""
+[store]
+backend = "s3"
+endpoint = "http://127.0.0.1:7480"
+bucket = "b"
+region = "default"
+prefix = "mirror/"
+access_key = "AK"
+secret_key_file = "/s3"
+tls_ca = "/ca.pem"
+redirect = true
+redirect_ttl = 60
+max_size = "1GiB"
+deadline = 4
+breaker_failures = 5
+breaker_reset = 9
+part_size = "8MiB"
+[fleet]
+redis = "redis://:pw@10.0.0.5:6380/3"
+advertise = "https://a.example:8443"
+secret_file = "/fleet"
+tls_ca = "/fleet-ca.pem"
+member = "a"
+lease_ttl = 12
+deadline = 1.5
+""",
+        "t",
+    )
+    assert loaded.store == StoreConfig(
+        "s3",
+        "http://127.0.0.1:7480",
+        "b",
+        "default",
+        "mirror/",
+        "AK",
+        "/s3",
+        "/ca.pem",
+        True,
+        60,
+        1 << 30,
+        4,
+        5,
+        9,
+        8 << 20,
+    )
+    assert loaded.fleet == FleetConfig(
+        "redis://:pw@10.0.0.5:6380/3",
+        "https://a.example:8443",
+        "/fleet",
+        "/fleet-ca.pem",
+        "a",
+        12,
+        1.5,
+    )
+    for record, default in ((loaded.store, StoreConfig()), (loaded.fleet, FleetConfig())):
+        for f in dataclasses.fields(record):
+            assert getattr(record, f.name) != getattr(default, f.name), f.name

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import ensureDeferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
@@ -143,7 +143,7 @@ def build_fleet(
     async def pins() -> set[str]:
         return await run(store.tag_pins_on_disk, tag_pins) if tag_pins else set()
 
-    service = _FleetService(status, bucket, redis, members, singleton, pins)
+    service = _FleetService(status, bucket, redis, members, singleton, pins, config.grace_period)
     return FleetParts(bucket, fleet, status, resource, service)
 
 
@@ -160,8 +160,10 @@ class _FleetService(Service):
         members: Any,
         singleton: bool,
         pins: Callable[[], Any],
+        grace_period: float = 30.0,
     ) -> None:
         self._pins = pins
+        self._grace = grace_period
         self._status = status
         self._bucket = bucket
         self._redis = redis
@@ -209,12 +211,26 @@ class _FleetService(Service):
                 loop.stop()
         self._loops = []
         super().stopService()
-        # The member's key goes before the connection does (bounded by
-        # the Redis deadline).
-        left = self._members.stop() if self._members is not None else succeed(None)
+        return ensureDeferred(self._leave())
+
+    async def _leave(self) -> None:
+        """Fills draining during the grace period still hold and renew
+        their leases and upload when done: Redis and S3 stay until they
+        finished (within ``grace_period``); then the member's key goes,
+        then the connections."""
+        fleet = self._status.fleet
+        clock = self._status.clock
+        deadline = clock.seconds() + self._grace
+        while fleet is not None and fleet.owned and clock.seconds() < deadline:
+            await deferLater(clock, 0.2)
+        if self._members is not None:
+            await self._members.stop()
+        if fleet is not None:
+            await fleet.peers.close()
+        if self._bucket is not None:
+            await self._bucket.client.close()
         if self._redis is not None:
-            left.addBoth(lambda _: self._redis.stop())
-        return left
+            await self._redis.stop()
 
 
 def _logged(failure: Any) -> None:

@@ -13,6 +13,7 @@ broken.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import ensureDeferred
@@ -58,9 +59,16 @@ class Fleet:
     advertise: str
     lease_ttl: float
     owned: dict[str, Owned] = field(default_factory=dict)
+    # This process's name in leases: its host's address and a nonce, so
+    # that a sibling worker's lease is never taken for this one's.
+    owner_id: str = ""
     takeovers: int = 0
     follows: int = 0
     coordination_failures: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.owner_id:
+            self.owner_id = f"{self.advertise}#{uuid.uuid4().hex[:12]}"
 
     async def claim(self, digest: str) -> Owned | Elsewhere | None:
         """This host's lease on ``digest``, the owner to follow, or None
@@ -69,15 +77,17 @@ class Fleet:
         if mine is not None:
             return mine
         try:
-            other = await self.leases.acquire(digest, self.advertise, self.lease_ttl)
+            other = await self.leases.acquire(digest, self.owner_id, self.lease_ttl)
         except FleetUnavailable as e:
             self.coordination_failures += 1
             log.warn("no fleet lease for {digest} ({error}): filling alone", digest=digest, error=e)
             return None
-        if other is not None and other != self.advertise:
-            return Elsewhere(other)
-        # Ours (or left by a process of this host that died: ours again).
-        keeper = LeaseKeeper(self.clock, self.leases, digest, self.advertise, self.lease_ttl)
+        if other is not None and other != self.owner_id:
+            # Another host, or another process of this one: its endpoint
+            # finds that process's fill by its lock (or says 404, and the
+            # caller fills alone).
+            return Elsewhere(other.partition("#")[0])
+        keeper = LeaseKeeper(self.clock, self.leases, digest, self.owner_id, self.lease_ttl)
         owned = Owned(self, digest, keeper)
         keeper.on_lost = lambda: self._lost(owned)
         self.owned[digest] = owned
@@ -95,7 +105,7 @@ class Fleet:
         del self.owned[owned.digest]
         owned.keeper.stop()
         # Not released (Redis away): it expires within lease_ttl.
-        ensureDeferred(self.leases.release(owned.digest, self.advertise)).addErrback(
+        ensureDeferred(self.leases.release(owned.digest, self.owner_id)).addErrback(
             lambda f: log.warn("cannot release {d}: {e}", d=owned.digest, e=f.value)
         )
 

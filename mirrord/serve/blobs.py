@@ -15,8 +15,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
@@ -25,14 +25,14 @@ from mirrord.fleet.coordinator import Elsewhere, Owned
 from mirrord.fleet.peer import PeerUnavailable
 from mirrord.registry import errors
 from mirrord.registry.respond import API_VERSION, abort_client, write_error
-from mirrord.serve.answer import note_cache, note_source, note_upstream, write_answer
+from mirrord.serve.answer import note_cache, note_upstream, write_answer
 from mirrord.serve.cached import OCTET_STREAM, CacheContext, drop
 from mirrord.store.disk import Entry, Meta
 from mirrord.store.fill import Fill, FillFailed, Resume, StoreFailed, stream_file
 from mirrord.store.follow import RemoteFill
 from mirrord.store.inflight import Starting
 from mirrord.store.shared import Claim, Published
-from mirrord.upstream.bodies import relay_body
+from mirrord.upstream.bodies import discard_body, relay_body
 from mirrord.upstream.chain import Answer
 
 log = Logger()
@@ -148,7 +148,6 @@ class Blobs(CacheContext):
             await write_answer(request, outcome, self.realms, self.clock, self.timeouts)
             return False
         if isinstance(outcome, Sourced):
-            note_source(request, outcome.source)
             if not await self._refused(request, outcome.fill.meta, headers, path):
                 await self._send_blob(
                     request,
@@ -235,7 +234,11 @@ class Blobs(CacheContext):
             return claim
         owned: Owned | None = None
         if self.shared is not None or self.fleet is not None:
-            sourced = await self._shared_fill(digest, path, headers, claim)
+            try:
+                sourced = await self._shared_fill(digest, path, headers, claim)
+            except BaseException:
+                self._let_go(claim)
+                raise
             if isinstance(sourced, Sourced):
                 return sourced
             owned = sourced
@@ -257,11 +260,17 @@ class Blobs(CacheContext):
                 log.warn("cannot read {digest} from the shared store: {e}", digest=digest, e=e)
             else:
                 fill = self._new_fill(
-                    response, digest, found.size, found.meta, claim, self._shared_resume(digest)
+                    response,
+                    digest,
+                    found.size,
+                    found.meta,
+                    claim,
+                    self._shared_resume(digest, path, headers),
                 )
                 if fill is not None:
-                    return Sourced(fill, "shared", "SHARED")
-        if self.fleet is None:
+                    return Sourced(fill, "SHARED")
+        if self.fleet is None or not digest.startswith("sha256:"):
+            # (Members serve sha256 blobs only: nobody could follow the owner.)
             return None
         lease = await self.fleet.claim(digest)
         if not isinstance(lease, Elsewhere):
@@ -284,7 +293,7 @@ class Blobs(CacheContext):
         )
         if fill is None:
             return None
-        return Sourced(fill, "fleet", "FLEET")
+        return Sourced(fill, "FLEET")
 
     async def _shared_lookup(self, digest: str) -> Any:
         if self.shared is None:
@@ -296,18 +305,23 @@ class Blobs(CacheContext):
             log.warn("shared store lookup of {digest} failed: {e}", digest=digest, e=e)
             return None
 
-    def _shared_resume(self, digest: str) -> Resume:
-        def resume(offset: int) -> Deferred[IResponse | None]:
-            async def again() -> IResponse | None:
-                try:
-                    return await self.shared.open(digest, offset)
-                except Exception as e:
-                    log.warn("resume of {digest} from the store failed: {e}", digest=digest, e=e)
-                    return None
+    def _shared_resume(self, digest: str, path: str, headers: Headers) -> Resume:
+        """The shared store's stream was cut: the rest from it again, or,
+        if it fails (down, or the object evicted meanwhile), from the
+        upstream with ``Range``."""
 
-            return ensureDeferred(again())
+        async def again(offset: int) -> IResponse | None:
+            try:
+                return await self.shared.open(digest, offset)
+            except Exception as e:
+                log.warn(
+                    "resume of {digest} from the store failed ({e}): from the upstream",
+                    digest=digest,
+                    e=e,
+                )
+            return await self._resume_from(path, headers, offset)
 
-        return resume
+        return lambda offset: ensureDeferred(again(offset))
 
     def _peer_resume(self, digest: str, path: str, headers: Headers) -> Resume:
         """The owner's stream was cut: it may have died. The blob from the
@@ -391,19 +405,25 @@ class Blobs(CacheContext):
             finally:
                 entry.readers -= 1
 
-        def published(entry: Entry) -> Deferred[None]:
-            return ensureDeferred(upload(entry)).addErrback(
+        def release(_: object = None) -> None:
+            if owned is not None:
+                owned.release()
+
+        def published(entry: Entry) -> Entry:
+            # Apart from the fill's own chain: the fill is done (out of the
+            # in-flight table) while its upload runs; the lease waits for it.
+            ensureDeferred(upload(entry)).addErrback(
                 lambda f: log.warn(
                     "cannot upload {digest} to the shared store: {e}", digest=fill.digest, e=f.value
                 )
-            )
+            ).addBoth(release)
+            return entry
 
-        def finally_release(result: object) -> object:
-            if owned is not None:
-                owned.release()
-            return None
+        def failed(failure: Failure) -> Failure:
+            release()
+            return failure
 
-        fill.done.addCallback(published).addBoth(finally_release)
+        fill.done.addCallbacks(published, failed)
 
     def _let_go(self, claim: Claim | None) -> None:
         """No fill after all: drop the lock (and its empty file) on the disk worker."""
@@ -443,7 +463,7 @@ class Blobs(CacheContext):
             )
         except OSError as e:
             log.warn("not caching {digest}: {error}", digest=digest, error=str(e))
-            response.deliverBody(_Discard())
+            discard_body(response, self.clock, self.timeouts.body_idle)
             return None
         response.deliverBody(fill)
         fill.add_reader()
@@ -675,16 +695,12 @@ class Blobs(CacheContext):
 
 @dataclass(frozen=True)
 class Sourced:
-    """A fill fed by the fleet (``source``: "shared" or "fleet") rather
-    than the upstream: its leader is checked like a hit's client."""
+    """A fill fed by the fleet rather than the upstream (``status``:
+    SHARED from the bucket, FLEET from another member's fill): its
+    leader is checked like a hit's client."""
 
     fill: Fill
-    source: str
     status: str
-
-
-class _Discard(Protocol):
-    """Reads a body nobody will use to its end."""
 
 
 class _Vanished(Exception):

@@ -195,7 +195,8 @@ class Bucket:
             log.warn("cannot index {digest} in the fleet: {error}", digest=digest, error=str(e))
             return
         if self.max_size and total > self.max_size:
-            await self.evict(total - self.max_size)
+            # Apart from the upload: its lease and caller need not wait.
+            _quietly(self.evict(total - self.max_size), "eviction")
 
     async def pin_tags(self, digests: set[str]) -> None:
         """Pin, fleet-wide, what this host's pinned tags need (``[cache]
