@@ -76,6 +76,7 @@ def _members(
     extra: str = "",
     redis_url: str | None = None,
     store: str = "",
+    workers: int = 1,
 ) -> list[Mirror]:
     """``count`` members on a fresh bucket and a Redis database of their own."""
     bucket = f"fleet-{name}"
@@ -106,7 +107,16 @@ lease_ttl = 6
 {extra}
 """
         members.append(
-            start_mirror(workdir, pki, [hub.url], f"fleet-{name}-{i}", config=config, port=port)
+            start_mirror(
+                workdir,
+                pki,
+                [hub.url],
+                f"fleet-{name}-{i}",
+                "--workers",
+                str(workers),
+                config=config,
+                port=port,
+            )
         )
     return members
 
@@ -158,6 +168,39 @@ def test_sixteen_clients_over_two_members_make_one_upstream_fetch(
     assert after.get("cdn GET", 0) - before.get("cdn GET", 0) == 1
     logs = members[0].output() + members[1].output()
     assert "cache=FLEET" in logs
+
+
+def test_members_with_two_workers_each_make_one_upstream_fetch(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """Two members of two workers each (the lease names a host's process,
+    the connection from another member reaches any of its workers): 16
+    clients of one uncached blob still make one upstream GET, all whole."""
+    hub, _, smalls = shared_hub
+    blob = smalls[2]
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    members = _members(workdir, pki, fleet_env, hub, "workers", workers=2)
+    before = hub.control(cdn_hold_at=HOLD)["counts"]
+    try:
+        started = _in_parallel(
+            [
+                lambda m=members[i % 2]: _fetch(context, m.port, blob.digest, SMALL)
+                for i in range(16)
+            ]
+        )
+        _wait_for(lambda: hub.control()["counts"].get("cdn GET", 0) > before.get("cdn GET", 0))
+        time.sleep(2)
+        hub.control(cdn_hold_at=None, release_cdn=True)
+        results = _join(started)
+        after = hub.control()["counts"]
+    finally:
+        hub.control(cdn_hold_at=None, release_cdn=True)
+        _stop(members)
+    for result in results:
+        assert isinstance(result, Fetched), result
+        assert result.complete and result.body == blob.data
+    assert after.get("GET blobs", 0) - before.get("GET blobs", 0) == 1
+    assert "cache=FLEET" in members[0].output() + members[1].output()
 
 
 def test_what_one_member_cached_another_serves_without_upstream(
