@@ -157,10 +157,24 @@ class Rgw:
             log.close()
         self._logs.clear()
 
-    def freeze_osd(self) -> None:
+    def freeze_osd(self, timeout: float = 5.0) -> None:
         """SIGSTOP the OSD: RGW then hangs (it does not fail) on every call
-        that needs data, as it does when storage stalls."""
-        os.kill(self.pids["osd"], signal.SIGSTOP)
+        that needs data, as it does when storage stalls. Returns once every
+        thread of it has stopped: SIGSTOP takes effect thread by thread, and
+        a request reaching the OSD before that is answered."""
+        pid = self.pids["osd"]
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while True:
+            states = [
+                (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                for task in Path(f"/proc/{pid}/task").iterdir()
+            ]
+            if all(state == "T" for state in states):
+                return
+            if time.monotonic() > deadline:
+                raise RgwError(f"the OSD did not stop: {''.join(states)}")
+            time.sleep(0.01)
 
     def thaw_osd(self) -> None:
         os.kill(self.pids["osd"], signal.SIGCONT)
