@@ -94,7 +94,10 @@ class PeerClient:
         self._secret = secret
         self._deadline = deadline
         self._own_pool = pool is None
-        self._pool = pool if pool is not None else HTTPConnectionPool(reactor)
+        # Not persistent: each request is one long transfer, and a kept-alive
+        # idle connection held the other member's graceful stop until its
+        # grace period ended (it waits for every connection to close).
+        self._pool = pool if pool is not None else HTTPConnectionPool(reactor, persistent=False)
         self._agent = Agent(reactor, contextFactory=trust(tls_ca), pool=self._pool)
 
     async def get_blob(

@@ -130,8 +130,14 @@ def _in_bucket(env: FleetEnv, bucket: str, digest: str) -> bool:
 
 
 def _stop(members: list[Mirror]) -> None:
+    """Stop each member as systemd would (SIGTERM): it exits 0, at once
+    when idle (a member another streamed from included), never killed."""
+    codes = {}
     for member in members:
-        member.stop()
+        started = time.monotonic()
+        codes[member.name] = (member.stop(timeout=20), round(time.monotonic() - started, 1))
+    for name, (code, took) in codes.items():
+        assert code == 0, f"{name} exited {code} after {took}s"
 
 
 def _gets(hub: Hub) -> int:
@@ -260,7 +266,8 @@ def test_member_killed_mid_fill_leaves_whole_blobs_or_clean_cuts(
         ).body
     finally:
         hub.control(cdn_hold_at=None, release_cdn=True)
-        _stop([filler, survivor])
+        filler.stop()  # killed above
+        _stop([survivor])
     for result in ended:
         assert isinstance(result, Fetched), result
         assert result.complete and result.body == big.data
