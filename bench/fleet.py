@@ -14,6 +14,7 @@ PID before it returns; every wait is bounded.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -179,16 +180,26 @@ class Fleet:
             # Stopped before the upload ends, a member would leave a
             # multipart upload behind in RGW's memory.
             began = time.monotonic()
-            self._wait_in_bucket(bucket)
+            try:
+                self._wait_in_bucket(bucket)
+            except FleetError as e:
+                said = "; ".join(m for d in daemons for m in _messages(d, "warn", "error"))
+                raise FleetError(f"{e}; the members warned: {said or 'nothing'}") from None
             figures["upload_wait"] = time.monotonic() - began
             return figures
         finally:
-            began = time.monotonic()
             for daemon in daemons:
-                self.bench.finish_fresh(daemon)
+                self._stop(daemon)
             self._drop(bucket)
-            # Outside the figures: a slow stop or clean-up is worth seeing.
-            print(f"    members stopped, bucket dropped: {time.monotonic() - began:.1f} s")
+
+    def _stop(self, daemon: Daemon) -> None:
+        """Stop a member; one that takes long to go shows its log's tail."""
+        began = time.monotonic()
+        self.bench.finish_fresh(daemon)
+        took = time.monotonic() - began
+        if took > 5:
+            tail = "".join(f"\n      {m}" for m in _messages(daemon)[-5:])
+            print(f"    ! {daemon.process.name} took {took:.1f} s to stop; its log ends:{tail}")
 
     # -- the bucket --------------------------------------------------------
 
@@ -235,6 +246,19 @@ class Fleet:
             timeout=60,
             cwd=self.rgw.directory,
         )
+
+
+def _messages(daemon: Daemon, *levels: str) -> list[str]:
+    """The messages of a member's JSON log (of ``levels`` only, if given)."""
+    found = []
+    for line in daemon.process.output().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if not levels or event.get("level") in levels:
+            found.append(str(event.get("message", ""))[:200])
+    return found
 
 
 def _redis(port: int, *commands: str, timeout: float = 5.0) -> None:
