@@ -68,10 +68,12 @@ def rate(label: str, measure: str) -> Figure:
 
 @dataclass(frozen=True)
 class Row:
+    """``goal`` None: a figure the issue asks for without a target."""
+
     key: str
     label: str
     target: str
-    goal: Goal
+    goal: Goal | None
     value: Callable[[Round], float | None]
     needs: tuple[str, ...]
     figures: tuple[Figure, ...] = ()
@@ -90,6 +92,17 @@ def _largest(*figures: tuple[str, str]) -> Callable[[Round], float | None]:
 def _wall_ratio(reference: str, ours: str) -> Callable[[Round], float | None]:
     """Reference wall time over ours: above 1 when ours finished sooner."""
     return ratio(reference, ours, "wall")
+
+
+def within(measure: str, a: str, b: str) -> Callable[[Round], float | None]:
+    """Figure ``a`` over figure ``b`` of one measure (two figures taken
+    back to back on the same server)."""
+
+    def value(r: Round) -> float | None:
+        x, y = get(r, measure, a), get(r, measure, b)
+        return x / y if x is not None and y else None
+
+    return value
 
 
 ROWS: tuple[Row, ...] = (
@@ -330,6 +343,46 @@ ROWS: tuple[Row, ...] = (
         unit=" MiB",
         digits=1,
     ),
+    Row(
+        "fleet-s3",
+        "fleet: a hit from S3 (the bucket has it, the member's disk not), single stream, "
+        "vs a local hit of it on the same member",
+        "none set (issue 11 asks for the figure)",
+        None,
+        within("fleet hit", "speed", "local_speed"),
+        ("fleet hit",),
+        (
+            Figure("from S3", one("fleet hit", "speed"), " MB/s", MB, spread=True),
+            Figure("CPU s/GiB", one("fleet hit", "cpu"), digits=2),
+            Figure("local hit", one("fleet hit", "local_speed"), " MB/s", MB, spread=True),
+            Figure("CPU s/GiB", one("fleet hit", "local_cpu"), digits=2),
+        ),
+    ),
+    Row(
+        "fleet-cold32",
+        "fleet: 2 members x 16 cold clients of one blob vs 32 on one member: wall time",
+        "none set (one member's wall over two members'; above 1: the fleet is faster)",
+        None,
+        _wall_ratio("fleet cold one", "fleet cold two"),
+        ("fleet cold two", "fleet cold one"),
+        (
+            Figure("two members", one("fleet cold two", "wall"), " s", digits=1, spread=True),
+            Figure("one member", one("fleet cold one", "wall"), " s", digits=1, spread=True),
+            Figure("peak RSS of a member: two", one("fleet cold two", "peak_rss"), " MiB"),
+            Figure("one", one("fleet cold one", "peak_rss"), " MiB"),
+        ),
+    ),
+    Row(
+        "fleet-cold32-fetches",
+        "fleet: 2 members x 16 cold clients of one blob: upstream fetches",
+        "1 (one fetch per fleet; one member: 1)",
+        Goal(1.0, at_least=False),
+        one("fleet cold two", "fetches"),
+        ("fleet cold two", "fleet cold one"),
+        (Figure("one member", one("fleet cold one", "fetches"), " fetches"),),
+        unit="",
+        digits=0,
+    ),
 )
 
 
@@ -343,6 +396,8 @@ def _row_cells(row: Row, rounds: Sequence[Round]) -> list[str]:
     figures = "; ".join(t for f in row.figures if (t := f.text(rounds)))
     if not values:
         verdict = "skipped" if _all_skipped(row, rounds) else "no data"
+    elif row.goal is None:
+        verdict = "-"
     else:
         verdict = row.goal.verdict(values)
     return [row.label, row.target, figures or "-", median, spread, verdict]

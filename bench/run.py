@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from bench import machine, nginx, procs, tools  # noqa: E402
+from bench import fleet, machine, nginx, procs, tools  # noqa: E402
 from bench.rows import ROWS, measures_for, render  # noqa: E402
 from tests.support.pki import Pki, make_pki  # noqa: E402
 from tests.support.processes import Process, free_port, mirrord_argv  # noqa: E402
@@ -112,6 +112,7 @@ class Bench:
         self.pki = pki
         self.started: list[Process] = []
         self.daemons: dict[str, Daemon] = {}
+        self.fleet: fleet.Fleet | None = None
         self.skipped: dict[str, str] = {}
         self.workers_key = True  # does the daemon know `workers`?
         self.fresh = 0
@@ -209,12 +210,19 @@ class Bench:
         self.started.append(process.start())
 
     def mirrord(
-        self, name: str, config: str, *, tls_upstream: bool = False, workers: int = 1
+        self,
+        name: str,
+        config: str,
+        *,
+        tls_upstream: bool = False,
+        workers: int = 1,
+        port: int | None = None,
     ) -> Daemon:
         """Start a mirrord; ``workers`` goes into its config when the
         daemon knows the key (a daemon before the supervisor refuses it:
         then one process is what it runs anyway, and ``workers > 1``
-        raises Skip)."""
+        raises Skip). ``port`` when the config must name it (a fleet
+        member advertises its address)."""
         state = self.work / name
         upstream = (
             f"https://127.0.0.1:{self.ports['upstream_tls']}"
@@ -223,7 +231,7 @@ class Bench:
         )
         if tls_upstream:
             config = f'upstream_ca = "{self.pki.ca}"\n' + config
-        port = free_port()
+        port = port or free_port()
         path = self.work / f"{name}.toml"
         keyed = self.workers_key or workers > 1
         path.write_text((f"workers = {workers}\n" if keyed else "") + config)
@@ -283,6 +291,32 @@ class Bench:
                 )
             print(f"    workers: {daemon.workers}", flush=True)
         return daemon
+
+    def start_fleet(self, needed: set[str]) -> None:
+        """RGW and Redis for the fleet rows, once per run, and the blob
+        the S3 hits read put in its bucket. Whatever stops them (no Ceph
+        on this machine...) skips those rows, never the run."""
+        if not needed & fleet.MEASURES:
+            return
+        try:
+            self.fleet = fleet.Fleet.start(self)
+        except Exception as e:
+            self.skipped["fleet"] = f"RGW or Redis did not start: {str(e).splitlines()[0]}"
+            print(f"  skipped: fleet: {self.skipped['fleet']}", flush=True)
+            return
+        if "fleet hit" in needed:
+            try:
+                self.fleet.seed()
+            except Exception as e:
+                self.skipped["fleet hit"] = f"the blob did not get into the bucket: {e}"
+                print(f"  skipped: fleet hit: {self.skipped['fleet hit']}", flush=True)
+
+    def started_fleet(self, measure: str) -> fleet.Fleet:
+        if why := self.skipped.get(measure):
+            raise Skip(why)
+        if self.fleet is None:
+            raise Skip(self.skipped.get("fleet", "the fleet was not started"))
+        return self.fleet
 
     def url_ok(self, url: str, tries: int = 50) -> None:
         for _ in range(tries):
@@ -357,6 +391,8 @@ class Bench:
     def stop_all(self) -> None:
         for daemon in self.daemons.values():
             daemon.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         for process in reversed(self.started):
             process.stop(timeout=30)
 
@@ -371,8 +407,10 @@ class Bench:
             raise Skip(self.skipped.get(name, f"{name} not started"))
         return f"https://127.0.0.1:{daemon.port}{path}"
 
-    def single(self, url: str, daemon: Daemon | None = None) -> dict[str, float]:
-        size = self.args.size_mib * MIB
+    def single(
+        self, url: str, daemon: Daemon | None = None, size: int | None = None
+    ) -> dict[str, float]:
+        size = size or self.args.size_mib * MIB
         before = daemon.cpu() if daemon else 0.0
         download = tools.curl(url, self.pki.ca, timeout=self.args.stream_timeout)
         if download.size != size:
@@ -389,21 +427,26 @@ class Bench:
             return sum(needle in line for line in f)
 
     def many(self, url: str) -> dict[str, float]:
-        """``--concurrent`` clients of one blob at once: wall time, and how
-        many GETs of it reached the upstream meanwhile."""
-        n, size = self.args.concurrent, self.args.concurrent_size_mib * MIB
+        """``--concurrent`` clients of one blob at once."""
+        return self.clients([url] * self.args.concurrent)
+
+    def clients(self, urls: list[str]) -> dict[str, float]:
+        """A client per URL (each the concurrent blob, through one server
+        or several) at once: wall time to the last byte, and how many GETs
+        of the blob reached the upstream meanwhile."""
+        n, size = len(urls), self.args.concurrent_size_mib * MIB
         fetched = self.upstream_fetches(self.mid)
         started = time.monotonic()
         with ThreadPoolExecutor(n) as pool:
             downloads = list(
                 pool.map(
-                    lambda _: tools.curl(url, self.pki.ca, timeout=self.args.stream_timeout),
-                    range(n),
+                    lambda url: tools.curl(url, self.pki.ca, timeout=self.args.stream_timeout),
+                    urls,
                 )
             )
         wall = time.monotonic() - started
         if bad := [d.size for d in downloads if d.size != size]:
-            raise tools.ToolError(f"{url}: sizes {bad}, not {size}")
+            raise tools.ToolError(f"{urls[0]}: sizes {bad}, not {size}")
         return {
             "wall": wall,
             "aggregate": n * size / wall,
@@ -527,6 +570,9 @@ class Bench:
                 self.daemon_url("mirrord proxy", big),
             ),
             "slow cold": self.slow_cold,
+            "fleet hit": lambda: self.started_fleet("fleet hit").hit(),
+            "fleet cold two": lambda: self.started_fleet("fleet cold two").cold(members=2),
+            "fleet cold one": lambda: self.started_fleet("fleet cold one").cold(members=1),
         }
 
 
@@ -606,6 +652,7 @@ def main(argv: list[str] | None = None) -> None:
         if needed & {"bare digest", "ab bare"}:
             bench.start_bare()
         bench.start_mirrors(needed)
+        bench.start_fleet(needed)
         bench.warm_up(needed)
         table = bench.measures()
         order = [name for name in table if name in needed]
@@ -641,6 +688,12 @@ def main(argv: list[str] | None = None) -> None:
         f"`curl --limit-rate {args.slow_rate}` for {args.slow_seconds} s; "
         f"the run took {minutes:.1f} minutes"
     )
+    if needed & fleet.MEASURES:
+        settings += (
+            f"; fleet rows: the {args.concurrent_size_mib} MiB blob, members in front of the "
+            "same nginx upstream sharing one bucket on a one-node Ceph RGW (memstore, "
+            "in RAM) and one redis-server, each measure on fresh members"
+        )
     text = render(args.rows, results, head, settings, bench.skipped)
     print(text)
     args.out.write_text(text + "\n")

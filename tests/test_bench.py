@@ -157,6 +157,28 @@ class RowTests(SynchronousTestCase):
         r["w2 x16"] = "skipped: no workers"
         self.assertEqual(self.row("rss16").value(r), 110.0)
 
+    def test_s3_hit_over_local_hit_of_the_same_measure(self) -> None:
+        """The fleet's S3 hit row divides the S3 speed by the local hit's
+        speed taken on the same member in the same round, and has no verdict."""
+        r = {"fleet hit": {"speed": 150e6, "cpu": 6.0, "local_speed": 500e6, "local_cpu": 2.0}}
+        row = self.row("fleet-s3")
+        self.assertAlmostEqual(row.value(r), 0.3)
+        self.assertIsNone(row.value({"fleet hit": "failed: no bucket"}))
+        line = rows.render([row], [r], [], "1 round", {}).splitlines()[-1]
+        self.assertTrue(line.endswith("| 0.30x | 0.30-0.30x | - |"), line)
+        self.assertIn("from S3 150 MB/s", line)
+
+    def test_fleet_faster_than_one_member_is_above_one(self) -> None:
+        """Two members finishing 32 cold clients sooner than one member gives
+        a ratio above 1; the fetches row is the two members' count."""
+        r = {
+            "fleet cold two": {"wall": 10.0, "fetches": 1},
+            "fleet cold one": {"wall": 15.0, "fetches": 1},
+        }
+        self.assertEqual(self.row("fleet-cold32").value(r), 1.5)
+        self.assertEqual(self.row("fleet-cold32-fetches").value(r), 1)
+        self.assertFalse(self.row("fleet-cold32-fetches").goal.met_by(2))
+
     def test_render_says_what_was_not_measured(self) -> None:
         """The results name a skipped daemon and a failed measure, and mark a
         row without data as skipped instead of inventing a figure."""
