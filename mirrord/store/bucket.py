@@ -234,6 +234,10 @@ class Bucket:
             return
         started = self.clock.seconds()
         listing = await self.client.list("blobs/", LISTED)
+        if len(listing) >= LISTED:
+            # A partial listing would make the rest look gone from the bucket.
+            log.warn("bucket holds {count}+ blobs: index not reconciled", count=LISTED)
+            return
         await self.index.reconcile(
             [(_digest_of_key(key), size, parse_time(modified)) for key, size, modified in listing],
             started,
