@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -36,3 +36,13 @@ def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rgw]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def reactor() -> Iterator[Any]:
+    """The global reactor running in a thread for the session (see
+    ``tests.support.reactorthread``): for Twisted-native clients of real
+    servers, called with ``tests.support.reactorthread.call``."""
+    from tests.support.reactorthread import running_reactor
+
+    yield from running_reactor()

@@ -12,69 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import time
 import tracemalloc
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.python.failure import Failure
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from mirrord.store.s3 import Breaker, S3Client, S3Error, S3Unavailable, pack_meta, unpack_meta
 from mirrord.store.s3.client import read_body
+from tests.support.reactorthread import WAIT, call
 
 MIB = 1 << 20
-WAIT = 60.0  # bound on any one call seen from the test thread
-
-
-@pytest.fixture(scope="session")
-def reactor() -> Iterator[Any]:
-    """The global reactor, running in a thread until the session ends (then
-    stopped, which also stops the clients' thread pools)."""
-    from twisted.internet import reactor as global_reactor
-
-    assert not global_reactor.running, "another test runs the global reactor"
-    thread = threading.Thread(
-        target=global_reactor.run,
-        kwargs={"installSignalHandlers": False},
-        name="reactor",
-        daemon=True,
-    )
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not global_reactor.running:
-        assert time.monotonic() < deadline, "the reactor did not start"
-        time.sleep(0.01)
-    yield global_reactor
-    global_reactor.callFromThread(global_reactor.stop)
-    thread.join(10)
-
-
-def call(reactor: Any, f: Callable[..., Any], *args: Any, timeout: float = WAIT) -> Any:
-    """Run ``f(*args)`` on the reactor thread and wait (bounded) for its result."""
-    done = threading.Event()
-    box: list[Any] = []
-
-    def start() -> None:
-        def finished(result: Any) -> None:
-            box.append(result)
-            done.set()
-
-        maybeDeferred(f, *args).addBoth(finished)
-
-    reactor.callFromThread(start)
-    assert done.wait(timeout), f"{f!r} took more than {timeout} s"
-    result = box[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
 
 
 def get_all(client: S3Client, key: str, first: int | None = None, last: int | None = None):
