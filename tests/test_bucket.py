@@ -55,6 +55,8 @@ def _blob(directory: Path) -> tuple[str, Path]:
 
 
 def _run(reactor: Any, coroutine: Any) -> Any:
+    """A coroutine, run on the reactor thread (it does nothing until then;
+    a Deferred-returning call must go through ``call`` instead)."""
     return call(reactor, lambda: ensureDeferred(coroutine))
 
 
@@ -114,7 +116,7 @@ def test_cap_evicts_the_least_recently_read_and_keeps_pins(parts) -> None:
     _run(reactor, bucket.publish(*blobs[3], SIZE, META))
 
     def present() -> list[bool]:
-        return [_run(reactor, client.head(blob_key(d))) is not None for d, _ in blobs]
+        return [call(reactor, client.head, blob_key(d)) is not None for d, _ in blobs]
 
     # The eviction runs apart from the upload that went over the cap.
     for _ in range(50):
