@@ -156,7 +156,9 @@ def test_upload_memory_is_two_parts(reactor: Any, client: S3Client, tmp_path: Pa
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 2 * part + 4 * MIB, f"peak {peak / MIB:.1f} MiB for {part // MIB} MiB parts"
+    # Two parts, the slices on their way, and a 1 MiB read buffer per
+    # connection (the client reads responses as the upstream side does).
+    assert peak < 2 * part + 6 * MIB, f"peak {peak / MIB:.1f} MiB for {part // MIB} MiB parts"
     assert call(reactor, client.head, "blobs/m").size == 64 * MIB
 
 

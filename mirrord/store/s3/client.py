@@ -54,6 +54,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import (
     Agent,
+    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     PotentialDataLoss,
     ResponseDone,
@@ -65,6 +66,7 @@ from zope.interface import implementer
 
 from mirrord.store.s3.breaker import Breaker, S3Unavailable
 from mirrord.store.s3.signing import EMPTY_SHA256, Signer, query_string, quote_key
+from mirrord.tuning import UpstreamEndpoints
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -360,13 +362,12 @@ class S3Client:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 32
         self._pool.cachedConnectionTimeout = IDLE_CONNECTION
-        policy = _TrustCA(tls_ca) if tls_ca else None
-        if policy is None:
-            self._agent = Agent(reactor, pool=self._pool, connectTimeout=deadline)
-        else:
-            self._agent = Agent(
-                reactor, contextFactory=policy, pool=self._pool, connectTimeout=deadline
-            )
+        policy = _TrustCA(tls_ca) if tls_ca else BrowserLikePolicyForHTTPS()
+        # The upstream side's endpoints: large socket reads (a blob from S3
+        # reaches its fill in 1 MiB pieces, not 64 KiB ones).
+        self._agent = Agent.usingEndpointFactory(
+            reactor, UpstreamEndpoints(reactor, policy, deadline), pool=self._pool
+        )
         self._threads: ThreadPool | None = None
         self._queue = DeferredSemaphore(4)
         self._run = run if run is not None else self._in_thread
