@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 
 from mirrord.fleet.index import FleetIndex
@@ -143,3 +143,20 @@ def test_reconcile_counts_what_the_bucket_holds(parts) -> None:
     assert _run(reactor, index.total()) == SIZE
     assert _run(reactor, index.size(kept[0])) == SIZE
     assert _run(reactor, index.size(gone[0])) is None
+
+
+def test_uploads_wait_their_turn(parts) -> None:
+    """Blobs verified at once are uploaded a few at a time (memory and the
+    disk worker are bounded), and every one arrives."""
+    reactor, client, index, tmp = parts
+    bucket = Bucket(client, reactor, index, uploads_at_once=1)
+    blobs = [_blob(tmp) for _ in range(3)]
+
+    def all_at_once() -> Any:
+        return gatherResults(
+            [ensureDeferred(bucket.publish(d, str(path), SIZE, META)) for d, path in blobs]
+        )
+
+    assert call(reactor, all_at_once) == [True, True, True]
+    assert bucket.peak_uploads == 1
+    assert _run(reactor, index.total()) == 3 * SIZE

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import DeferredSemaphore, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
@@ -95,6 +95,14 @@ class Bucket:
     _uploading: set[str] = field(default_factory=set)
     uploads: int = 0
     upload_failures: int = 0
+    # Uploads at once per process (the rest wait their turn).
+    uploads_at_once: int = 2
+    peak_uploads: int = 0
+    _running: int = 0
+    _turns: DeferredSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._turns = DeferredSemaphore(self.uploads_at_once)
 
     @property
     def healthy(self) -> bool:
@@ -127,9 +135,18 @@ class Bucket:
         try:
             if await self.client.head(blob_key(digest)) is not None:
                 return False
-            await self.client.upload_file(
-                blob_key(digest), path, size, meta.media_type, encode_meta(meta), self.part_size
-            )
+            # A few at a time: each holds up to two parts in memory and
+            # reads and hashes on the disk worker, which fills share.
+            await self._turns.acquire()
+            self._running += 1
+            self.peak_uploads = max(self.peak_uploads, self._running)
+            try:
+                await self.client.upload_file(
+                    blob_key(digest), path, size, meta.media_type, encode_meta(meta), self.part_size
+                )
+            finally:
+                self._running -= 1
+                self._turns.release()
             self.uploads += 1
             await self._indexed(digest, size, meta)
             return True
