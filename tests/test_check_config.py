@@ -105,6 +105,16 @@ def test_command_line_overrides_are_checked(tmp_path: Path, pki: Pki, busy_port:
             'secret_file = "{dir}/short"\n',
             "[fleet] secret_file {dir}/short: ",
         ),
+        (
+            '[fleet]\nredis = "redis://127.0.0.1:9/0"\nadvertise = "https://127.0.0.1:8443"\n'
+            'secret_file = "{dir}/secret"\ntls_ca = "{bad}"\n',
+            "[fleet] tls_ca {bad}: no usable CA certificate",
+        ),
+        (
+            '[store]\nbackend = "s3"\nendpoint = "https://127.0.0.1:9"\nbucket = "b"\n'
+            'access_key = "k"\nsecret_key_file = "{dir}/secret"\ntls_ca = "{dir}/none"\n',
+            "[store] tls_ca {dir}/none: cannot read",
+        ),
     ],
 )
 def test_broken_file_exits_1_with_one_line(tmp_path: Path, pki: Pki, text: str, error: str) -> None:
@@ -112,6 +122,7 @@ def test_broken_file_exits_1_with_one_line(tmp_path: Path, pki: Pki, text: str, 
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate\n")
     (tmp_path / "short").write_text("too short\n")
+    (tmp_path / "secret").write_text("a secret long enough for the fleet\n")
     fill = {"dir": str(tmp_path), "key": str(pki.privkey), "bad": str(bad)}
     config = tmp_path / "mirrord.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n' + text.format(**fill))

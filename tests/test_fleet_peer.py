@@ -18,7 +18,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
@@ -635,6 +635,29 @@ class FleetLoopbackTests(_Hosts):
         self.run_until(lambda: body.ended)
         body.reason.trap(ResponseDone)
         self.assertEqual(body.data, self.data)
+
+    def test_a_request_gone_while_the_lock_is_taken_leaves_no_lock(self) -> None:
+        """The disk worker takes the fill lock after the asking member has
+        gone (its request cancelled meanwhile): the lock is let go at once,
+        so this host's next fill of the digest is not left waiting on it."""
+        queued: list[Deferred[Any]] = []
+
+        def later(f: Any, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            queued.append(d)
+            d.addCallback(lambda _: f(*args))
+            return d
+
+        resource = FleetResource(self.secret, self.store, self.in_flight, self.reactor, 30.0, later)
+        asking = resource._claim(self.digest)
+        asking.cancel()
+        self.failureResultOf(asking, CancelledError)
+        queued.pop(0).callback(None)  # the worker takes the lock now
+        while queued:  # and lets it go
+            queued.pop(0).callback(None)
+        claim = self.store.claim(self.digest)
+        self.assertTrue(claim.locked)
+        claim.release()
 
     def test_nobody_filling_is_404_and_leaves_no_lock(self) -> None:
         """No fill anywhere on this host: 404, and the look took no lock

@@ -53,13 +53,29 @@ def check_fleet_files(config: Config) -> None:
         config.store.secret_key_file, "[store] secret_key_file"
     ):
         raise ConfigError(f"[store] secret_key_file {config.store.secret_key_file} is empty")
+    if config.store.backend == "s3" and config.store.tls_ca:
+        from mirrord.store.s3.client import TrustCA
+
+        _check_ca(TrustCA, config.store.tls_ca, "[store] tls_ca")
     if config.fleet.redis:
+        from mirrord.fleet.peer import trust
         from mirrord.fleet.secret import FleetSecret
 
         try:
             FleetSecret.load(config.fleet.secret_file)
         except (OSError, ValueError) as e:
             raise ConfigError(f"[fleet] secret_file {config.fleet.secret_file}: {e}") from None
+        if config.fleet.tls_ca:
+            _check_ca(trust, config.fleet.tls_ca, "[fleet] tls_ca")
+
+
+def _check_ca(load: Callable[[str], object], path: str, what: str) -> None:
+    try:
+        load(path)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read: {e.strerror}") from None
+    except Exception as e:  # not PEM, no certificate
+        raise ConfigError(f"{what} {path}: no usable CA certificate ({e})") from None
 
 
 def build_fleet(

@@ -40,7 +40,7 @@ from mirrord.store.disk import BlobStore, Entry, Meta
 from mirrord.store.fill import Fill, FillFailed, StoreFailed, stream_file
 from mirrord.store.follow import RemoteFill
 from mirrord.store.inflight import InFlight, Starting
-from mirrord.store.shared import Published
+from mirrord.store.shared import Claim, Published
 
 log = Logger()
 
@@ -194,7 +194,7 @@ class FleetResource(Resource):
         its file; None when none is (or it just published: look again)."""
         assert self._store is not None
         try:
-            claim = await self._run(self._store.claim, digest)
+            claim = await self._claim(digest)
         except Published:
             return None
         if claim.locked:  # nobody was filling it: not ours to start
@@ -213,6 +213,29 @@ class FleetResource(Resource):
             return await follower.start()
         except FillFailed:
             return None
+
+    def _claim(self, digest: str) -> Deferred[Claim]:
+        """The digest's fill lock, taken on the disk worker. A caller that
+        leaves meanwhile must not leave the lock held (nothing would ever
+        write that file, and this host's next fill of the digest would wait
+        on it): the claim then is released as soon as it is taken."""
+        taking = self._run(self._store.claim, digest)
+        left = False
+
+        def leave(_: Deferred[Claim]) -> None:
+            nonlocal left
+            left = True
+
+        waiter: Deferred[Claim] = Deferred(leave)
+
+        def taken(result: Any) -> None:
+            if not left:
+                waiter.callback(result)
+            elif isinstance(result, Claim):
+                self._run(result.release).addErrback(lambda _: None)
+
+        taking.addBoth(taken)
+        return waiter
 
     async def _wait_for_start(self, starting: Starting[Any]) -> None:
         """Until the fill has its upstream's headers (or none comes), bounded."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -256,6 +258,8 @@ class Blobs(CacheContext):
         if found is not None:
             try:
                 response = await self.shared.open(digest)
+            except CancelledError:
+                raise
             except Exception as e:
                 log.warn("cannot read {digest} from the shared store: {e}", digest=digest, e=e)
             else:
@@ -266,6 +270,7 @@ class Blobs(CacheContext):
                     found.meta,
                     claim,
                     self._shared_resume(digest, path, headers),
+                    on_mismatch=self._shared_mismatch,
                 )
                 if fill is not None:
                     return Sourced(fill, "SHARED")
@@ -275,6 +280,12 @@ class Blobs(CacheContext):
         lease = await self.fleet.claim(digest)
         if not isinstance(lease, Elsewhere):
             return lease
+        if lease.owner == self.fleet.advertise:
+            # A process of this host holds the lease, yet this one holds the
+            # disk lock: that process died mid-fill (its lease not yet
+            # expired). Fill here; following ourselves would only wait.
+            log.info("{digest}: this host's lease is a dead process's: filling", digest=digest)
+            return None
         try:
             response, meta = await self.fleet.follow(lease.owner, digest)
         except PeerUnavailable as e:
@@ -295,11 +306,23 @@ class Blobs(CacheContext):
             return None
         return Sourced(fill, "FLEET")
 
+    def _shared_mismatch(self, digest: str) -> None:
+        """The shared store handed back bytes that are not ``digest`` (rot,
+        or an object put there by hand): forget it fleet-wide, so the next
+        pull goes to the upstream instead of failing the same way."""
+        self.metrics.mismatches.inc()
+        log.error("the shared store's {digest} is corrupt: deleting it", digest=digest)
+        ensureDeferred(self.shared.forget(digest)).addErrback(
+            lambda f: log.warn("cannot delete {digest}: {e}", digest=digest, e=f.value)
+        )
+
     async def _shared_lookup(self, digest: str) -> Any:
         if self.shared is None:
             return None
         try:
             return await self.shared.lookup(digest)
+        except CancelledError:
+            raise
         except Exception as e:  # down, slow (its deadline) or refusing
             self.metrics.shared_errors.inc()
             log.warn("shared store lookup of {digest} failed: {e}", digest=digest, e=e)
@@ -313,6 +336,8 @@ class Blobs(CacheContext):
         async def again(offset: int) -> IResponse | None:
             try:
                 return await self.shared.open(digest, offset)
+            except CancelledError:
+                raise
             except Exception as e:
                 log.warn(
                     "resume of {digest} from the store failed ({e}): from the upstream",
@@ -333,10 +358,12 @@ class Blobs(CacheContext):
             if found is not None:
                 try:
                     return await self.shared.open(digest, offset)
+                except CancelledError:
+                    raise
                 except Exception as e:
                     log.warn("cannot read {digest} from the store: {e}", digest=digest, e=e)
             lease = await self.fleet.claim(digest) if self.fleet is not None else None
-            if isinstance(lease, Elsewhere):
+            if isinstance(lease, Elsewhere) and lease.owner != self.fleet.advertise:
                 try:
                     response, _ = await self.fleet.follow(lease.owner, digest, offset)
                     return response
@@ -345,7 +372,8 @@ class Blobs(CacheContext):
                     # from the upstream rather than cutting our clients (a
                     # live but unreachable owner costs one fetch more).
                     log.warn("owner of {digest} unreachable: {e}", digest=digest, e=e)
-                    lease = None
+            if isinstance(lease, Elsewhere):
+                lease = None
             fill = self.in_flight.get(digest)
             if isinstance(lease, Owned) and not isinstance(fill, Fill):
                 lease.release()
@@ -390,7 +418,11 @@ class Blobs(CacheContext):
 
     def _publish_when_done(self, fill: Fill, owned: Owned | None) -> None:
         """Once ``fill`` is verified and on disk, upload it to the shared
-        store; the fleet lease (if any) goes when that is done or failed."""
+        store; the fleet lease (if any) goes when that is done or failed.
+        Once per fill, however many times it was taken over."""
+        if fill in _PUBLISHING:
+            return
+        _PUBLISHING.add(fill)
         if self.shared is None:
             if owned is not None:
                 fill.done.addBoth(lambda result: (owned.release(), result)[1])
@@ -440,6 +472,7 @@ class Blobs(CacheContext):
         meta: Meta,
         claim: Claim | None,
         resume: Resume,
+        on_mismatch: Callable[[str], object] | None = None,
     ) -> Fill | None:
         """A fill of ``digest`` fed by ``response`` (the shared store or
         another member), verified like any other; None if the disk cannot
@@ -454,7 +487,7 @@ class Blobs(CacheContext):
                 self.clock,
                 self.timeouts.body_idle,
                 self.config.fill_timeout,
-                on_mismatch=lambda _: self.metrics.mismatches.inc(),
+                on_mismatch=on_mismatch or (lambda _: self.metrics.mismatches.inc()),
                 resume=resume,
                 resume_attempts=self.config.resume_attempts,
                 resume_window=self.config.fill_timeout,
@@ -717,6 +750,8 @@ def _byte_range(value: bytes | None, size: int) -> tuple[int, int] | None:
     return int(first), min(int(last), size - 1) if last else size - 1
 
 
+# Fills whose upload is chained already (a fill taken over twice is still one upload).
+_PUBLISHING: weakref.WeakSet[Fill] = weakref.WeakSet()
 # The outcome of a start that found the blob published by another process.
 _PUBLISHED = object()
 # Claims of one fill in a row (each after another process's fill failed).

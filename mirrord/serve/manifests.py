@@ -106,6 +106,8 @@ class Manifests(CacheContext):
             return None
         try:
             found = await self.shared.get_small(digest)
+        except CancelledError:
+            raise
         except Exception as e:
             self.metrics.shared_errors.inc()
             log.warn("shared store read of {digest} failed: {e}", digest=digest, e=e)
@@ -366,6 +368,8 @@ class Manifests(CacheContext):
             # Another host of the fleet may have seen the tag later.
             try:
                 theirs = await self.shared.get_tag(self.registry.name, name, tag)
+            except CancelledError:
+                raise
             except Exception as e:
                 self.metrics.shared_errors.inc()
                 log.warn("shared store tag read failed: {e}", e=e)

@@ -215,6 +215,12 @@ class Bucket:
             # Apart from the upload: its lease and caller need not wait.
             _quietly(self.evict(total - self.max_size), "eviction")
 
+    async def forget(self, digest: str) -> None:
+        """Delete a blob found corrupt, from the bucket and the fleet's index."""
+        await self.client.delete(blob_key(digest))
+        if self.index is not None:
+            await self.index.remove(digest)
+
     async def pin_tags(self, digests: set[str]) -> None:
         """Pin, fleet-wide, what this host's pinned tags need (``[cache]
         pinned`` tag patterns); each host adds what it knows."""

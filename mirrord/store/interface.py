@@ -51,5 +51,8 @@ class SharedStore(Protocol):
     async def put_tag(self, registry: str, name: str, tag: str, record: TagRecord) -> None:
         """Record a tag's digest for every host."""
 
+    async def forget(self, digest: str) -> None:
+        """Delete a blob found corrupt (it did not hash to its digest)."""
+
     async def evict(self, over: int) -> int:
         """Delete the least recently read blobs until ``over`` bytes are gone."""

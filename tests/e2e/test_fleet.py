@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import ssl
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -119,6 +120,10 @@ lease_ttl = 6
             )
         )
     return members
+
+
+def _config_of(workdir: Path, name: str) -> str:
+    return (workdir / f"fleet-{name}-0.toml").read_text()
 
 
 def _has(env: FleetEnv, bucket: str, key: str) -> bool:
@@ -494,3 +499,75 @@ def test_metrics_and_status_page_show_the_store_and_the_members(
     assert metrics["mirrord_shared_store_size_bytes"] >= SMALL
     assert metrics["mirrord_shared_store_uploads"] == 1
     assert "Fleet" in usage and "ops-0" in usage and "ops-1" in usage
+
+
+def test_a_dead_process_lease_on_this_host_does_not_stall_its_pulls(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """A process of this host died holding a blob's lease (it has not
+    expired yet): the next pull through the host fills the blob at once
+    rather than following the host's own address."""
+    hub, big, _ = shared_hub
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    [member] = _members(workdir, pki, fleet_env, hub, "deadlease", count=1, extra="")
+    db = re.search(
+        r'redis = "redis://127.0.0.1:\d+/(\d+)"', _config_of(workdir, "deadlease")
+    ).group(1)
+    advertise = f"https://127.0.0.1:{member.port}"
+    subprocess.run(
+        [
+            "redis-cli",
+            "-p",
+            str(fleet_env.redis.port),
+            "-n",
+            db,
+            "SET",
+            f"mirrord:lease:{big.digest}",
+            f"{advertise}#deadprocess",
+            "PX",
+            "60000",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
+    try:
+        started = time.monotonic()
+        got = _fetch(context, member.port, big.digest, BIG)
+        took = time.monotonic() - started
+    finally:
+        _stop([member])
+    assert got.complete and got.body == big.data
+    assert took < 10, f"the pull waited {took:.1f} s on its own host's stale lease"
+    assert "this host's lease is a dead process's" in member.output()
+
+
+def test_a_corrupt_object_in_the_bucket_is_deleted_and_the_next_pull_is_whole(
+    workdir: Path, pki: Pki, fleet_env: FleetEnv, shared_hub
+) -> None:
+    """Bytes in the bucket that do not hash to their key's digest are never
+    sent whole: the client is cut, the object deleted, and the next pull
+    comes from the upstream, whole."""
+    hub, _, smalls = shared_hub
+    blob = smalls[3]
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    [member] = _members(workdir, pki, fleet_env, hub, "corrupt", count=1)
+    key = "blobs/sha256/" + blob.digest.split(":")[1]
+    wrong = bytearray(blob.data)
+    wrong[SMALL // 2] ^= 0xFF
+    meta = '{"media_type":"application/octet-stream","repository":"library/alpine",'
+    meta += '"public":true,"registry":"docker.io"}'
+    put = fleet_env.rgw.request(
+        "PUT", f"/fleet-corrupt/{key}", bytes(wrong), {"x-amz-meta-mirrord": meta}, timeout=30
+    )
+    assert put.status == 200
+    try:
+        first = _fetch(context, member.port, blob.digest, SMALL)
+        _wait_for(lambda: not _has(fleet_env, "fleet-corrupt", key), timeout=20)
+        second = _fetch(context, member.port, blob.digest, SMALL)
+    finally:
+        _stop([member])
+    assert not first.complete
+    assert blob.data[: SMALL // 2].startswith(first.body[: SMALL // 2])
+    assert second.complete and second.body == blob.data
+    assert "is corrupt: deleting it" in member.output()

@@ -275,7 +275,7 @@ class _Discard(Protocol):
 
 
 @implementer(IPolicyForHTTPS)
-class _TrustCA:
+class TrustCA:
     """Verify the server against the given CA bundle only."""
 
     def __init__(self, path: str) -> None:
@@ -362,7 +362,7 @@ class S3Client:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 32
         self._pool.cachedConnectionTimeout = IDLE_CONNECTION
-        policy = _TrustCA(tls_ca) if tls_ca else BrowserLikePolicyForHTTPS()
+        policy = TrustCA(tls_ca) if tls_ca else BrowserLikePolicyForHTTPS()
         # The upstream side's endpoints: large socket reads (a blob from S3
         # reaches its fill in 1 MiB pieces, not 64 KiB ones).
         self._agent = Agent.usingEndpointFactory(
