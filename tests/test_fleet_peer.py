@@ -640,21 +640,22 @@ class FleetLoopbackTests(_Hosts):
         """The disk worker takes the fill lock after the asking member has
         gone (its request cancelled meanwhile): the lock is let go at once,
         so this host's next fill of the digest is not left waiting on it."""
-        queued: list[Deferred[Any]] = []
+        queued: list[Callable[[], None]] = []
 
         def later(f: Any, *args: Any) -> Deferred[Any]:
+            """As the disk worker does: the work runs when its turn comes,
+            whether or not its caller still waits for the result."""
             d: Deferred[Any] = Deferred()
-            queued.append(d)
-            d.addCallback(lambda _: f(*args))
+            queued.append(lambda: d.callback(f(*args)))
             return d
 
         resource = FleetResource(self.secret, self.store, self.in_flight, self.reactor, 30.0, later)
         asking = resource._claim(self.digest)
         asking.cancel()
         self.failureResultOf(asking, CancelledError)
-        queued.pop(0).callback(None)  # the worker takes the lock now
+        queued.pop(0)()  # the worker takes the lock now
         while queued:  # and lets it go
-            queued.pop(0).callback(None)
+            queued.pop(0)()
         claim = self.store.claim(self.digest)
         self.assertTrue(claim.locked)
         claim.release()
