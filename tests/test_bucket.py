@@ -160,3 +160,23 @@ def test_uploads_wait_their_turn(parts) -> None:
     assert call(reactor, all_at_once) == [True, True, True]
     assert bucket.peak_uploads == 1
     assert _run(reactor, index.total()) == 3 * SIZE
+
+
+def test_tag_pins_are_each_host_s_and_lapse_when_no_host_says_them(parts) -> None:
+    """The fleet pins what any host says its pinned tags need; when a host
+    stops saying a digest (its tag moved, its pattern removed) and no other
+    host says it, it can be evicted again once that host's word expires."""
+    reactor, client, index, _ = parts
+    a = Bucket(client, reactor, index, host="a")
+    b = Bucket(client, reactor, index, host="b")
+    one, two = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    _run(reactor, a.pin_tags({one}))
+    _run(reactor, b.pin_tags({two}))
+    assert _run(reactor, index.pinned()) == {one, two}
+    _run(reactor, a.pin_tags(set()))  # a's tag moved: it no longer pins one
+    assert _run(reactor, index.pinned()) == {two}
+    # b says its pins with a short life, then goes quiet: two lapses.
+    _run(reactor, index.host_pins("b", {two}, 0.3))
+    call(reactor, deferLater, reactor, 0.5, lambda: None)
+    _run(reactor, a.pin_tags(set()))
+    assert _run(reactor, index.pinned()) == set()

@@ -116,6 +116,7 @@ def build_fleet(
             s3.redirect_ttl,
             s3.part_size,
             config.cache.pinned,
+            host=config.fleet.member or socket.gethostname(),
         )
     status = FleetStatus(reactor, bucket=bucket, max_size=config.store.max_size)
     fleet = resource = redis = members = None

@@ -86,7 +86,8 @@ return 1
 """
 )
 
-# KEYS: sizes, access, total, pins; ARGV: digest, seen access or '', cap or ''.
+# KEYS: sizes, access, total, pins, repositories; ARGV: digest, seen access or '',
+# cap or ''.
 _CLAIM = Script(
     """
 if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then return 0 end
@@ -102,7 +103,27 @@ end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DECRBY', KEYS[3], size)
+redis.call('HDEL', KEYS[5], ARGV[1])
 return 1
+"""
+)
+
+# A host's pinned digests, kept for a time (KEYS[1], PX ARGV[1]); the fleet's
+# pins (KEYS[2]) become the union of every host's that has not expired
+# (those named by the pattern ARGV[2]). ARGV[3...]: the digests.
+_MEMBER_PINS = Script(
+    """
+redis.call('DEL', KEYS[1])
+for i = 3, #ARGV, 5000 do
+  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 4999, #ARGV)))
+end
+if #ARGV > 2 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local hosts = redis.call('KEYS', ARGV[2])
+if #hosts == 0 then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+return redis.call('SUNIONSTORE', KEYS[2], unpack(hosts))
 """
 )
 
@@ -187,6 +208,8 @@ class FleetIndex:
         self._access = prefix + "index:access"
         self._total = prefix + "index:total"
         self._pins = prefix + "pins"
+        self._host_pins = prefix + "pins:"
+        self._repos = prefix + "index:repos"
 
     @property
     def _keys(self) -> list[str]:
@@ -247,6 +270,30 @@ class FleetIndex:
         if digests:
             await self.redis.call("SREM", self._pins, *sorted(digests))
 
+    async def host_pins(self, host: str, digests: set[str], ttl: float) -> int:
+        """This host's pinned digests (all of them, each time): the fleet's
+        pins become the union of every host's still fresh. A host that stops
+        saying a digest (its pattern removed, its tag moved) lets it go
+        within ``ttl``. Returns how many digests the fleet pins."""
+        return int(
+            await self.redis.eval(
+                _MEMBER_PINS,
+                [self._host_pins + host, self._pins],
+                [int(ttl * 1000), self._host_pins + "*", *sorted(digests)],
+            )
+        )
+
+    async def set_repository(self, digest: str, repository: str) -> None:
+        """The repository a blob was stored under (for repository pins)."""
+        await self.redis.call("HSET", self._repos, digest, repository)
+
+    async def repositories(self, digests: list[str]) -> dict[str, str]:
+        """The repositories of ``digests`` that have one recorded."""
+        if not digests:
+            return {}
+        values = await self.redis.call("HMGET", self._repos, *digests)
+        return {d: v for d, v in zip(digests, values, strict=True) if v is not None}
+
     async def pinned(self) -> set[str]:
         """Every pinned digest."""
         return set(await self.redis.call("SMEMBERS", self._pins))
@@ -289,7 +336,8 @@ class FleetIndex:
             "" if seen_when is None else _when(seen_when),
             "" if above is None else int(above),
         ]
-        return bool(await self.redis.eval(_CLAIM, [*self._keys, self._pins], args))
+        keys = [*self._keys, self._pins, self._repos]
+        return bool(await self.redis.eval(_CLAIM, keys, args))
 
     async def reconcile(
         self, listing: Iterable[tuple[str, int, float]], started: float

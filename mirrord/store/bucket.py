@@ -38,6 +38,11 @@ META_HEADER = "mirrord"
 MAX_SMALL = 4 << 20
 # A blob's access time is sent to the fleet's index at most this often per host.
 TOUCH_EVERY = 60.0
+# How long a host's tag pins hold after it last said them (it says them
+# every minute from worker 1).
+PIN_TTL = 300.0
+# Rounds of eviction candidates one eviction asks for (past repository pins).
+EVICTION_ROUNDS = 10
 # Blobs listed per reconcile of the fleet's index with the bucket.
 LISTED = 1_000_000
 
@@ -89,6 +94,8 @@ class Bucket:
     # [cache] pinned: repository patterns pin what is uploaded under them,
     # fleet-wide (tag patterns are pinned by ``pin_tags``).
     pinned: tuple[str, ...] = ()
+    # This host's name in the fleet (its tag pins are kept under it).
+    host: str = "host"
     _touched: dict[str, float] = field(default_factory=dict)
     # Uploads this host runs now: a second verified fill of the same digest
     # (another registry, say) does not upload it twice.
@@ -205,8 +212,7 @@ class Bucket:
         if self.index is None:
             return
         try:
-            if any(fnmatch.fnmatchcase(meta.repository, p) for p in self.pinned if ":" not in p):
-                await self.index.pin({digest})
+            await self.index.set_repository(digest, meta.repository)
             total = await self.index.add(digest, size, self.clock.seconds())
         except Exception as e:  # Redis down: the bucket still has it
             log.warn("cannot index {digest} in the fleet: {error}", digest=digest, error=str(e))
@@ -223,32 +229,58 @@ class Bucket:
 
     async def pin_tags(self, digests: set[str]) -> None:
         """Pin, fleet-wide, what this host's pinned tags need (``[cache]
-        pinned`` tag patterns); each host adds what it knows."""
-        if self.index is not None and digests:
-            await self.index.pin(digests)
+        pinned`` tag patterns), for ``PIN_TTL``: each host says all of its
+        own every minute, and the fleet's pins are what some host said last."""
+        if self.index is not None:
+            await self.index.host_pins(self.host, digests, PIN_TTL)
 
     async def evict(self, over: int) -> int:
         """Delete the least recently read blobs (pins kept) until ``over``
         bytes are gone; each claimed in the index first, so two hosts never
         both count one deletion. Returns the bytes freed."""
         freed = 0
-        candidates = await self.index.eviction_candidates(over, 1000)
-        for digest, size in candidates:
+        patterns = [p for p in self.pinned if ":" not in p]
+        # Candidates come oldest first, enough to free ``over`` bytes; those
+        # a repository pin keeps are passed over and more are asked for.
+        passed: set[str] = set()
+        kept = 0
+        for _ in range(EVICTION_ROUNDS):
+            candidates = [
+                (d, size)
+                for d, size in await self.index.eviction_candidates(over - freed + kept, 1000)
+                if d not in passed
+            ]
+            if not candidates:
+                break
+            repositories = (
+                await self.index.repositories([d for d, _ in candidates]) if patterns else {}
+            )
+            for digest, size in candidates:
+                if freed >= over:
+                    return freed
+                passed.add(digest)
+                repository = repositories.get(digest, "")
+                if any(fnmatch.fnmatchcase(repository, p) for p in patterns):
+                    kept += size  # a repository pin ([cache] pinned)
+                    continue
+                freed += await self._evict_one(digest, size)
             if freed >= over:
                 break
-            # Only while the fleet's total is over the cap: two hosts
-            # evicting at once free at most one blob more than needed.
-            if not await self.index.claim_eviction(digest, above=self.max_size):
-                continue
-            try:
-                await self.client.delete(blob_key(digest))
-            except (S3Error, S3Unavailable) as e:
-                # Unindexed but present: the next reconcile counts it again.
-                log.warn("cannot delete {digest} from the bucket: {error}", digest=digest, error=e)
-                continue
-            freed += size
-            log.info("evicted {digest} ({size} bytes) from the bucket", digest=digest, size=size)
         return freed
+
+    async def _evict_one(self, digest: str, size: int) -> int:
+        # Only while the fleet's total is over the cap: two hosts evicting
+        # at once free at most one blob more than needed.
+        if not await self.index.claim_eviction(digest, above=self.max_size):
+            return 0
+        try:
+            await self.client.delete(blob_key(digest))
+        except (S3Error, S3Unavailable) as e:
+            # Unindexed but present: the next reconcile counts it again.
+            log.warn("cannot delete {digest} from the bucket: {error}", digest=digest, error=e)
+            return 0
+        log.info("evicted {digest} ({size} bytes) from the bucket", digest=digest, size=size)
+        return size
 
     async def reconcile(self) -> None:
         """Make the fleet's index agree with what the bucket holds (after
