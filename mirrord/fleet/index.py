@@ -261,7 +261,8 @@ class FleetIndex:
         ]
 
     async def pin(self, digests: set[str]) -> None:
-        """Keep these blobs from eviction on every host."""
+        """Keep these blobs from eviction on every host, until the next
+        ``host_pins`` of any host rebuilds the set from what hosts say."""
         if digests:
             await self.redis.call("SADD", self._pins, *sorted(digests))
 
