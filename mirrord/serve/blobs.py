@@ -464,6 +464,35 @@ class Blobs(CacheContext):
                 lambda f: log.warn("cannot drop a fill lock: {error}", error=str(f.value))
             )
 
+    def _fill(
+        self,
+        digest: str,
+        meta: Meta,
+        size: int | None,
+        claim: Claim | None,
+        resume: Resume,
+        on_mismatch: Callable[[str], object] | None = None,
+    ) -> Fill:
+        """A fill of ``digest`` into this host's disk, whatever feeds it.
+        Raises ``OSError`` when the disk cannot take it (full, no free
+        descriptor)."""
+        return Fill(
+            self.store,
+            self.hashers(digest.split(":", 1)[0]),
+            digest,
+            meta,
+            size,
+            self.clock,
+            self.timeouts.body_idle,
+            self.config.fill_timeout,
+            on_mismatch=on_mismatch or (lambda _: self.metrics.mismatches.inc()),
+            resume=resume,
+            resume_attempts=self.config.resume_attempts,
+            resume_window=self.config.fill_timeout,
+            on_resume=lambda _: self.metrics.resumes.inc(),
+            claim=claim,
+        )
+
     def _new_fill(
         self,
         response: IResponse,
@@ -478,27 +507,13 @@ class Blobs(CacheContext):
         another member), verified like any other; None if the disk cannot
         take it (the caller then goes to the upstream)."""
         try:
-            fill = Fill(
-                self.store,
-                self.hashers(digest.split(":", 1)[0]),
-                digest,
-                meta,
-                size,
-                self.clock,
-                self.timeouts.body_idle,
-                self.config.fill_timeout,
-                on_mismatch=on_mismatch or (lambda _: self.metrics.mismatches.inc()),
-                resume=resume,
-                resume_attempts=self.config.resume_attempts,
-                resume_window=self.config.fill_timeout,
-                on_resume=lambda _: self.metrics.resumes.inc(),
-                claim=claim,
-            )
+            fill = self._fill(digest, meta, size, claim, resume, on_mismatch)
         except OSError as e:
             log.warn("not caching {digest}: {error}", digest=digest, error=str(e))
             discard_body(response, self.clock, self.timeouts.body_idle)
             return None
         response.deliverBody(fill)
+        # Bounded even if nobody ever reads it (the leader may have gone).
         fill.add_reader()
         fill.remove_reader()
         return fill
@@ -512,17 +527,19 @@ class Blobs(CacheContext):
         claim: Claim | None,
         owned: Owned | None = None,
     ) -> tuple[Fill, Answer] | Answer:
+        def give_up() -> None:
+            """No fill from the upstream: the disk lock and the lease go."""
+            self._let_go(claim)
+            if owned is not None:
+                owned.release()
+
         try:
             answer = await self.chain.request(b"GET", path, headers)
         except BaseException:
-            self._let_go(claim)
-            if owned is not None:
-                owned.release()
+            give_up()
             raise
         if answer.code != 200 or answer.body is not None:
-            self._let_go(claim)
-            if owned is not None:
-                owned.release()
+            give_up()
             return answer
         length = answer.response.length
         content_type = answer.headers.getRawHeaders(b"content-type", [OCTET_STREAM.encode()])[-1]
@@ -533,29 +550,18 @@ class Blobs(CacheContext):
             self.registry.name,
         )
         try:
-            fill = Fill(
-                self.store,
-                self.hashers(digest.split(":", 1)[0]),
+            fill = self._fill(
                 digest,
                 meta,
                 None if length is UNKNOWN_LENGTH else length,
-                self.clock,
-                self.timeouts.body_idle,
-                self.config.fill_timeout,
-                on_mismatch=lambda _: self.metrics.mismatches.inc(),
-                resume=lambda offset: self._resume(path, headers, offset),
-                resume_attempts=self.config.resume_attempts,
-                resume_window=self.config.fill_timeout,
-                on_resume=lambda _: self.metrics.resumes.inc(),
-                claim=claim,
+                claim,
+                lambda offset: self._resume(path, headers, offset),
             )
         except OSError as e:
             # A full disk or no free descriptor: the client still gets the
             # blob, passed through; nothing is cached.
             log.warn("not caching {digest}: {error}", digest=digest, error=str(e))
-            self._let_go(claim)
-            if owned is not None:
-                owned.release()
+            give_up()
             return answer
         answer.response.deliverBody(fill)
         if self.shared is not None or owned is not None:
