@@ -284,6 +284,39 @@ class _Hosts(SynchronousTestCase):
         self.assertIs(self.in_flight.get(self.digest), fill)
         return fill
 
+    def fill_in_another_process(self) -> Callable[[], None]:
+        """Another process of this host (its own store on the same root)
+        filling the blob: its first 250,000 bytes written; call the result
+        to write the rest and publish it."""
+        filler = BlobStore(self.store.root, 1 << 30)
+        claim = filler.claim(self.digest)
+        self.assertTrue(claim.locked)
+        temp = filler.new_temp(len(self.data), claim)
+        about = {"meta": dataclasses.asdict(META), "size": len(self.data)}
+        shared.describe(claim, about)
+        temp.write(self.data[:250_000])
+
+        def finish() -> None:
+            temp.write(self.data[250_000:])
+            filler.commit(temp, self.digest, json.dumps(about["meta"]).encode(), 1.0)
+            temp.discard()
+
+        return finish
+
+    def assert_followed_to_the_end(self, finish: Callable[[], None]) -> None:
+        """The peer gets the bytes there as the file grows, and the whole
+        blob once ``finish`` published it."""
+        response, meta = self.successResultOf(self.get_blob())
+        self.assertEqual((response.code, meta, response.length), (200, META, len(self.data)))
+        body = Collector()
+        response.deliverBody(body)
+        self.run_until(lambda: len(body.data) >= 250_000)
+        self.assertFalse(body.ended)
+        finish()
+        self.run_until(lambda: body.ended)
+        body.reason.trap(ResponseDone)
+        self.assertEqual(body.data, self.data)
+
     def assert_cut(self, body: Collector) -> None:
         self.assertIsNotNone(body.reason)
         self.assertIsNone(
@@ -585,13 +618,7 @@ class FleetLoopbackTests(_Hosts):
         """A fill another process of this host runs (a ``RemoteFill`` in the
         table): the peer gets its bytes as that file grows, and the whole
         blob once the other process published it."""
-        filler = BlobStore(self.store.root, 1 << 30)
-        claim = filler.claim(self.digest)
-        self.assertTrue(claim.locked)
-        temp = filler.new_temp(len(self.data), claim)
-        about = {"meta": dataclasses.asdict(META), "size": len(self.data)}
-        shared.describe(claim, about)
-        temp.write(self.data[:250_000])
+        finish = self.fill_in_another_process()
         following = self.store.claim(self.digest)
         self.assertFalse(following.locked)
         remote = RemoteFill(
@@ -599,42 +626,15 @@ class FleetLoopbackTests(_Hosts):
         )
         self.successResultOf(self.wait(remote.start()))
         self.in_flight.start(self.digest, succeed(remote), lambda o: o, lambda o: None)
-        response, meta = self.successResultOf(self.get_blob())
-        self.assertEqual((response.code, meta, response.length), (200, META, len(self.data)))
-        body = Collector()
-        response.deliverBody(body)
-        self.run_until(lambda: len(body.data) >= 250_000)
-        self.assertFalse(body.ended)
-        temp.write(self.data[250_000:])
-        filler.commit(temp, self.digest, json.dumps(about["meta"]).encode(), 1.0)
-        temp.discard()
-        self.run_until(lambda: body.ended)
-        body.reason.trap(ResponseDone)
-        self.assertEqual(body.data, self.data)
+        self.assert_followed_to_the_end(finish)
 
     def test_another_worker_fill_unknown_here_is_found_and_followed(self) -> None:
         """The lease names the host, not the worker: a request reaching a
         worker that has never heard of the fill another worker runs finds
         it by its lock on disk and follows it to the whole blob."""
-        filler = BlobStore(self.store.root, 1 << 30)
-        claim = filler.claim(self.digest)
-        temp = filler.new_temp(len(self.data), claim)
-        about = {"meta": dataclasses.asdict(META), "size": len(self.data)}
-        shared.describe(claim, about)
-        temp.write(self.data[:250_000])
+        finish = self.fill_in_another_process()
         self.assertIsNone(self.in_flight.get(self.digest))
-        response, meta = self.successResultOf(self.get_blob())
-        self.assertEqual((response.code, meta, response.length), (200, META, len(self.data)))
-        body = Collector()
-        response.deliverBody(body)
-        self.run_until(lambda: len(body.data) >= 250_000)
-        self.assertFalse(body.ended)
-        temp.write(self.data[250_000:])
-        filler.commit(temp, self.digest, json.dumps(about["meta"]).encode(), 1.0)
-        temp.discard()
-        self.run_until(lambda: body.ended)
-        body.reason.trap(ResponseDone)
-        self.assertEqual(body.data, self.data)
+        self.assert_followed_to_the_end(finish)
 
     def test_a_request_gone_while_the_lock_is_taken_leaves_no_lock(self) -> None:
         """The disk worker takes the fill lock after the asking member has
