@@ -32,6 +32,7 @@ from tests.e2e.test_shared_cache import (
     SMALL,
     Fetched,
     _fetch,
+    _held_pulls,
     _in_parallel,
     _join,
     _manifest,
@@ -157,19 +158,13 @@ def test_sixteen_clients_over_two_members_make_one_upstream_fetch(
     hub, big, _ = shared_hub
     context = ssl.create_default_context(cafile=str(pki.ca))
     members = _members(workdir, pki, fleet_env, hub, "sixteen")
-    before = hub.control(cdn_hold_at=HOLD)["counts"]
     try:
-        started = _in_parallel(
-            [lambda m=members[i % 2]: _fetch(context, m.port, big.digest, BIG) for i in range(16)]
+        results, before, after = _held_pulls(
+            hub,
+            [lambda m=members[i % 2]: _fetch(context, m.port, big.digest, BIG) for i in range(16)],
         )
-        _wait_for(lambda: hub.control()["counts"].get("cdn GET", 0) > before.get("cdn GET", 0))
-        time.sleep(2)  # every client is in before the held body goes on
-        hub.control(cdn_hold_at=None, release_cdn=True)
-        results = _join(started)
-        after = hub.control()["counts"]
         _wait_for(lambda: _in_bucket(fleet_env, "fleet-sixteen", big.digest), timeout=30)
     finally:
-        hub.control(cdn_hold_at=None, release_cdn=True)
         _stop(members)
     for result in results:
         assert isinstance(result, Fetched), result
@@ -191,21 +186,15 @@ def test_members_with_two_workers_each_make_one_upstream_fetch(
     blob = smalls[2]
     context = ssl.create_default_context(cafile=str(pki.ca))
     members = _members(workdir, pki, fleet_env, hub, "workers", workers=2)
-    before = hub.control(cdn_hold_at=HOLD)["counts"]
     try:
-        started = _in_parallel(
+        results, before, after = _held_pulls(
+            hub,
             [
                 lambda m=members[i % 2]: _fetch(context, m.port, blob.digest, SMALL)
                 for i in range(16)
-            ]
+            ],
         )
-        _wait_for(lambda: hub.control()["counts"].get("cdn GET", 0) > before.get("cdn GET", 0))
-        time.sleep(2)
-        hub.control(cdn_hold_at=None, release_cdn=True)
-        results = _join(started)
-        after = hub.control()["counts"]
     finally:
-        hub.control(cdn_hold_at=None, release_cdn=True)
         _stop(members)
     for result in results:
         assert isinstance(result, Fetched), result

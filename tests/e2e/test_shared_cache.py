@@ -138,6 +138,22 @@ def _join(started: list, timeout: float = 120) -> list:
     return results
 
 
+def _held_pulls(hub: Hub, jobs: list) -> tuple[list, dict, dict]:
+    """Run ``jobs`` (clients of one uncached blob) at once, every one of
+    them in before the fake Hub lets the held CDN body go on; their
+    results, and the Hub's counts before and after."""
+    before = hub.control(cdn_hold_at=HOLD)["counts"]
+    try:
+        started = _in_parallel(jobs)
+        _wait_for(lambda: hub.control()["counts"].get("cdn GET", 0) > before.get("cdn GET", 0))
+        time.sleep(2)  # every request in before the held body goes on
+        hub.control(cdn_hold_at=None, release_cdn=True)
+        results = _join(started)
+    finally:
+        hub.control(cdn_hold_at=None, release_cdn=True)
+    return results, before, hub.control()["counts"]
+
+
 def _wait_for(condition, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -157,19 +173,12 @@ def test_sixteen_clients_over_two_daemons_make_one_upstream_fetch(
     hub, big, _ = shared_hub
     context = ssl.create_default_context(cafile=str(pki.ca))
     mirrors = _pair(workdir, pki, hub, "sixteen")
-    before = hub.control(cdn_hold_at=HOLD)["counts"]
     try:
-        started = _in_parallel(
-            [lambda m=mirrors[i % 2]: _fetch(context, m.port, big.digest, BIG) for i in range(16)]
+        results, before, after = _held_pulls(
+            hub,
+            [lambda m=mirrors[i % 2]: _fetch(context, m.port, big.digest, BIG) for i in range(16)],
         )
-        # Every client is in before the held body goes on.
-        _wait_for(lambda: hub.control()["counts"].get("cdn GET", 0) > before.get("cdn GET", 0))
-        time.sleep(2)
-        hub.control(cdn_hold_at=None, release_cdn=True)
-        results = _join(started)
-        after = hub.control()["counts"]
     finally:
-        hub.control(cdn_hold_at=None, release_cdn=True)
         for mirror in mirrors:
             mirror.stop()
     for result in results:

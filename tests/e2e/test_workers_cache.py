@@ -8,11 +8,10 @@ test opens connections until each worker holds eight (found through
 from __future__ import annotations
 
 import ssl
-import time
 from pathlib import Path
 
 from tests.e2e.conftest import start_mirror
-from tests.e2e.test_shared_cache import BIG, HOLD, _in_parallel, _join, _wait_for, shared_hub
+from tests.e2e.test_shared_cache import BIG, _held_pulls, shared_hub
 from tests.e2e.test_workers import _events, _healthz, _owner, _wait, _workers
 from tests.support.pki import Pki
 
@@ -81,22 +80,15 @@ def test_concurrent_misses_in_two_workers_make_one_upstream_fetch(
         workers = _wait(lambda: len(_workers(mirror.pid)) == 2 and _workers(mirror.pid), "2")
         _wait(lambda: "all 2 workers listen" in mirror.output(), "workers listening")
         held = _connections(mirror.port, pki.ca, workers)
-        before = hub.control(cdn_hold_at=HOLD)["counts"]
-        try:
-            started = _in_parallel(
-                [
-                    lambda tls=tls: _get(tls, big.digest, BIG)
-                    for connections in held.values()
-                    for tls in connections
-                ]
-            )
-            _wait_for(lambda: hub.control()["counts"].get("cdn GET", 0) > before.get("cdn GET", 0))
-            time.sleep(2)  # every request in, in both workers, before the body goes on
-            hub.control(cdn_hold_at=None, release_cdn=True)
-            results = _join(started)
-            after = hub.control()["counts"]
-        finally:
-            hub.control(cdn_hold_at=None, release_cdn=True)
+        # Every request in, in both workers, before the body goes on.
+        results, before, after = _held_pulls(
+            hub,
+            [
+                lambda tls=tls: _get(tls, big.digest, BIG)
+                for connections in held.values()
+                for tls in connections
+            ],
+        )
         for result in results:
             assert isinstance(result, tuple), result
             status, body = result
