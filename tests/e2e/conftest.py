@@ -231,9 +231,11 @@ def start_mirror(
     *extra: str,
     config: str = "",
     port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Mirror:
     """A twistd mirrord on loopback; ``config`` is its TOML file's text;
-    ``port`` when the config must name it (a fleet member's address)."""
+    ``port`` when the config must name it (a fleet member's address);
+    ``env`` added to its environment."""
     port = port or free_port()
     config_path = workdir / (f"{name}.toml" if config else "empty.toml")
     argv = [
@@ -252,7 +254,7 @@ def start_mirror(
         *extra,
     ]
     config_path.write_text(config)
-    return Mirror(name, argv, port, workdir / f"mirror-{name}.log").start()
+    return Mirror(name, argv, port, workdir / f"mirror-{name}.log", env=env or {}).start()
 
 
 @pytest.fixture(scope="session")

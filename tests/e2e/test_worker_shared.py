@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from mirrord.passwords import make_hash
-from tests.e2e.conftest import Mirror, Skopeo
+from tests.e2e.conftest import Mirror, Skopeo, start_mirror
 from tests.e2e.test_pull import _raw_tls
 from tests.support.pki import Pki
-from tests.support.processes import free_port, mirrord_argv
 
 PROBE = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
@@ -31,33 +30,18 @@ def start_workers(workdir: Path, pki: Pki, name: str, config: str) -> list[Mirro
     shared = workdir / f"{name}-shared"
     shutil.rmtree(shared, ignore_errors=True)
     (shared / "metrics").mkdir(parents=True)
-    config_path = workdir / f"{name}.toml"
-    config_path.write_text(config)
     started: list[Mirror] = []
     try:
         for index in (1, 2):
-            port = free_port()
-            argv = [
-                *mirrord_argv(),
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-                "--cert",
-                str(pki.fullchain),
-                "--key",
-                str(pki.privkey),
-                "--state-dir",
-                str(workdir / f"state-{name}-{index}"),
-                "--config",
-                str(config_path),
-            ]
             env = {
                 "MIRRORD_WORKER": str(index),
                 "MIRRORD_WORKERS": "2",
                 "MIRRORD_SHARED_DIR": str(shared),
                 "PROMETHEUS_MULTIPROC_DIR": str(shared / "metrics"),
             }
-            log = workdir / f"mirror-{name}-{index}.log"
-            started.append(Mirror(f"{name}-{index}", argv, port, log, env=env).start())
+            started.append(
+                start_mirror(workdir, pki, [], f"{name}-{index}", config=config, env=env)
+            )
     except BaseException:
         for mirror in started:
             mirror.stop()
